@@ -1,0 +1,1 @@
+"""The DAG components; each has a KFP-free core and a thin KFP wrapper."""

@@ -1,0 +1,1 @@
+"""evaluator component: core.run (no KFP) and component.py (KFP wrapper)."""

@@ -1,0 +1,1 @@
+"""example_validator component: core.run (no KFP) and component.py (KFP wrapper)."""

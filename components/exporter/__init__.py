@@ -1,0 +1,1 @@
+"""exporter component: core.run (no KFP) and component.py (KFP wrapper)."""

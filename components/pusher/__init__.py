@@ -1,0 +1,1 @@
+"""pusher component: core.run (no KFP) and component.py (KFP wrapper)."""

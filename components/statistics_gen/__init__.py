@@ -1,0 +1,1 @@
+"""statistics_gen component: core.run (no KFP) and component.py (KFP wrapper)."""

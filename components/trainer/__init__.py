@@ -1,0 +1,1 @@
+"""trainer component: core.run (no KFP) and component.py (KFP wrapper)."""

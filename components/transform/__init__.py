@@ -1,0 +1,1 @@
+"""transform component: core.run (no KFP) and component.py (KFP wrapper)."""

@@ -1,0 +1,1 @@
+"""The segflow DAG (@dsl.pipeline), its local runner and example configs."""

@@ -1,0 +1,61 @@
+"""Augmentation policies built from albumentations transforms registered by name.
+
+The config's `augmentation` mapping ({HorizontalFlip: {p: 0.5}, ...}) becomes an
+albumentations Compose applied to (image, mask) pairs inside the trainer's tf.data
+pipeline. Masks use nearest-neighbour interpolation, so class ids stay class ids.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from segflow.registry import AUGMENTATIONS
+
+for _name in (
+    "HorizontalFlip",
+    "VerticalFlip",
+    "RandomRotate90",
+    "Transpose",
+    "Affine",
+    "ElasticTransform",
+    "GridDistortion",
+    "RandomBrightnessContrast",
+    "RandomGamma",
+    "GaussNoise",
+    "GaussianBlur",
+    "CoarseDropout",
+):
+    AUGMENTATIONS.add(_name, getattr(A, _name))
+
+# Geometric transforms must fill new border pixels in masks with a label the loss ignores
+# or treats as background; these defaults keep them at 0 (reflect for images).
+_BORDER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "Affine": {"border_mode": cv2.BORDER_REFLECT_101},
+    "ElasticTransform": {"border_mode": cv2.BORDER_REFLECT_101},
+    "GridDistortion": {"border_mode": cv2.BORDER_REFLECT_101},
+}
+
+
+def build_policy(spec: dict[str, dict[str, Any]], seed: int | None = None) -> A.Compose | None:
+    """A Compose of the registered transforms, or None for an empty policy."""
+    if not spec:
+        return None
+    transforms = []
+    for name, params in spec.items():
+        kwargs = {**_BORDER_DEFAULTS.get(name, {}), **(params or {})}
+        try:
+            transforms.append(AUGMENTATIONS.get(name)(**kwargs))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"augmentation.{name}: invalid parameters {params}: {error}") from None
+    return A.Compose(transforms, seed=seed)
+
+
+def apply_policy(policy: A.Compose | None, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Augment a float32 image in [0, 1] (HxWxC) and its uint8 mask (HxW)."""
+    if policy is None:
+        return image, mask
+    out = policy(image=image, mask=mask)
+    return np.ascontiguousarray(out["image"], np.float32), np.ascontiguousarray(out["mask"], np.uint8)
