@@ -1,0 +1,156 @@
+"""StatisticsGen: per-split dataset statistics computed with a Beam CombineFn.
+
+Written twice: `statistics.json` for people and scripts, and TFX's
+`Split-<name>/FeatureStats.pb` (a DatasetFeatureStatisticsList) for TFX/TFDV tools.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+
+from segflow.config import ExperimentConfig
+from segflow.examples import SPLITS, deserialize, pixel_scale, split_dir, split_files
+from segflow.io import atomic_dir, convert_channels, read_json, write_json
+from segflow.runtime import beam_options, log
+
+STATISTICS_FILE = "statistics.json"
+PROTO_FILE = "FeatureStats.pb"
+
+
+class SplitStatisticsFn(beam.CombineFn):
+    """Sums over examples; image statistics are on pixels scaled to [0, 1] in the model's channels."""
+
+    def __init__(self, num_labels: int, channels: int, ignore_index: int | None) -> None:
+        self.num_labels = num_labels
+        self.channels = channels
+        self.ignore_index = ignore_index
+
+    def create_accumulator(self) -> dict[str, Any]:
+        return {
+            "count": 0,
+            "sizes": Counter(),
+            "source_channels": Counter(),
+            "bit_depths": Counter(),
+            "pixel_sum": np.zeros(self.channels),
+            "pixel_square_sum": np.zeros(self.channels),
+            "pixels": 0,
+            "class_pixels": np.zeros(self.num_labels, np.int64),
+            "ignored_pixels": 0,
+            "empty_masks": 0,
+        }
+
+    def add_input(self, acc: dict[str, Any], record: bytes) -> dict[str, Any]:
+        example = deserialize(record)
+        height, width, channels = example.image.shape
+        pixels = convert_channels(example.image, self.channels).astype(np.float64) / pixel_scale(example.bit_depth)
+        acc["count"] += 1
+        acc["sizes"][f"{height}x{width}"] += 1
+        acc["source_channels"][str(channels)] += 1
+        acc["bit_depths"][str(example.bit_depth)] += 1
+        acc["pixel_sum"] += pixels.sum(axis=(0, 1))
+        acc["pixel_square_sum"] += np.square(pixels).sum(axis=(0, 1))
+        acc["pixels"] += height * width
+        labels = example.mask.reshape(-1)
+        if self.ignore_index is not None:
+            acc["ignored_pixels"] += int((labels == self.ignore_index).sum())
+        counts = np.bincount(labels[labels < self.num_labels], minlength=self.num_labels)
+        acc["class_pixels"] += counts
+        acc["empty_masks"] += int(counts[1:].sum() == 0)
+        return acc
+
+    def merge_accumulators(self, accumulators: Any) -> dict[str, Any]:
+        merged = self.create_accumulator()
+        for acc in accumulators:
+            for key, value in acc.items():
+                merged[key] = merged[key] + value
+        return merged
+
+    def extract_output(self, acc: dict[str, Any]) -> dict[str, Any]:
+        pixels = max(acc["pixels"], 1)
+        mean = acc["pixel_sum"] / pixels
+        std = np.sqrt(np.maximum(acc["pixel_square_sum"] / pixels - mean**2, 0.0))
+        labelled = max(int(acc["class_pixels"].sum()), 1)
+        return {
+            "count": acc["count"],
+            "image_sizes": dict(acc["sizes"].most_common()),
+            "source_channels": dict(acc["source_channels"]),
+            "bit_depths": dict(acc["bit_depths"]),
+            "channel_mean": mean.tolist(),
+            "channel_std": std.tolist(),
+            "class_pixels": acc["class_pixels"].tolist(),
+            "class_frequency": (acc["class_pixels"] / labelled).tolist(),
+            "ignored_pixel_share": acc["ignored_pixels"] / pixels,
+            "empty_mask_share": acc["empty_masks"] / max(acc["count"], 1),
+        }
+
+
+def to_proto(statistics: dict[str, Any], split: str, class_names: list[str]) -> Any:
+    """One split's statistics as a DatasetFeatureStatisticsList."""
+    from tensorflow_metadata.proto.v0 import statistics_pb2
+
+    result = statistics_pb2.DatasetFeatureStatisticsList()
+    dataset = result.datasets.add(name=split, num_examples=statistics["count"])
+    for index, (mean, std) in enumerate(zip(statistics["channel_mean"], statistics["channel_std"])):
+        feature = dataset.features.add(type=statistics_pb2.FeatureNameStatistics.FLOAT)
+        feature.path.step.append(f"image_channel_{index}")
+        feature.num_stats.mean = mean
+        feature.num_stats.std_dev = std
+        feature.num_stats.common_stats.num_non_missing = statistics["count"]
+    mask = dataset.features.add(type=statistics_pb2.FeatureNameStatistics.INT)
+    mask.path.step.append("mask")
+    mask.num_stats.common_stats.num_non_missing = statistics["count"]
+    for name, frequency in zip(class_names, statistics["class_frequency"]):
+        mask.custom_stats.add(name=f"class_frequency/{name}", num=frequency)
+    mask.custom_stats.add(name="empty_mask_share", num=statistics["empty_mask_share"])
+    image = dataset.features.add(type=statistics_pb2.FeatureNameStatistics.BYTES)
+    image.path.step.append("image")
+    image.bytes_stats.common_stats.num_non_missing = statistics["count"]
+    for size, count in statistics["image_sizes"].items():
+        image.custom_stats.add(name=f"size/{size}", num=count)
+    return result
+
+
+def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str], statistics_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    scratch = Path(tempfile.mkdtemp(prefix="segflow-beam-"))
+    combine = SplitStatisticsFn(config.num_labels, config.shape[2], config.ignore_index)
+    try:
+        with beam.Pipeline(options=beam_options(config.beam.running_mode, config.beam.num_workers, scratch)) as pipeline:
+            for split in SPLITS:
+                (
+                    pipeline
+                    | f"Files{split}" >> beam.Create(split_files(examples_dir, split))
+                    | f"Read{split}" >> beam.io.ReadAllFromTFRecord(compression_type=beam.io.filesystem.CompressionTypes.GZIP)
+                    | f"Stats{split}" >> beam.CombineGlobally(combine)
+                    | f"Json{split}" >> beam.Map(json.dumps)
+                    | f"Write{split}" >> beam.io.WriteToText(str(scratch / split), shard_name_template="")
+                )
+        statistics = {"class_names": config.class_names}
+        for split in SPLITS:
+            statistics[split] = read_json(scratch / split)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    with atomic_dir(statistics_dir) as out:
+        write_json(out / STATISTICS_FILE, statistics)
+        for split in SPLITS:
+            split_dir(out, split).mkdir()
+            (split_dir(out, split) / PROTO_FILE).write_bytes(to_proto(statistics[split], split, config.class_names).SerializeToString())
+    train = statistics["train"]
+    log(
+        "statistics_gen: train mean "
+        + ", ".join(f"{v:.3f}" for v in train["channel_mean"])
+        + " | class frequency "
+        + ", ".join(f"{n} {f:.3f}" for n, f in zip(config.class_names, train["class_frequency"]))
+    )
+    return statistics
+
+
+def read_statistics(statistics_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    return read_json(Path(statistics_dir) / STATISTICS_FILE)

@@ -1,0 +1,104 @@
+"""Transform: dataset-wide normalisation computed by tensorflow-transform analyzers.
+
+The analyzers run over the train split with Beam; the resulting transform graph is
+applied by the trainer's input pipeline and embedded in the exported model, so a
+served model takes raw pixels and can never drift from its training statistics.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow as tf
+
+from segflow.config import ExperimentConfig
+from segflow.examples import deserialize, pixel_scale, split_files
+from segflow.io import atomic_dir, convert_channels, write_json
+from segflow.runtime import beam_options, log
+
+RAW_FEATURE = "image"
+TRANSFORMED_FEATURE = "image_xf"
+NORMALIZATION_FILE = "normalization.json"
+MIN_SPREAD = 1e-3  # keeps a constant channel from dividing by zero
+
+
+def model_pixels(record: bytes, height: int, width: int, channels: int) -> np.ndarray:
+    """An example's image as the model sees it before normalisation: model channels,
+    resized to the model shape, float32 scaled to [0, 1] by its bit depth."""
+    import cv2
+
+    example = deserialize(record)
+    image = convert_channels(example.image, channels).astype(np.float32) / pixel_scale(example.bit_depth)
+    if image.shape[:2] != (height, width):
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA).reshape(height, width, channels)
+    return image
+
+
+def make_preprocessing_fn(normalization: str) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
+    """Per-channel (x - mean) / std ('standard') or (x - min) / (max - min) ('minmax')."""
+    import tensorflow_transform as tft
+
+    def preprocessing_fn(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        image = inputs[RAW_FEATURE]
+        if normalization == "standard":
+            # Every image has the model's shape, so the mean of per-image means is the pixel mean.
+            mean = tft.mean(tf.reduce_mean(image, axis=[1, 2]), reduce_instance_dims=False)
+            square = tft.mean(tf.reduce_mean(tf.square(image), axis=[1, 2]), reduce_instance_dims=False)
+            offset, spread = mean, tf.sqrt(tf.maximum(square - tf.square(mean), 0.0))
+        else:
+            offset = tft.min(tf.reduce_min(image, axis=[1, 2]), reduce_instance_dims=False)
+            spread = tft.max(tf.reduce_max(image, axis=[1, 2]), reduce_instance_dims=False) - offset
+        return {TRANSFORMED_FEATURE: (image - offset) / tf.maximum(spread, MIN_SPREAD)}
+
+    return preprocessing_fn
+
+
+def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str], transform_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    import apache_beam as beam
+    import tensorflow_transform.beam as tft_beam
+    from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
+
+    height, width, channels = config.shape
+    metadata = dataset_metadata.DatasetMetadata(
+        schema_utils.schema_from_feature_spec({RAW_FEATURE: tf.io.FixedLenFeature([height, width, channels], tf.float32)})
+    )
+    scratch = Path(tempfile.mkdtemp(prefix="segflow-tft-"))
+    try:
+        with atomic_dir(transform_dir) as out:
+            options = beam_options(config.beam.running_mode, config.beam.num_workers, scratch)
+            with beam.Pipeline(options=options) as pipeline, tft_beam.Context(temp_dir=str(scratch)):
+                images = (
+                    pipeline
+                    | "TrainFiles" >> beam.Create(split_files(examples_dir, "train"))
+                    | "Read" >> beam.io.ReadAllFromTFRecord(compression_type=beam.io.filesystem.CompressionTypes.GZIP)
+                    | "ModelPixels" >> beam.Map(lambda record: {RAW_FEATURE: model_pixels(record, height, width, channels)})
+                )
+                transform_fn = (images, metadata) | "Analyze" >> tft_beam.AnalyzeDataset(make_preprocessing_fn(config.normalization))
+                _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(str(out))
+            normalization = affine_parameters(str(out), config)
+            write_json(out / NORMALIZATION_FILE, normalization)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    log(f"transform: {config.normalization} normalisation, offset {np.round(normalization['offset'], 4).tolist()}, scale {np.round(normalization['scale'], 4).tolist()}")
+    return normalization
+
+
+def affine_parameters(transform_dir: str, config: ExperimentConfig) -> dict[str, Any]:
+    """The learnt transform is per-channel affine, x * scale + offset; read it back by
+    applying the graph to images of zeros and ones (a readable record and a self-check)."""
+    layer = transform_layer(transform_dir)
+    probe = np.stack([np.zeros(config.shape, np.float32), np.ones(config.shape, np.float32)])
+    result = layer({RAW_FEATURE: tf.constant(probe)})[TRANSFORMED_FEATURE].numpy()
+    offset = result[0, 0, 0]
+    return {"normalization": config.normalization, "offset": offset.tolist(), "scale": (result[1, 0, 0] - offset).tolist()}
+
+
+def transform_layer(transform_dir: str | os.PathLike[str]) -> Any:
+    """The TFT graph as a Keras layer: {'image': [B,H,W,C] in [0,1]} -> {'image_xf': ...}."""
+    import tensorflow_transform as tft
+
+    return tft.TFTransformOutput(str(transform_dir)).transform_features_layer()
