@@ -55,11 +55,12 @@ class Registry(Generic[T]):
         return name in self._entries
 
     def describe(self) -> dict[str, str]:
-        """First docstring line of each entry, for `segflow list`."""
+        """One line per entry (its description or first docstring line), for `segflow list`."""
         self._load()
         out = {}
         for name in self.names():
-            doc = getattr(self._entries[name], "__doc__", None) or ""
+            entry = self._entries[name]
+            doc = getattr(entry, "description", None) or getattr(entry, "__doc__", None) or ""
             out[name] = doc.strip().splitlines()[0] if doc.strip() else ""
         return out
 

@@ -1,0 +1,82 @@
+"""Exporter: every configured format built from the served model, loaded back with its
+own runtime and re-evaluated on the eval split (the parity check of quantization)."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import tensorflow as tf
+
+from segflow.config import ExperimentConfig
+from segflow.evaluation import evaluate
+from segflow.examples import iter_split, pixel_scale
+from segflow.exporters import ExportFormat
+from segflow.io import atomic_dir, convert_channels, read_json, write_json
+from segflow.registry import EXPORT_FORMATS
+from segflow.runtime import log
+from segflow.serving import SERVING_SUBDIR, ServingSpec, resize_to_model
+
+EXPORTS_FILE = "exports.json"
+REPRESENTATIVE_EXAMPLES = 64
+
+
+def representative_data(examples_dir: str | os.PathLike[str], shape: tuple[int, int, int], limit: int = REPRESENTATIVE_EXAMPLES) -> list[np.ndarray]:
+    """Train images prepared exactly as the `fixed_size` signature expects them."""
+    height, width, channels = shape
+    samples = []
+    for example in iter_split(examples_dir, "train"):
+        pixels = convert_channels(example.image, channels).astype(np.float32)[None] / pixel_scale(example.bit_depth)
+        samples.append(resize_to_model(tf.constant(pixels), height, width).numpy())
+        if len(samples) == limit:
+            break
+    return samples
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+
+
+def run(
+    config: ExperimentConfig,
+    examples_dir: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str],
+    exports_dir: str | os.PathLike[str],
+) -> dict[str, Any]:
+    serving = Path(model_dir) / SERVING_SUBDIR
+    spec = ServingSpec.load(serving)
+    samples: list[np.ndarray] | None = None
+    results: dict[str, Any] = {}
+    with atomic_dir(exports_dir) as out:
+        for name in config.export:
+            export: ExportFormat = EXPORT_FORMATS.get(name)
+            started = time.perf_counter()
+            representative = None
+            if export.needs_representative_data:
+                samples = samples if samples is not None else representative_data(examples_dir, spec.shape)
+
+                def representative(data: list[np.ndarray] = samples) -> Iterator[list[np.ndarray]]:
+                    for sample in data:
+                        yield [sample]
+
+            target = out / export.file_name
+            export.build(serving, target, representative)
+            report = evaluate(export.load(target), examples_dir, "eval", spec)
+            results[name] = {
+                "path": str(Path(exports_dir) / export.file_name),
+                "bytes": _size(target),
+                "quantization": export.quantization,
+                "runtime": export.runtime,
+                "mean_iou": report["mean_iou"],
+                "per_class_iou": report["per_class_iou"],
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+            log(f"exporter: {name}: {results[name]['bytes'] / 1e6:.2f} MB, eval mean IoU {report['mean_iou']:.4f}")
+        write_json(out / EXPORTS_FILE, results)
+    return results
+
+
+def read_exports(exports_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    return read_json(Path(exports_dir) / EXPORTS_FILE)
