@@ -1,6 +1,7 @@
 """What every component shares at run time: progress lines, a run record, Beam options."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -21,6 +22,8 @@ def log(message: str) -> None:
 def execute(name: str, record_dir: str | os.PathLike[str], fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run one component's core with start/end/duration lines and a `component.json` record
     (status, seconds, error) that the local runner turns into summary.json."""
+    # Beam, TFT and the KFP executor log every worker handshake at INFO; keep progress readable.
+    logging.getLogger().setLevel(logging.WARNING)
     started = time.perf_counter()
     log(f"{name}: started")
     try:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,7 +60,8 @@ def make_preprocessing_fn(normalization: str) -> Callable[[dict[str, tf.Tensor]]
     return preprocessing_fn
 
 
-def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str], transform_dir: str | os.PathLike[str]) -> dict[str, Any]:
+def analyze(config: ExperimentConfig, examples_dir: str | os.PathLike[str], output_dir: str | os.PathLike[str]) -> None:
+    """Run the TFT analyzers over the train split with Beam and write the transform graph."""
     import apache_beam as beam
     import tensorflow_transform.beam as tft_beam
     from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
@@ -68,21 +72,43 @@ def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str], transfor
     )
     scratch = Path(tempfile.mkdtemp(prefix="segflow-tft-"))
     try:
-        with atomic_dir(transform_dir) as out:
-            options = beam_options(config.beam.running_mode, config.beam.num_workers, scratch)
-            with beam.Pipeline(options=options) as pipeline, tft_beam.Context(temp_dir=str(scratch)):
-                images = (
-                    pipeline
-                    | "TrainFiles" >> beam.Create(split_files(examples_dir, "train"))
-                    | "Read" >> beam.io.ReadAllFromTFRecord(compression_type=beam.io.filesystem.CompressionTypes.GZIP)
-                    | "ModelPixels" >> beam.Map(lambda record: {RAW_FEATURE: model_pixels(record, height, width, channels)})
-                )
-                transform_fn = (images, metadata) | "Analyze" >> tft_beam.AnalyzeDataset(make_preprocessing_fn(config.normalization))
-                _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(str(out))
-            normalization = affine_parameters(str(out), config)
-            write_json(out / NORMALIZATION_FILE, normalization)
+        options = beam_options(config.beam.running_mode, config.beam.num_workers, scratch)
+        with beam.Pipeline(options=options) as pipeline, tft_beam.Context(temp_dir=str(scratch)):
+            images = (
+                pipeline
+                | "TrainFiles" >> beam.Create(split_files(examples_dir, "train"))
+                | "Read" >> beam.io.ReadAllFromTFRecord(compression_type=beam.io.filesystem.CompressionTypes.GZIP)
+                | "ModelPixels" >> beam.Map(lambda record: {RAW_FEATURE: model_pixels(record, height, width, channels)})
+            )
+            transform_fn = (images, metadata) | "Analyze" >> tft_beam.AnalyzeDataset(make_preprocessing_fn(config.normalization))
+            _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(str(output_dir))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _analyze_and_exit(examples_dir: str, output_dir: str) -> None:
+    """Child-process entry point (config JSON on stdin). TFT 1.21 + TF 2.21 segfault in the
+    garbage collection at interpreter exit after a Beam analysis, which would turn a
+    finished step into a failed one; the child leaves with os._exit once its output is
+    written, skipping that teardown."""
+    try:
+        analyze(ExperimentConfig.from_json(sys.stdin.read()), examples_dir, output_dir)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str], transform_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    with atomic_dir(transform_dir) as out:
+        child = subprocess.run([sys.executable, "-m", __name__, str(examples_dir), str(out)], input=config.to_json(), text=True, check=False)
+        if child.returncode != 0:
+            raise RuntimeError(f"TFT analysis failed (exit code {child.returncode}); see the traceback above")
+        normalization = affine_parameters(str(out), config)
+        write_json(out / NORMALIZATION_FILE, normalization)
     log(f"transform: {config.normalization} normalisation, offset {np.round(normalization['offset'], 4).tolist()}, scale {np.round(normalization['scale'], 4).tolist()}")
     return normalization
 
@@ -102,3 +128,7 @@ def transform_layer(transform_dir: str | os.PathLike[str]) -> Any:
     import tensorflow_transform as tft
 
     return tft.TFTransformOutput(str(transform_dir)).transform_features_layer()
+
+
+if __name__ == "__main__":
+    _analyze_and_exit(*sys.argv[1:3])

@@ -1,0 +1,148 @@
+"""Run a pipeline locally through kfp.local (SubprocessRunner in this environment).
+
+The run folder gets one sub-folder per component (its artifacts and `component.json`),
+the resolved `config.yaml` and `summary.json`: the contract scripts and CI read.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+from segflow.config import ExperimentConfig
+from segflow.io import atomic_write_text, read_json, write_json
+from segflow.runtime import log, read_record
+
+# Lines that every TensorFlow subprocess and the KFP executor print, which bury progress.
+NOISE = re.compile(
+    r"^\s*(I0000|W0000|E0000|WARNING: All log messages before absl|.*oneDNN custom operations|.*Could not find cuda drivers"
+    r"|.*failed call to cuInit|.*TF-TRT Warning|.*Unable to register cu|.*computation placer already registered)"
+)
+
+
+class _FilteredStream(io.TextIOBase):
+    """Passes lines through except known noise and KFP's executor-input JSON dumps."""
+
+    def __init__(self, target: TextIO) -> None:
+        self.target = target
+        self.pending = ""
+        self.in_dump = False
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self._line(line)
+        return len(text)
+
+    def _line(self, line: str) -> None:
+        stripped = line.strip()
+        if self.in_dump:
+            if stripped == "}":  # the dump's closing brace, printed unindented or at 4 spaces
+                self.in_dump = False
+            return
+        if stripped.endswith("{") and ("Executing task" in line or "executor input" in line.lower()):
+            self.in_dump = True
+            return
+        if NOISE.match(line):
+            return
+        self.target.write(line + "\n")
+        self.target.flush()
+
+    def flush(self) -> None:
+        self.target.flush()
+
+
+@contextlib.contextmanager
+def _quiet(enabled: bool) -> Iterator[None]:
+    if not enabled:
+        yield
+        return
+    stdout = sys.stdout
+    sys.stdout = _FilteredStream(stdout)  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        sys.stdout = stdout
+
+
+def default_output(config: ExperimentConfig) -> Path:
+    return Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run_local(config: ExperimentConfig, output: str | os.PathLike[str], kind: str = "train", verbose: bool = False) -> dict[str, Any]:
+    """Execute the DAG with kfp.local and write `summary.json`; returns the summary."""
+    from kfp import local
+
+    from segflow.pipelines.pipeline import PIPELINES
+
+    output = Path(output).resolve()
+    if output.exists() and any(output.iterdir()):
+        raise FileExistsError(f"{output}: run folder exists and is not empty; choose another --output")
+    output.mkdir(parents=True, exist_ok=True)
+    config = config.with_absolute_paths()
+    atomic_write_text(output / "config.yaml", config.to_yaml())
+    kfp_root = output / ".kfp"
+    started = time.perf_counter()
+    log(f"run folder {output}")
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_root), raise_on_error=False)
+    with warnings.catch_warnings(), _quiet(not verbose):
+        warnings.filterwarnings("ignore", message=".*base_image.*")
+        PIPELINES[kind](config_json=config.to_json())
+    _collect_task_folders(kfp_root, output)
+    summary = build_summary(output, config, kind, time.perf_counter() - started)
+    write_json(output / "summary.json", summary)
+    return summary
+
+
+def _collect_task_folders(kfp_root: Path, output: Path) -> None:
+    """Move kfp.local's `<root>/<pipeline-run>/<task-name>/` up to `<output>/<component>/`."""
+    for run_dir in kfp_root.iterdir() if kfp_root.exists() else []:
+        for task_dir in run_dir.iterdir():
+            os.replace(task_dir, output / task_dir.name.replace("-", "_"))
+    shutil.rmtree(kfp_root, ignore_errors=True)
+
+
+COMPONENTS = {
+    "train": ["example_gen", "statistics_gen", "schema_gen", "example_validator", "transform", "trainer", "evaluator", "exporter", "pusher"],
+    "validate": ["example_gen", "statistics_gen", "schema_gen", "example_validator"],
+}
+
+
+def build_summary(output: Path, config: ExperimentConfig, kind: str, seconds: float) -> dict[str, Any]:
+    components = {}
+    for name in COMPONENTS[kind]:
+        record = read_record(output / name)
+        components[name] = {"status": "not_run"} if record is None else {key: value for key, value in record.items() if key != "component"}
+    succeeded = all(entry["status"] == "succeeded" for entry in components.values())
+    summary: dict[str, Any] = {"status": "succeeded" if succeeded else "failed", "name": config.name, "pipeline": kind, "seconds": round(seconds, 1), "components": components}
+    counts_file = output / "example_gen" / "examples" / "counts.json"
+    if counts_file.exists():
+        summary["counts"] = read_json(counts_file)
+        summary["quarantine"] = str(output / "example_gen" / "examples" / "quarantine.jsonl")
+    anomalies_file = output / "example_validator" / "anomalies" / "anomalies.json"
+    if anomalies_file.exists():
+        summary["anomalies"] = read_json(anomalies_file)["anomalies"]
+    metrics_file = output / "evaluator" / "evaluation" / "metrics.json"
+    if metrics_file.exists():
+        metrics = read_json(metrics_file)
+        metrics.pop("confusion_matrix", None)
+        summary["metrics"] = {"eval": metrics}
+        summary["blessed"] = (output / "evaluator" / "blessing" / "BLESSED").exists()
+    exports_file = output / "exporter" / "exports" / "exports.json"
+    if exports_file.exists():
+        exports = read_json(exports_file)
+        for entry in exports.values():
+            entry["path"] = str(output / "exporter" / "exports" / Path(entry["path"]).name)
+        summary["exports"] = exports
+    push_file = output / "pusher" / "pushed" / "push.json"
+    if push_file.exists():
+        summary["push"] = read_json(push_file)
+    return summary
