@@ -45,10 +45,10 @@ class _FilteredStream(io.TextIOBase):
     def _line(self, line: str) -> None:
         stripped = line.strip()
         if self.in_dump:
-            if stripped == "}":  # the dump's closing brace, printed unindented or at 4 spaces
+            if line.rstrip() == "    }":  # the dump's closing brace, at the stream's indentation
                 self.in_dump = False
             return
-        if stripped.endswith("{") and ("Executing task" in line or "executor input" in line.lower()):
+        if stripped.endswith("Got executor_input:"):
             self.in_dump = True
             return
         if NOISE.match(line):
@@ -94,7 +94,8 @@ def run_local(config: ExperimentConfig, output: str | os.PathLike[str], kind: st
     log(f"run folder {output}")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_root), raise_on_error=False)
     with warnings.catch_warnings(), _quiet(not verbose):
-        warnings.filterwarnings("ignore", message=".*base_image.*")
+        # The SubprocessRunner warns that it ignores base_image: intended, it runs this environment.
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module="kfp.local.subprocess_task_handler")
         PIPELINES[kind](config_json=config.to_json())
     _collect_task_folders(kfp_root, output)
     summary = build_summary(output, config, kind, time.perf_counter() - started)

@@ -24,6 +24,7 @@ def execute(name: str, record_dir: str | os.PathLike[str], fn: Callable[..., T],
     (status, seconds, error) that the local runner turns into summary.json."""
     # Beam, TFT and the KFP executor log every worker handshake at INFO; keep progress readable.
     logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("apache_beam").setLevel(logging.ERROR)
     started = time.perf_counter()
     log(f"{name}: started")
     try:
@@ -51,6 +52,7 @@ def beam_options(running_mode: str, num_workers: int, temp_dir: str | os.PathLik
 
     workers = 1 if running_mode == "in_memory" else num_workers or len(os.sched_getaffinity(0))
     return PipelineOptions(
+        flags=[],  # not sys.argv: the KFP executor's arguments are not Beam flags
         runner="DirectRunner",
         direct_running_mode=running_mode,
         direct_num_workers=workers,
