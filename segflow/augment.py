@@ -6,6 +6,7 @@ pipeline. Masks use nearest-neighbour interpolation, so class ids stay class ids
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import albumentations as A
@@ -47,9 +48,15 @@ def build_policy(spec: dict[str, dict[str, Any]], seed: int | None = None) -> A.
     for name, params in spec.items():
         kwargs = {**_BORDER_DEFAULTS.get(name, {}), **(params or {})}
         try:
-            transforms.append(AUGMENTATIONS.get(name)(**kwargs))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                transforms.append(AUGMENTATIONS.get(name)(**kwargs))
         except (TypeError, ValueError) as error:
             raise ValueError(f"augmentation.{name}: invalid parameters {params}: {error}") from None
+        # albumentations only warns about unknown arguments; a typo must not silently do nothing.
+        unknown = [str(w.message) for w in caught if "not valid for transform" in str(w.message)]
+        if unknown:
+            raise ValueError(f"augmentation.{name}: {unknown[0]}")
     return A.Compose(transforms, seed=seed)
 
 

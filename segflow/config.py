@@ -135,8 +135,11 @@ class ExperimentConfig(_Strict):
     @field_validator("augmentation")
     @classmethod
     def _augmentation(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from segflow.augment import build_policy
+
         for name in value:
             _registered(AUGMENTATIONS, name)
+        build_policy(value)  # parameters are checked now, not at the first training batch
         return value
 
     @field_validator("loss")

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny synthetic datasets and configs, and one tiny trained model."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+import segflow  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
+from segflow.config import ExperimentConfig, validate_config
+from segflow.demo_data import CLASS_NAMES, write_demo_dataset
+
+SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def tiny_raw_config(data: Path, **overrides: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {
+        "name": "tiny",
+        "dataset": {"images": str(data / "images"), "masks": str(data / "masks"), "eval_split": 0.25},
+        "classes": list(CLASS_NAMES),
+        "shape": [32, 32, 3],
+        "model": {"depth": 2, "base_filters": 4},
+        "augmentation": {"HorizontalFlip": {"p": 0.5}},
+        "loss": "crossentropy+0.5*dice",
+        "batch": 4,
+        "stages": [{"epochs": 1, "learning_rate": 0.003}],
+        "export": ["saved_model", "tflite_int8"],
+        "beam": {"running_mode": "in_memory"},
+    }
+    raw.update(overrides)
+    return raw
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_dataset(tmp_path_factory.mktemp("tiny") / "data", count=20, size=32)
+
+
+@pytest.fixture
+def make_config(tiny_data: Path) -> Callable[..., ExperimentConfig]:
+    def make(**overrides: Any) -> ExperimentConfig:
+        return validate_config(tiny_raw_config(tiny_data, **overrides))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """ExampleGen -> Transform -> Trainer (1 epoch) on the tiny dataset, run once per session."""
+    from segflow.components.example_gen import core as example_gen
+    from segflow.components.trainer import core as trainer
+    from segflow.components.transform import core as transform
+
+    root = tmp_path_factory.mktemp("trained")
+    config = validate_config(tiny_raw_config(tiny_data))
+    example_gen.run(config, root / "examples")
+    transform.run(config, root / "examples", root / "transform")
+    trainer.run(config, root / "examples", root / "transform", root / "model", root / "model_run")
+    return {"config": config, "root": root, "examples": root / "examples", "transform": root / "transform", "model": root / "model", "model_run": root / "model_run"}
+
+
+def require_dataset(name: str) -> Path:
+    path = SHARED_DATASETS / name
+    if not path.is_dir():
+        pytest.skip(f"real dataset {path} is absent (see ../shared/datasets/README.md)")
+    return path

@@ -1,0 +1,108 @@
+"""Config validation: the user contract of DESIGN.md and clear key-path errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from segflow.config import ConfigError, apply_override, load_config, parse_loss, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def minimal(**extra: object) -> dict:
+    return {"name": "x", "dataset": {"images": "i", "masks": "m"}, **extra}
+
+
+def test_design_contract_example_validates() -> None:
+    raw = yaml.safe_load(
+        """
+name: isbi-unet
+dataset: {images: path/to/images, masks: path/to/masks, eval_split: 0.2}
+classes: 2
+ignore_index: 255
+mask_values: [0, 255]
+shape: [256, 256, 1]
+architecture: unet
+backbone: simple
+augmentation: {HorizontalFlip: {p: 0.5}}
+loss: crossentropy+dice
+batch: 8
+stages:
+  - epochs: 10
+export: [saved_model, tflite_int8]
+"""
+    )
+    config = validate_config(raw)
+    assert config.num_labels == 2 and config.shape == [256, 256, 1] and config.total_epochs == 10
+    assert not config.sigmoid_head
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "pipelines" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path: Path) -> None:
+    load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (minimal(model={"dpeth": 3}), "model.dpeth: unknown key"),
+        (minimal(batch="eight"), "batch:"),
+        (minimal(stages=[{"epochs": 0}]), "stages.0.epochs:"),
+        (minimal(loss="crossentropy+0.5*dise"), "unknown loss 'dise'"),
+        (minimal(architecture="segformer"), "unknown architecture 'segformer'"),
+        (minimal(augmentation={"Flip": {}}), "unknown augmentation 'Flip'"),
+        (minimal(augmentation={"VerticalFlip": {"prob": 1}}), "augmentation.VerticalFlip"),
+        (minimal(export=["onnx_magic"]), "unknown export format"),
+        (minimal(classes=3, mask_values=[0, 255]), "mask_values has 2 values but there are 3"),
+        (minimal(classes=3, ignore_index=1), "collides with a class id"),
+        (minimal(shape=[64, 64, 2]), "shape:"),
+        ({"dataset": {"images": "i", "masks": "m"}}, "name: Field required"),
+    ],
+)
+def test_invalid_configs_name_the_key(raw: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        validate_config(raw)
+    assert expected in str(error.value)
+
+
+def test_single_class_means_sigmoid_head_with_background() -> None:
+    config = validate_config(minimal(classes=["cell"]))
+    assert config.sigmoid_head and config.class_names == ["background", "cell"] and config.num_labels == 2
+
+
+def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(minimal(stages=[{"epochs": 3}])))
+    config = load_config(path, ["stages.0.epochs=7", "model.depth=2", "export=[saved_model]", "dataset.eval_split=0.5"])
+    assert config.stages[0].epochs == 7 and config.model.depth == 2 and config.export == ["saved_model"]
+    assert config.dataset.eval_split == 0.5
+
+
+def test_override_errors() -> None:
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        apply_override({}, "epochs")
+    with pytest.raises(ConfigError, match="not a mapping"):
+        apply_override({"batch": 8}, "batch.size=2")
+
+
+def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "absent.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_json_round_trip_and_absolute_paths(tmp_path: Path) -> None:
+    config = validate_config(minimal(classes=["a", "b", "c"]))
+    assert type(config).from_json(config.to_json()) == config
+    absolute = config.with_absolute_paths(tmp_path)
+    assert absolute.dataset.images == str(tmp_path / "i") and Path(absolute.push.registry).is_absolute()
+
+
+def test_parse_loss_weights() -> None:
+    assert parse_loss("crossentropy+0.5*dice") == [(1.0, "crossentropy"), (0.5, "dice")]
+    with pytest.raises(ValueError, match="cannot parse"):
+        parse_loss("crossentropy+*dice")
