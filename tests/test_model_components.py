@@ -1,0 +1,115 @@
+"""Transform, Trainer, Evaluator, Exporter (every registered format, round trip) and Pusher
+on the session's tiny trained model."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from segflow.components.evaluator import core as evaluator
+from segflow.components.exporter import core as exporter
+from segflow.components.pusher import core as pusher
+from segflow.components.trainer.core import HISTORY_FILE
+from segflow.components.transform.core import NORMALIZATION_FILE, RAW_FEATURE, TRANSFORMED_FEATURE, transform_layer
+from segflow.config import ExperimentConfig
+from segflow.examples import iter_split
+from segflow.exporters import capability_table
+from segflow.io import read_json
+from segflow.registry import EXPORT_FORMATS
+from segflow.serving import SERVING_SUBDIR, ServingSpec, predict_image, saved_model_predictor
+
+
+def test_transform_standardises_train_pixels(trained: dict) -> None:
+    layer = transform_layer(trained["transform"])
+    config: ExperimentConfig = trained["config"]
+    pixels = np.stack([e.image.astype(np.float32) / 255.0 for e in iter_split(trained["examples"], "train")])
+    normalized = layer({RAW_FEATURE: tf.constant(pixels)})[TRANSFORMED_FEATURE].numpy()
+    np.testing.assert_allclose(normalized.mean(axis=(0, 1, 2)), 0.0, atol=1e-3)
+    np.testing.assert_allclose(normalized.std(axis=(0, 1, 2)), 1.0, atol=1e-2)
+    assert read_json(Path(trained["transform"]) / NORMALIZATION_FILE)["normalization"] == config.normalization
+
+
+def test_trainer_writes_model_history_logs_and_checkpoint(trained: dict) -> None:
+    history = (Path(trained["model_run"]) / HISTORY_FILE).read_text().splitlines()
+    assert history[0].split(",")[:2] == ["epoch", "loss"] and len(history) == 2
+    assert any((Path(trained["model_run"]) / "logs").rglob("events.out.tfevents.*"))
+    assert (Path(trained["model_run"]) / "checkpoints" / "last.weights.h5").exists()
+    assert (Path(trained["model"]) / SERVING_SUBDIR / "saved_model.pb").exists()
+
+
+def test_serving_signature_takes_raw_uint8_of_any_size(trained: dict) -> None:
+    loaded = tf.saved_model.load(str(Path(trained["model"]) / SERVING_SUBDIR))
+    image = np.random.default_rng(0).integers(0, 255, (1, 45, 61, 3)).astype(np.uint8)
+    out = loaded.signatures["serving_default"](images=tf.constant(image))
+    assert out["mask"].shape == (1, 45, 61) and out["mask"].dtype == tf.uint8
+    np.testing.assert_allclose(out["probabilities"].numpy().sum(axis=-1), 1.0, atol=1e-4)
+    # The Python helper used by every evaluation computes the same mask as the graph.
+    spec = ServingSpec.load(Path(trained["model"]) / SERVING_SUBDIR)
+    mask = predict_image(saved_model_predictor(Path(trained["model"]) / SERVING_SUBDIR), image[0], 8, spec.shape)
+    assert (mask == out["mask"].numpy()[0]).mean() > 0.99
+
+
+def test_evaluator_metrics_and_blessing(trained: dict, tmp_path: Path) -> None:
+    config: ExperimentConfig = trained["config"]
+    report = evaluator.run(config, trained["examples"], trained["model"], tmp_path / "metrics", tmp_path / "blessing")
+    assert 0.0 <= report["mean_iou"] <= 1.0 and set(report["per_class_iou"]) == set(config.class_names)
+    assert evaluator.is_blessed(tmp_path / "blessing")  # threshold 0.0
+    strict = config.model_copy(update={"evaluation": config.evaluation.model_copy(update={"min_mean_iou": 1.0})})
+    evaluator.run(strict, trained["examples"], trained["model"], tmp_path / "metrics2", tmp_path / "blessing2")
+    assert (tmp_path / "blessing2" / "NOT_BLESSED").exists()
+
+
+def test_capability_table_lists_every_format() -> None:
+    assert [row["format"] for row in capability_table()] == EXPORT_FORMATS.names()
+
+
+@pytest.fixture(scope="module")
+def all_exports(trained: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    config: ExperimentConfig = trained["config"]
+    every = config.model_copy(update={"export": EXPORT_FORMATS.names()})
+    out = tmp_path_factory.mktemp("exports") / "exports"
+    return exporter.run(every, trained["examples"], trained["model"], out), out
+
+
+@pytest.mark.parametrize("name", EXPORT_FORMATS.names())
+def test_every_export_format_round_trips(name: str, all_exports: tuple[dict, Path], trained: dict) -> None:
+    results, out = all_exports
+    entry = results[name]
+    export = EXPORT_FORMATS.get(name)
+    assert Path(entry["path"]).exists() and entry["bytes"] > 0
+    predict = export.load(out / export.file_name)
+    spec = ServingSpec.load(Path(trained["model"]) / SERVING_SUBDIR)
+    probabilities = predict(np.random.default_rng(0).random((2, *spec.shape), np.float32))
+    assert probabilities.shape == (2, *spec.shape[:2], len(spec.class_names))
+    reference = results["tflite_fp32"]["mean_iou"]
+    tolerance = 0.0005 if export.quantization in ("float32", "float16") else 0.1
+    assert abs(entry["mean_iou"] - reference) <= tolerance
+
+
+def test_int8_export_is_full_integer(all_exports: tuple[dict, Path]) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    _, out = all_exports
+    interpreter = Interpreter(model_path=str(out / EXPORT_FORMATS.get("tflite_int8").file_name))
+    assert interpreter.get_input_details()[0]["dtype"] == np.uint8
+    assert interpreter.get_output_details()[0]["dtype"] == np.uint8
+
+
+def test_pusher_versions_never_overwrite(all_exports: tuple[dict, Path], trained: dict, tmp_path: Path) -> None:
+    _, out = all_exports
+    config: ExperimentConfig = trained["config"]
+    config = config.model_copy(update={"push": config.push.model_copy(update={"registry": str(tmp_path / "registry")})})
+    blessing = tmp_path / "blessing"
+    blessing.mkdir()
+    (blessing / "BLESSED").write_text("")
+    first = pusher.run(config, out, blessing, tmp_path / "push1")
+    second = pusher.run(config, out, blessing, tmp_path / "push2")
+    assert (first["version"], second["version"]) == (1, 2)
+    assert sorted(os.listdir(tmp_path / "registry" / "tiny")) == ["1", "2"]
+    (blessing / "BLESSED").unlink()
+    (blessing / "NOT_BLESSED").write_text("")
+    assert pusher.run(config, out, blessing, tmp_path / "push3")["pushed"] is False
+    assert sorted(os.listdir(tmp_path / "registry" / "tiny")) == ["1", "2"]
