@@ -1,0 +1,99 @@
+"""The DAG: golden compiled YAML, kfp's own loader, and kfp.local runs through the CLI."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from segflow.cli import main
+from segflow.config import load_config
+from segflow.pipelines.pipeline import compile_pipeline
+
+HERE = Path(__file__).resolve().parent
+GOLDEN = HERE / "golden" / "pipeline.yaml"
+
+
+def test_compiled_pipeline_matches_golden(tmp_path: Path) -> None:
+    """Any change to the compiled DAG is deliberate: `make golden` rewrites the file."""
+    compiled = compile_pipeline(load_config(HERE / "data" / "golden.yaml"), tmp_path / "pipeline.yaml")
+    if os.environ.get("SEGFLOW_UPDATE_GOLDEN"):
+        GOLDEN.write_text(compiled.read_text())
+    assert compiled.read_text() == GOLDEN.read_text(), "compiled pipeline changed; run `make golden` if intended"
+
+
+def test_compiled_yaml_loads_with_kfp_loader(tmp_path: Path) -> None:
+    from kfp import components
+
+    path = tmp_path / "pipeline.yaml"
+    assert main(["compile", str(HERE / "data" / "golden.yaml"), "-o", str(path)]) == 0
+    loaded = components.load_component_from_file(str(path))
+    assert loaded.name == "segflow-golden"
+    tasks = yaml.safe_load(path.read_text())["root"]["dag"]["tasks"]
+    assert set(tasks) == {"example-gen", "statistics-gen", "schema-gen", "example-validator", "transform", "trainer", "evaluator", "exporter", "pusher"}
+    assert "example-validator" in tasks["trainer"]["dependentTasks"]
+
+
+def test_validate_pipeline_compiles_without_training(tmp_path: Path) -> None:
+    path = tmp_path / "validate.yaml"
+    assert main(["compile", str(HERE / "data" / "golden.yaml"), "-o", str(path), "--pipeline", "validate"]) == 0
+    assert "trainer" not in yaml.safe_load(path.read_text())["root"]["dag"]["tasks"]
+
+
+def test_cli_list_and_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list", "losses"]) == 0
+    assert "dice" in capsys.readouterr().out
+    assert main(["list", "exports", "--json"]) == 0
+    assert {row["format"] for row in json.loads(capsys.readouterr().out)} >= {"saved_model", "tflite_int8"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\ndataset: {images: a, masks: b}\nmodel: {dpeth: 3}\n")
+    assert main(["run", str(bad), "-o", str(tmp_path / "run")]) == 2
+    assert "model.dpeth: unknown key" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # rejected before any work started
+
+
+def test_demo_data_is_deterministic(tmp_path: Path) -> None:
+    assert main(["demo-data", str(tmp_path / "a"), "--count", "3"]) == 0
+    assert main(["demo-data", str(tmp_path / "b"), "--count", "3"]) == 0
+    for name in ("images/000.png", "masks/002.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+def _write_config(tiny_data: Path, tmp_path: Path) -> Path:
+    from tests.conftest import tiny_raw_config
+
+    raw = tiny_raw_config(tiny_data, push={"registry": str(tmp_path / "registry")})
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_kfp_local_validate_run(tiny_data: Path, tmp_path: Path) -> None:
+    config = _write_config(tiny_data, tmp_path)
+    assert main(["validate", str(config), "-o", str(tmp_path / "run")]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "succeeded" and list(summary["components"]) == ["example_gen", "statistics_gen", "schema_gen", "example_validator"]
+    assert summary["counts"]["examples_in"] == 20
+
+
+def test_kfp_local_full_run_writes_the_summary_contract(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _write_config(tiny_data, tmp_path)
+    run = tmp_path / "run"
+    assert main(["run", str(config), "-o", str(run), "--set", "export=[saved_model, tflite_int8]"]) == 0
+    assert "mean IoU (eval)" in capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "succeeded"
+    assert all(entry["status"] == "succeeded" and entry["seconds"] >= 0 for entry in summary["components"].values())
+    assert len(summary["components"]) == 9
+    counts = summary["counts"]
+    assert counts["examples_in"] == counts["examples_written"] + counts["quarantined"] == 20
+    assert 0.0 <= summary["metrics"]["eval"]["mean_iou"] <= 1.0 and summary["blessed"] is True
+    for name in ("saved_model", "tflite_int8"):
+        assert Path(summary["exports"][name]["path"]).exists() and summary["exports"][name]["bytes"] > 0
+    assert summary["push"]["pushed"] and Path(summary["push"]["destination"]).is_dir()
+    assert load_config(run / "config.yaml").export == ["saved_model", "tflite_int8"]
+    assert (run / "trainer" / "model_run" / "history.csv").exists() and not (run / ".kfp").exists()
+    # A second run into the same folder is refused rather than mixing artifacts.
+    assert main(["run", str(config), "-o", str(run)]) == 2
