@@ -31,6 +31,8 @@ def _prepare(labels: tf.Tensor, logits: tf.Tensor, spec: LabelSpec) -> tuple[tf.
     labels = tf.cast(labels, tf.int32)
     if labels.shape.rank == 4:
         labels = labels[..., 0]
+    if logits.shape.rank == 3:  # Keras squeezes a sigmoid head's [B,H,W,1] to match [B,H,W] labels
+        logits = logits[..., None]
     if spec.ignore_index is None:
         valid = tf.ones_like(labels, tf.float32)
     else:

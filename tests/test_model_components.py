@@ -113,3 +113,51 @@ def test_pusher_versions_never_overwrite(all_exports: tuple[dict, Path], trained
     (blessing / "NOT_BLESSED").write_text("")
     assert pusher.run(config, out, blessing, tmp_path / "push3")["pushed"] is False
     assert sorted(os.listdir(tmp_path / "registry" / "tiny")) == ["1", "2"]
+
+
+def test_sigmoid_head_on_16bit_grayscale_with_minmax(tmp_path: Path) -> None:
+    """`classes: 1` (sigmoid head), 16-bit single-channel TIFFs, min/max normalisation: the
+    paths the multi-class RGB fixture does not take, through every model-side core."""
+    import tifffile
+
+    from segflow.components.example_gen import core as example_gen
+    from segflow.components.trainer import core as trainer
+    from segflow.components.transform import core as transform
+    from segflow.config import validate_config
+    from segflow.io import encode_png
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for index in range(12):
+        mask = np.zeros((32, 32), np.uint8)
+        mask[rng.integers(0, 16) :][:, rng.integers(0, 16) :][:12, :12] = 255
+        image = (rng.integers(1000, 20000, (32, 32)) + (mask > 0) * 30000).astype(np.uint16)
+        tifffile.imwrite(tmp_path / "images" / f"{index}.tif", image)
+        (tmp_path / "masks" / f"{index}.png").write_bytes(encode_png(mask))
+    config = validate_config(
+        {
+            "name": "binary",
+            "dataset": {"images": str(tmp_path / "images"), "masks": str(tmp_path / "masks"), "eval_split": 0.3},
+            "classes": ["cell"],
+            "mask_values": [0, 255],
+            "shape": [32, 32, 1],
+            "normalization": "minmax",
+            "model": {"depth": 1, "base_filters": 4},
+            "loss": "bce+dice",
+            "batch": 4,
+            "stages": [{"epochs": 2, "learning_rate": 0.01}],
+            "export": ["tflite_int8"],
+            "beam": {"running_mode": "in_memory"},
+        }
+    )
+    assert config.sigmoid_head
+    example_gen.run(config, tmp_path / "examples")
+    normalization = transform.run(config, tmp_path / "examples", tmp_path / "transform")
+    # min/max of 16-bit pixels scaled to [0, 1]: offset -min/spread, scale 1/spread
+    assert normalization["offset"][0] < 0 and normalization["scale"][0] > 1
+    trainer.run(config, tmp_path / "examples", tmp_path / "transform", tmp_path / "model", tmp_path / "run")
+    report = evaluator.run(config, tmp_path / "examples", tmp_path / "model", tmp_path / "metrics", tmp_path / "blessing")
+    assert set(report["per_class_iou"]) == {"background", "cell"}
+    exports = exporter.run(config, tmp_path / "examples", tmp_path / "model", tmp_path / "exports")
+    assert 0.0 <= exports["tflite_int8"]["mean_iou"] <= 1.0

@@ -81,7 +81,8 @@ class StreamingMeanIoU(keras.metrics.Metric):
     def update_state(self, y_true: tf.Tensor, y_pred: tf.Tensor, sample_weight: tf.Tensor | None = None) -> None:
         labels = tf.reshape(tf.cast(y_true, tf.int32), [-1])
         if self.labels.sigmoid:
-            predictions = tf.cast(y_pred[..., 0] > 0.0, tf.int32)
+            logits = y_pred[..., 0] if y_pred.shape.rank == 4 else y_pred
+            predictions = tf.cast(logits > 0.0, tf.int32)
         else:
             predictions = tf.argmax(y_pred, axis=-1, output_type=tf.int32)
         predictions = tf.reshape(predictions, [-1])
