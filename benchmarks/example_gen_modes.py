@@ -1,0 +1,64 @@
+"""ExampleGen wall time under each Beam DirectRunner mode, measured side by side.
+
+    .venv/bin/python benchmarks/example_gen_modes.py [--count 256] [--size 256] [--repeats 3]
+
+Prints JSON: median seconds per mode and each mode's ratio to in_memory (lower is faster).
+Writes a synthetic dataset to a temporary folder; nothing in the repository changes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import segflow  # noqa: F401
+from segflow.components.example_gen import core as example_gen
+from segflow.config import validate_config
+from segflow.demo_data import CLASS_NAMES, write_demo_dataset
+
+MODES = ("in_memory", "multi_threading", "multi_processing")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=256)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="segflow-bench-"))
+    try:
+        data = write_demo_dataset(root / "data", count=args.count, size=args.size)
+        seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
+        for repeat in range(args.repeats):
+            for mode in MODES:  # interleaved, so machine noise hits every mode alike
+                config = validate_config(
+                    {"name": "bench", "dataset": {"images": str(data / "images"), "masks": str(data / "masks")}, "classes": CLASS_NAMES, "beam": {"running_mode": mode}}
+                )
+                started = time.perf_counter()
+                example_gen.run(config, root / f"out-{mode}-{repeat}")
+                seconds[mode].append(time.perf_counter() - started)
+        medians = {mode: statistics.median(values) for mode, values in seconds.items()}
+        print(
+            json.dumps(
+                {
+                    "benchmark": "example_gen_modes",
+                    "images": args.count,
+                    "size": args.size,
+                    "cores": len(os.sched_getaffinity(0)),
+                    "median_seconds": {mode: round(value, 2) for mode, value in medians.items()},
+                    "ratio_to_in_memory": {mode: round(value / medians["in_memory"], 2) for mode, value in medians.items()},
+                },
+                indent=2,
+            )
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
