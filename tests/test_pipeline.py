@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from segflow.cli import main
 from segflow.config import load_config
+from segflow.io import encode_png
 from segflow.pipelines.pipeline import compile_pipeline
 
 HERE = Path(__file__).resolve().parent
@@ -79,7 +82,14 @@ def test_kfp_local_validate_run(tiny_data: Path, tmp_path: Path) -> None:
 
 
 def test_kfp_local_full_run_writes_the_summary_contract(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = _write_config(tiny_data, tmp_path)
+    """The whole DAG through the CLI on data with one corrupt PNG, one image without a mask
+    and one mask with an unexpected value: the run completes on the other 17."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "images" / "003.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    (data / "masks" / "004.png").unlink()
+    (data / "masks" / "005.png").write_bytes(encode_png(np.full((32, 32), 7, np.uint8)))
+    config = _write_config(data, tmp_path)
     run = tmp_path / "run"
     assert main(["run", str(config), "-o", str(run), "--set", "export=[saved_model, tflite_int8]"]) == 0
     assert "mean IoU (eval)" in capsys.readouterr().out
@@ -88,7 +98,10 @@ def test_kfp_local_full_run_writes_the_summary_contract(tiny_data: Path, tmp_pat
     assert all(entry["status"] == "succeeded" and entry["seconds"] >= 0 for entry in summary["components"].values())
     assert len(summary["components"]) == 9
     counts = summary["counts"]
-    assert counts["examples_in"] == counts["examples_written"] + counts["quarantined"] == 20
+    assert counts["examples_in"] == counts["examples_written"] + counts["quarantined"] == 20 and counts["quarantined"] == 3
+    quarantined = [json.loads(line) for line in Path(summary["quarantine"]).read_text().splitlines()]
+    assert sorted(Path(entry["file"]).name for entry in quarantined) == ["003.png", "004.png", "005.png"]
+    assert all(entry["reason"] for entry in quarantined)
     assert 0.0 <= summary["metrics"]["eval"]["mean_iou"] <= 1.0 and summary["blessed"] is True
     for name in ("saved_model", "tflite_int8"):
         assert Path(summary["exports"][name]["path"]).exists() and summary["exports"][name]["bytes"] > 0
