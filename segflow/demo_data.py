@@ -1,8 +1,8 @@
 """The built-in synthetic dataset: filled shapes on textured backgrounds.
 
 Deterministic (seeded), small enough for `make demo` to train, evaluate and export
-in a few minutes on two cores, and hard enough that classes need shape, not colour:
-every shape and the background draw their colours from overlapping ranges.
+in a few minutes on two cores. Each class has its own hue, jittered so that colour
+ranges overlap a little; the background is a smooth random colour field with noise.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 from segflow.io import encode_png
 
 CLASS_NAMES = ["background", "circle", "rectangle", "triangle"]
+CLASS_COLOURS = {1: np.array([200.0, 70.0, 60.0]), 2: np.array([60.0, 190.0, 80.0]), 3: np.array([70.0, 90.0, 210.0])}
 
 
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -28,7 +29,7 @@ def _draw(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, label: 
     size = image.shape[0]
     extent = int(rng.integers(size // 10, size // 4))
     cx, cy = (int(v) for v in rng.integers(extent, size - extent, size=2))
-    colour = tuple(float(v) for v in rng.uniform(20, 235, size=3))
+    colour = CLASS_COLOURS[label] + rng.uniform(-40, 40, size=3)
     layer = np.zeros(mask.shape, np.uint8)
     if label == 1:
         cv2.circle(layer, (cx, cy), extent, 1, thickness=-1)
@@ -39,7 +40,7 @@ def _draw(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray, label: 
         points = np.array([[cx, cy - extent], [cx - extent, cy + extent], [cx + extent, cy + extent]], np.int32)
         cv2.fillPoly(layer, [points], 1)
     inside = layer.astype(bool)
-    image[inside] = np.array(colour, np.float32) + rng.normal(0, 10, size=(int(inside.sum()), 3))
+    image[inside] = colour.astype(np.float32) + rng.normal(0, 10, size=(int(inside.sum()), 3))
     mask[inside] = label
 
 
