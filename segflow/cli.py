@@ -6,10 +6,10 @@ import json
 import sys
 from pathlib import Path
 
-from segflow.config import ConfigError, load_config
+from segflow.config import ConfigError, ExperimentConfig, load_config
 
 
-def _load(args: argparse.Namespace):  # noqa: ANN202 - returns ExperimentConfig
+def _load(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.config, args.set or [])
 
 

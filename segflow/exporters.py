@@ -106,7 +106,7 @@ def load_tflite(path: Path) -> FixedSizePredictor:
 register(
     ExportFormat(
         "saved_model", "saved_model", "float32", "TensorFlow / TF Serving", False, _copy_saved_model,
-        lambda path: saved_model_predictor(path),
+        saved_model_predictor,
         "TensorFlow SavedModel: raw uint8 images of any size in, mask out (TF Serving, Vertex AI)",
     )
 )

@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -107,10 +107,18 @@ def process_pair(pair: tuple[str, str, str], config: ExperimentConfig, table: np
     return assign_split(stem, config.dataset.eval_split), serialize(example)
 
 
-def _tagged(pairs: Iterable[tuple[str, str, str]], config: ExperimentConfig) -> Iterator[tuple[str, Any]]:
-    table = label_lookup(config)
-    for pair in pairs:
-        yield process_pair(pair, config, table)
+class DecodeCheckSerialize:
+    """Beam step: one pair in, ('train'|'eval', example bytes) or ('quarantine', entry) out.
+    The 64k-entry label table is built once per worker, not once per example."""
+
+    def __init__(self, config: ExperimentConfig) -> None:
+        self.config = config
+        self.table: np.ndarray | None = None
+
+    def __call__(self, pair: tuple[str, str, str]) -> tuple[str, Any]:
+        if self.table is None:
+            self.table = label_lookup(self.config)
+        return process_pair(pair, self.config, self.table)
 
 
 def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str]) -> dict[str, int]:
@@ -127,7 +135,7 @@ def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str]) -> dict[
                 tagged = (
                     pipeline
                     | "Pairs" >> beam.Create(pairs, reshuffle=True)
-                    | "DecodeCheckSerialize" >> beam.FlatMap(lambda pair: _tagged([pair], config))
+                    | "DecodeCheckSerialize" >> beam.Map(DecodeCheckSerialize(config))
                 )
                 for split in SPLITS:
                     (
