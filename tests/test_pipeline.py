@@ -110,3 +110,16 @@ def test_kfp_local_full_run_writes_the_summary_contract(tiny_data: Path, tmp_pat
     assert (run / "trainer" / "model_run" / "history.csv").exists() and not (run / ".kfp").exists()
     # A second run into the same folder is refused rather than mixing artifacts.
     assert main(["run", str(config), "-o", str(run)]) == 2
+
+
+def test_failed_component_gives_failed_summary_and_exit_code(tiny_data: Path, tmp_path: Path) -> None:
+    """validation.on_anomaly 'fail' with a class that never occurs: the validator fails, the
+    run stops there, and summary.json says which component failed and why."""
+    config = _write_config(tiny_data, tmp_path)
+    overrides = ["classes=[background, circle, rectangle, triangle, hexagon]", "validation.on_anomaly=fail"]
+    assert main(["validate", str(config), "-o", str(tmp_path / "run"), *[arg for o in overrides for arg in ("--set", o)]]) == 1
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed"
+    validator = summary["components"]["example_validator"]
+    assert validator["status"] == "failed" and "hexagon" in validator["error"]
+    assert summary["components"]["example_gen"]["status"] == "succeeded"
