@@ -30,7 +30,7 @@ def test_done_when_three_bad_inputs_are_quarantined_and_the_rest_written(
     tiny_data: Path, tmp_path: Path, make_config: Callable[..., ExperimentConfig]
 ) -> None:
     """The issue's scenario: one corrupt PNG, one image without a mask, one mask with an
-    unexpected value. Default Beam mode (multi-processing) on purpose."""
+    unexpected value. Run with Beam multi-processing, the mode the other tests skip."""
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     (data / "images" / "000.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a PNG")
@@ -38,7 +38,7 @@ def test_done_when_three_bad_inputs_are_quarantined_and_the_rest_written(
     bad_mask = cv2.imread(str(data / "masks" / "002.png"), cv2.IMREAD_UNCHANGED)
     bad_mask[0, 0] = 9
     (data / "masks" / "002.png").write_bytes(encode_png(bad_mask))
-    config = make_config(dataset={"images": str(data / "images"), "masks": str(data / "masks"), "eval_split": 0.25}, beam={})
+    config = make_config(dataset={"images": str(data / "images"), "masks": str(data / "masks"), "eval_split": 0.25}, beam={"running_mode": "multi_processing"})
     counts = example_gen.run(config, tmp_path / "examples")
     reasons = _quarantine(tmp_path / "examples")
     assert set(reasons) == {"000.png", "001.png", "002.png"}
