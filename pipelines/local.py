@@ -16,6 +16,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
+from segflow.components.evaluator.core import METRICS_FILE, is_blessed, read_metrics
+from segflow.components.example_gen.core import COUNTS_FILE, QUARANTINE_FILE, read_counts
+from segflow.components.example_validator.core import ANOMALIES_FILE, read_anomalies
+from segflow.components.exporter.core import EXPORTS_FILE, read_exports
+from segflow.components.pusher.core import PUSH_FILE
 from segflow.config import ExperimentConfig
 from segflow.io import atomic_write_text, read_json, write_json
 from segflow.runtime import log, read_record
@@ -124,26 +129,26 @@ def build_summary(output: Path, config: ExperimentConfig, kind: str, seconds: fl
         components[name] = {"status": "not_run"} if record is None else {key: value for key, value in record.items() if key != "component"}
     succeeded = all(entry["status"] == "succeeded" for entry in components.values())
     summary: dict[str, Any] = {"status": "succeeded" if succeeded else "failed", "name": config.name, "pipeline": kind, "seconds": round(seconds, 1), "components": components}
-    counts_file = output / "example_gen" / "examples" / "counts.json"
-    if counts_file.exists():
-        summary["counts"] = read_json(counts_file)
-        summary["quarantine"] = str(output / "example_gen" / "examples" / "quarantine.jsonl")
-    anomalies_file = output / "example_validator" / "anomalies" / "anomalies.json"
-    if anomalies_file.exists():
-        summary["anomalies"] = read_json(anomalies_file)["anomalies"]
-    metrics_file = output / "evaluator" / "evaluation" / "metrics.json"
-    if metrics_file.exists():
-        metrics = read_json(metrics_file)
-        metrics.pop("confusion_matrix", None)
+    examples = output / "example_gen" / "examples"
+    if (examples / COUNTS_FILE).exists():
+        summary["counts"] = read_counts(examples)
+        summary["quarantine"] = str(examples / QUARANTINE_FILE)
+    anomalies = output / "example_validator" / "anomalies"
+    if (anomalies / ANOMALIES_FILE).exists():
+        summary["anomalies"] = read_anomalies(anomalies)
+    evaluation = output / "evaluator" / "evaluation"
+    if (evaluation / METRICS_FILE).exists():
+        metrics = read_metrics(evaluation)
+        metrics.pop("confusion_matrix", None)  # kept in metrics.json; too big for a summary
         summary["metrics"] = {"eval": metrics}
-        summary["blessed"] = (output / "evaluator" / "blessing" / "BLESSED").exists()
-    exports_file = output / "exporter" / "exports" / "exports.json"
-    if exports_file.exists():
-        exports = read_json(exports_file)
-        for entry in exports.values():
-            entry["path"] = str(output / "exporter" / "exports" / Path(entry["path"]).name)
+        summary["blessed"] = is_blessed(output / "evaluator" / "blessing")
+    exports_dir = output / "exporter" / "exports"
+    if (exports_dir / EXPORTS_FILE).exists():
+        exports = read_exports(exports_dir)
+        for entry in exports.values():  # written under kfp.local's pipeline root, since moved here
+            entry["path"] = str(exports_dir / Path(entry["path"]).name)
         summary["exports"] = exports
-    push_file = output / "pusher" / "pushed" / "push.json"
+    push_file = output / "pusher" / "pushed" / PUSH_FILE
     if push_file.exists():
         summary["push"] = read_json(push_file)
     return summary
