@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import segflow  # noqa: F401
 from segflow.components.example_gen import core as example_gen
 from segflow.config import validate_config
 from segflow.demo_data import CLASS_NAMES, write_demo_dataset

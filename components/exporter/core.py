@@ -13,7 +13,7 @@ import tensorflow as tf
 from segflow.config import ExperimentConfig
 from segflow.evaluation import evaluate
 from segflow.examples import iter_split, pixel_scale
-from segflow.exporters import ExportFormat
+from segflow.exporters import ExportFormat, RepresentativeData
 from segflow.io import atomic_dir, convert_channels, read_json, write_json
 from segflow.registry import EXPORT_FORMATS
 from segflow.runtime import log
@@ -35,6 +35,16 @@ def representative_data(examples_dir: str | os.PathLike[str], shape: tuple[int, 
     return samples
 
 
+def _as_generator(samples: list[np.ndarray]) -> RepresentativeData:
+    """The TFLite converter wants a callable that yields one input list per sample."""
+
+    def generate() -> Iterator[list[np.ndarray]]:
+        for sample in samples:
+            yield [sample]
+
+    return generate
+
+
 def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
 
@@ -53,14 +63,10 @@ def run(
         for name in config.export:
             export: ExportFormat = EXPORT_FORMATS.get(name)
             started = time.perf_counter()
-            representative = None
+            representative: RepresentativeData | None = None
             if export.needs_representative_data:
                 samples = samples if samples is not None else representative_data(examples_dir, spec.shape)
-
-                def representative(data: list[np.ndarray] = samples) -> Iterator[list[np.ndarray]]:
-                    for sample in data:
-                        yield [sample]
-
+                representative = _as_generator(samples)
             target = out / export.file_name
             export.build(serving, target, representative)
             report = evaluate(export.load(target), examples_dir, "eval", spec)

@@ -9,7 +9,6 @@ folder with TensorBoard logs, `history.csv` and checkpoints.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
