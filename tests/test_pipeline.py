@@ -123,3 +123,16 @@ def test_failed_component_gives_failed_summary_and_exit_code(tiny_data: Path, tm
     validator = summary["components"]["example_validator"]
     assert validator["status"] == "failed" and "hexagon" in validator["error"]
     assert summary["components"]["example_gen"]["status"] == "succeeded"
+
+
+def test_progress_filter_drops_executor_dumps_and_tf_noise() -> None:
+    import io
+
+    from segflow.pipelines.local import _FilteredStream
+
+    sink = io.StringIO()
+    stream = _FilteredStream(sink)
+    stream.write("    [KFP Executor 2026 INFO]: Got executor_input:\n    {\n        \"inputs\": {}\n    }\n")
+    stream.write("    I0000 00:00:1 port.cc:153] oneDNN custom operations are on.\n")
+    stream.write("    [segflow] trainer: started\n    Epoch 1/2\n")
+    assert sink.getvalue() == "    [segflow] trainer: started\n    Epoch 1/2\n"
