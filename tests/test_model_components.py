@@ -161,3 +161,10 @@ def test_sigmoid_head_on_16bit_grayscale_with_minmax(tmp_path: Path) -> None:
     assert set(report["per_class_iou"]) == {"background", "cell"}
     exports = exporter.run(config, tmp_path / "examples", tmp_path / "model", tmp_path / "exports")
     assert 0.0 <= exports["tflite_int8"]["mean_iou"] <= 1.0
+
+
+def test_cache_budget_estimate() -> None:
+    from segflow.components.trainer.core import CACHE_BUDGET_BYTES, cache_bytes
+
+    assert cache_bytes(10, [32, 32, 3]) == 10 * 32 * 32 * 13
+    assert cache_bytes(367, [192, 256, 3]) < CACHE_BUDGET_BYTES < cache_bytes(2975, [512, 1024, 3])

@@ -26,6 +26,13 @@ from segflow.serving import SegmentationServer, ServingSpec
 
 KERAS_FILE = "keras/model.keras"
 HISTORY_FILE = "history.csv"
+CACHE_BUDGET_BYTES = 2 * 1024**3  # decoded, resized examples kept in RAM up to this size
+
+
+def cache_bytes(examples: int, shape: list[int]) -> int:
+    """RAM that caching a split needs: float32 image plus uint8 mask per example."""
+    height, width, channels = shape
+    return examples * height * width * (4 * channels + 1)
 
 
 def _decode(record: tf.Tensor, height: int, width: int, channels: int) -> tuple[tf.Tensor, tf.Tensor]:
@@ -45,9 +52,16 @@ def make_dataset(
 ) -> tf.data.Dataset:
     from segflow.components.transform.core import RAW_FEATURE, TRANSFORMED_FEATURE
 
+    from segflow.components.example_gen.core import read_counts
+
     height, width, channels = config.shape
     dataset = tf.data.TFRecordDataset(split_files(examples_dir, split), compression_type="GZIP")
-    dataset = dataset.map(lambda record: _decode(record, height, width, channels), num_parallel_calls=tf.data.AUTOTUNE).cache()
+    dataset = dataset.map(lambda record: _decode(record, height, width, channels), num_parallel_calls=tf.data.AUTOTUNE)
+    needed = cache_bytes(read_counts(examples_dir)[f"{split}_examples"], config.shape)
+    if needed <= CACHE_BUDGET_BYTES:
+        dataset = dataset.cache()
+    else:  # decoding every epoch is slower than RAM, but never runs the machine out of memory
+        log(f"trainer: {split} split needs {needed / 1024**3:.1f} GiB decoded; not caching it in RAM")
     if training:
         dataset = dataset.shuffle(1024, seed=config.seed, reshuffle_each_iteration=True)
         policy = build_policy(config.augmentation, seed=config.seed)
