@@ -85,15 +85,20 @@ class SegmentationServer(tf.Module):
         return target
 
 
-def predict_image(fixed_size: FixedSizePredictor, image: np.ndarray, bit_depth: int, shape: tuple[int, int, int]) -> np.ndarray:
-    """Class ids [H,W] at the image's own size, via a model-size predictor (SavedModel or TFLite).
-    The resizing is the one `serving_default` does, so every export is evaluated alike."""
+def model_input(image: np.ndarray, bit_depth: int, shape: tuple[int, int, int] | list[int]) -> np.ndarray:
+    """A raw HxWxC image as the `fixed_size` signature takes it: [1,h,w,c] float32 in [0,1],
+    model channels, model size, resized as `serving_default` and the trainer resize."""
     from segflow.io import convert_channels
 
     height, width, channels = shape
     pixels = convert_channels(image, channels).astype(np.float32)[None] / pixel_scale(bit_depth)
-    model_input = resize_to_model(tf.constant(pixels), height, width).numpy()
-    probs = resize_back(tf.constant(fixed_size(model_input)), image.shape[:2]).numpy()
+    return resize_to_model(tf.constant(pixels), height, width).numpy()
+
+
+def predict_image(fixed_size: FixedSizePredictor, image: np.ndarray, bit_depth: int, shape: tuple[int, int, int]) -> np.ndarray:
+    """Class ids [H,W] at the image's own size, via a model-size predictor (SavedModel or TFLite),
+    so that every export is evaluated alike."""
+    probs = resize_back(tf.constant(fixed_size(model_input(image, bit_depth, shape))), image.shape[:2]).numpy()
     return probs[0].argmax(axis=-1).astype(np.uint8)
 
 

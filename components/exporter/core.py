@@ -8,16 +8,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import tensorflow as tf
 
 from segflow.config import ExperimentConfig
 from segflow.evaluation import evaluate
-from segflow.examples import iter_split, pixel_scale
+from segflow.examples import iter_split
 from segflow.exporters import ExportFormat, RepresentativeData
-from segflow.io import atomic_dir, convert_channels, read_json, write_json
+from segflow.io import atomic_dir, read_json, write_json
 from segflow.registry import EXPORT_FORMATS
 from segflow.runtime import log
-from segflow.serving import SERVING_SUBDIR, ServingSpec, resize_to_model
+from segflow.serving import SERVING_SUBDIR, ServingSpec, model_input
 
 EXPORTS_FILE = "exports.json"
 REPRESENTATIVE_EXAMPLES = 64
@@ -25,11 +24,9 @@ REPRESENTATIVE_EXAMPLES = 64
 
 def representative_data(examples_dir: str | os.PathLike[str], shape: tuple[int, int, int], limit: int = REPRESENTATIVE_EXAMPLES) -> list[np.ndarray]:
     """Train images prepared exactly as the `fixed_size` signature expects them."""
-    height, width, channels = shape
     samples = []
     for example in iter_split(examples_dir, "train"):
-        pixels = convert_channels(example.image, channels).astype(np.float32)[None] / pixel_scale(example.bit_depth)
-        samples.append(resize_to_model(tf.constant(pixels), height, width).numpy())
+        samples.append(model_input(example.image, example.bit_depth, shape))
         if len(samples) == limit:
             break
     return samples

@@ -22,7 +22,7 @@ from segflow.io import atomic_dir, write_json
 from segflow.losses import LabelSpec, build_loss
 from segflow.models import ModelSpec, build_model
 from segflow.runtime import log
-from segflow.serving import SegmentationServer, ServingSpec
+from segflow.serving import SegmentationServer, ServingSpec, resize_to_model
 
 KERAS_FILE = "keras/model.keras"
 HISTORY_FILE = "history.csv"
@@ -41,7 +41,7 @@ def _decode(record: tf.Tensor, height: int, width: int, channels: int) -> tuple[
     )
     # uint16 decoding maps 8-bit PNGs onto the same [0, 65535] range, so both bit depths share one scale.
     image = tf.io.decode_png(features["image"], channels=channels, dtype=tf.uint16)
-    image = tf.image.resize(tf.cast(image, tf.float32) / 65535.0, [height, width], method="bilinear", antialias=True)
+    image = resize_to_model(tf.cast(image, tf.float32) / 65535.0, height, width)
     mask = tf.io.decode_png(features["mask"], channels=1)
     mask = tf.image.resize(mask, [height, width], method="nearest")[..., 0]
     return tf.ensure_shape(image, [height, width, channels]), tf.ensure_shape(tf.cast(mask, tf.uint8), [height, width])

@@ -19,8 +19,8 @@ import numpy as np
 import tensorflow as tf
 
 from segflow.config import ExperimentConfig
-from segflow.examples import deserialize, pixel_scale, split_files
-from segflow.io import atomic_dir, convert_channels, write_json
+from segflow.examples import deserialize, split_files
+from segflow.io import atomic_dir, write_json
 from segflow.runtime import beam_options, log
 
 RAW_FEATURE = "image"
@@ -29,16 +29,13 @@ NORMALIZATION_FILE = "normalization.json"
 MIN_SPREAD = 1e-3  # keeps a constant channel from dividing by zero
 
 
-def model_pixels(record: bytes, height: int, width: int, channels: int) -> np.ndarray:
-    """An example's image as the model sees it before normalisation: model channels,
-    resized to the model shape, float32 scaled to [0, 1] by its bit depth."""
-    import cv2
+def model_pixels(record: bytes, shape: list[int]) -> np.ndarray:
+    """An example's image as the model sees it before normalisation (HxWxC at the model
+    size, [0, 1]), so that the statistics are those of the trainer's and server's inputs."""
+    from segflow.serving import model_input
 
     example = deserialize(record)
-    image = convert_channels(example.image, channels).astype(np.float32) / pixel_scale(example.bit_depth)
-    if image.shape[:2] != (height, width):
-        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA).reshape(height, width, channels)
-    return image
+    return model_input(example.image, example.bit_depth, shape)[0]
 
 
 def make_preprocessing_fn(normalization: str) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
@@ -78,7 +75,7 @@ def analyze(config: ExperimentConfig, examples_dir: str | os.PathLike[str], outp
                 pipeline
                 | "TrainFiles" >> beam.Create(split_files(examples_dir, "train"))
                 | "Read" >> beam.io.ReadAllFromTFRecord(compression_type=beam.io.filesystem.CompressionTypes.GZIP)
-                | "ModelPixels" >> beam.Map(lambda record: {RAW_FEATURE: model_pixels(record, height, width, channels)})
+                | "ModelPixels" >> beam.Map(lambda record: {RAW_FEATURE: model_pixels(record, config.shape)})
             )
             transform_fn = (images, metadata) | "Analyze" >> tft_beam.AnalyzeDataset(make_preprocessing_fn(config.normalization))
             _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(str(output_dir))
