@@ -83,17 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="segflow", description="Image-segmentation training pipeline (TFX-style components on KFP and Beam).")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    run = commands.add_parser("run", help="run the whole DAG locally (kfp.local)")
-    _add_config_arguments(run)
-    run.add_argument("--output", "-o", help="run folder (default runs/<name>-<timestamp>)")
-    run.add_argument("--verbose", "-v", action="store_true", help="show all subprocess output, TensorFlow and KFP logs included")
-    run.set_defaults(handler=lambda args: _run(args, "train"))
-
-    validate = commands.add_parser("validate", help="ExampleGen, statistics, schema and data validation only")
-    _add_config_arguments(validate)
-    validate.add_argument("--output", "-o", help="run folder (default runs/<name>-<timestamp>)")
-    validate.add_argument("--verbose", "-v", action="store_true", help="show all subprocess output")
-    validate.set_defaults(handler=lambda args: _run(args, "validate"))
+    for kind, command, summary in (
+        ("train", "run", "run the whole DAG locally (kfp.local)"),
+        ("validate", "validate", "ExampleGen, statistics, schema and data validation only"),
+    ):
+        local_run = commands.add_parser(command, help=summary)
+        _add_config_arguments(local_run)
+        local_run.add_argument("--output", "-o", help="run folder (default runs/<name>-<timestamp>)")
+        local_run.add_argument("--verbose", "-v", action="store_true", help="show all subprocess output, TensorFlow and KFP logs included")
+        local_run.set_defaults(handler=lambda args, kind=kind: _run(args, kind))
 
     compile_ = commands.add_parser("compile", help="write the KFP v2 pipeline YAML for Kubeflow")
     _add_config_arguments(compile_)

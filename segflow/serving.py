@@ -9,7 +9,6 @@ Signatures:
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from segflow.examples import pixel_scale
-from segflow.io import atomic_write_text
+from segflow.io import read_json, write_json
 
 SERVING_SUBDIR = "Format-Serving"
 SPEC_FILE = "serving_spec.json"
@@ -35,11 +34,11 @@ class ServingSpec:
     ignore_index: int | None
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        atomic_write_text(Path(directory) / SPEC_FILE, json.dumps(asdict(self), indent=2) + "\n")
+        write_json(Path(directory) / SPEC_FILE, asdict(self))
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> "ServingSpec":
-        raw = json.loads((Path(directory) / SPEC_FILE).read_text())
+        raw = read_json(Path(directory) / SPEC_FILE)
         return cls(shape=tuple(raw["shape"]), class_names=tuple(raw["class_names"]), sigmoid=raw["sigmoid"], ignore_index=raw["ignore_index"])
 
 
@@ -87,7 +86,7 @@ class SegmentationServer(tf.Module):
 
 def model_input(image: np.ndarray, bit_depth: int, shape: tuple[int, int, int] | list[int]) -> np.ndarray:
     """A raw HxWxC image as the `fixed_size` signature takes it: [1,h,w,c] float32 in [0,1],
-    model channels, model size, resized as `serving_default` and the trainer resize."""
+    model channels, model size, resized as `serving_default` and the trainer do it."""
     from segflow.io import convert_channels
 
     height, width, channels = shape

@@ -136,3 +136,13 @@ def test_progress_filter_drops_executor_dumps_and_tf_noise() -> None:
     stream.write("    I0000 00:00:1 port.cc:153] oneDNN custom operations are on.\n")
     stream.write("    [segflow] trainer: started\n    Epoch 1/2\n")
     assert sink.getvalue() == "    [segflow] trainer: started\n    Epoch 1/2\n"
+
+
+@pytest.mark.parametrize("kind", ["train", "validate"])
+def test_summary_component_list_matches_the_dag(kind: str, tmp_path: Path) -> None:
+    """summary.json lists components from COMPONENTS; it must name every task of the DAG."""
+    from segflow.pipelines.local import COMPONENTS
+
+    path = compile_pipeline(load_config(HERE / "data" / "golden.yaml"), tmp_path / "p.yaml", kind=kind)
+    tasks = yaml.safe_load(path.read_text())["root"]["dag"]["tasks"]
+    assert sorted(COMPONENTS[kind]) == sorted(task.replace("-", "_") for task in tasks)

@@ -50,9 +50,8 @@ def _decode(record: tf.Tensor, height: int, width: int, channels: int) -> tuple[
 def make_dataset(
     config: ExperimentConfig, examples_dir: str | os.PathLike[str], split: str, transform_layer: Any, training: bool
 ) -> tf.data.Dataset:
-    from segflow.components.transform.core import RAW_FEATURE, TRANSFORMED_FEATURE
-
     from segflow.components.example_gen.core import read_counts
+    from segflow.components.transform.core import RAW_FEATURE, TRANSFORMED_FEATURE
 
     height, width, channels = config.shape
     dataset = tf.data.TFRecordDataset(split_files(examples_dir, split), compression_type="GZIP")
