@@ -25,9 +25,27 @@ class _Strict(BaseModel):
 
 
 class DatasetConfig(_Strict):
+    """Where the data is (local paths or gs:// / s3:// URIs) and how it is split."""
+
     images: str
     masks: str
-    eval_split: float = Field(0.2, gt=0.0, lt=1.0)
+    eval_split: float = Field(0.2, gt=0.0, lt=1.0, description="exact share of examples (or groups) in the eval split")
+    group_by: str | None = Field(
+        None, description="regex on the file stem; files whose match is equal stay in one split (video sequence, patient, slide)"
+    )
+    multipage: Literal["quarantine", "expand"] = Field(
+        "quarantine", description="multi-page TIFFs: quarantined, or one example per page (image and mask page counts must match)"
+    )
+
+    @field_validator("group_by")
+    @classmethod
+    def _group_by(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise ValueError(f"not a valid regular expression: {error}") from None
+        return value
 
 
 class StageConfig(_Strict):
@@ -53,8 +71,15 @@ class BeamConfig(_Strict):
 
 
 class ValidationConfig(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
     on_anomaly: Literal["warn", "fail"] = "warn"
     max_class_shift: float = Field(0.15, gt=0.0, le=1.0, description="L-infinity distance of class frequencies")
+    # `schema` in YAML; named schema_path here because pydantic models own a `schema` attribute.
+    schema_path: str | None = Field(None, alias="schema", description="schema.pbtxt (or a SchemaGen output folder) of an earlier run to validate against")
+    baseline_statistics: str | None = Field(
+        None, description="statistics.json (or a StatisticsGen output folder) of an earlier run, for drift checks"
+    )
 
 
 class EvaluationConfig(_Strict):
@@ -100,6 +125,7 @@ class ExperimentConfig(_Strict):
     stages: list[StageConfig] = Field(default_factory=lambda: [StageConfig()], min_length=1)
     export: list[str] = Field(default_factory=lambda: ["saved_model", "tflite_fp32", "tflite_int8"])
     seed: int = 0
+    deterministic: bool = Field(False, description="TensorFlow op determinism: identical runs give identical metrics (slower)")
     beam: BeamConfig = BeamConfig()
     validation: ValidationConfig = ValidationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
@@ -171,6 +197,14 @@ class ExperimentConfig(_Strict):
                 raise ValueError("mask_values must be unique")
         if self.ignore_index is not None and 0 <= self.ignore_index < self.num_labels:
             raise ValueError(f"ignore_index {self.ignore_index} collides with a class id (0..{self.num_labels - 1})")
+        if self.ignore_index is not None and self.mask_values is not None and self.ignore_index in self.mask_values:
+            position = self.mask_values.index(self.ignore_index)
+            raise ValueError(
+                f"ignore_index {self.ignore_index} is also in mask_values {self.mask_values}: mask_values says raw value "
+                f"{self.ignore_index} is class {position} ({self.class_names[position]!r}), ignore_index says pixels of that "
+                "value carry no label and are skipped by losses and metrics. Remove it from one of the two "
+                "(e.g. drop ignore_index when the mask has no void value)"
+            )
         return self
 
     @property
@@ -197,23 +231,23 @@ class ExperimentConfig(_Strict):
         return sum(stage.epochs for stage in self.stages)
 
     def to_json(self) -> str:
-        return self.model_dump_json()
+        return self.model_dump_json(by_alias=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ExperimentConfig":
         return cls.model_validate_json(text)
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
 
     def with_absolute_paths(self, base: str | os.PathLike[str] | None = None) -> "ExperimentConfig":
         """Paths resolved against `base` (default: the working directory), so that a
         component running in another directory reads the same files."""
-        root = Path(base or os.getcwd())
-        dataset = self.dataset.model_copy(
-            update={"images": str((root / self.dataset.images).resolve()), "masks": str((root / self.dataset.masks).resolve())}
-        )
-        push = self.push.model_copy(update={"registry": str((root / self.push.registry).resolve())})
+        from segflow.storage import absolute
+
+        root = base or os.getcwd()
+        dataset = self.dataset.model_copy(update={"images": absolute(self.dataset.images, root), "masks": absolute(self.dataset.masks, root)})
+        push = self.push.model_copy(update={"registry": absolute(self.push.registry, root)})
         return self.model_copy(update={"dataset": dataset, "push": push})
 
 

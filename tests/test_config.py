@@ -16,12 +16,13 @@ def minimal(**extra: object) -> dict:
 
 
 def test_design_contract_example_validates() -> None:
+    # DESIGN.md's example also sets `ignore_index: 255`, which with these mask_values would
+    # erase the foreground class; that pairing is rejected (test_ignore_index_in_mask_values_is_an_error).
     raw = yaml.safe_load(
         """
 name: isbi-unet
 dataset: {images: path/to/images, masks: path/to/masks, eval_split: 0.2}
 classes: 2
-ignore_index: 255
 mask_values: [0, 255]
 shape: [256, 256, 1]
 architecture: unet
@@ -106,3 +107,39 @@ def test_parse_loss_weights() -> None:
     assert parse_loss("crossentropy+0.5*dice") == [(1.0, "crossentropy"), (0.5, "dice")]
     with pytest.raises(ValueError, match="cannot parse"):
         parse_loss("crossentropy+*dice")
+
+
+def test_ignore_index_in_mask_values_is_an_error() -> None:
+    """Before: validated, and label_lookup mapped raw 255 to 'ignored', erasing class 1."""
+    raw = minimal(classes=2, mask_values=[0, 255], ignore_index=255)
+    with pytest.raises(ConfigError, match=r"ignore_index 255 is also in mask_values \[0, 255\].*class 1 \('1'\).*skipped by losses"):
+        validate_config(raw)
+
+
+def test_void_value_outside_mask_values_is_fine() -> None:
+    config = validate_config(minimal(classes=2, mask_values=[0, 128], ignore_index=255))
+    assert config.ignore_index == 255
+
+
+def test_group_by_must_be_a_regex() -> None:
+    with pytest.raises(ConfigError, match="dataset.group_by: .*not a valid regular expression"):
+        validate_config(minimal(dataset={"images": "i", "masks": "m", "group_by": "("}))
+
+
+@pytest.mark.parametrize("location", ["s3://bucket/images", "gs://bucket/a/b"])
+def test_uris_are_not_turned_into_local_paths(location: str, tmp_path: Path) -> None:
+    config = validate_config(minimal(dataset={"images": location, "masks": location}, push={"registry": location}))
+    resolved = config.with_absolute_paths(tmp_path)
+    assert resolved.dataset.images == location and resolved.push.registry == location
+
+
+def test_relative_paths_become_absolute(tmp_path: Path) -> None:
+    resolved = validate_config(minimal()).with_absolute_paths(tmp_path)
+    assert resolved.dataset.images == str(tmp_path / "i") and resolved.push.registry == str(tmp_path / "model-registry")
+
+
+def test_validation_schema_key_round_trips() -> None:
+    config = validate_config(minimal(validation={"schema": "runs/a/schema_gen/schema"}))
+    assert config.validation.schema_path == "runs/a/schema_gen/schema"
+    assert type(config).from_json(config.to_json()) == config
+    assert "schema: runs/a/schema_gen/schema" in config.to_yaml()
