@@ -22,53 +22,42 @@ import tifffile
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF, both byte orders
+
+
 class ImageReadError(ValueError):
     """A file that is not a decodable image."""
 
 
+# One path per format, each returning RGB(A) order: PNG, JPEG and BMP are decoded by OpenCV
+# (BGR, swapped once in _opencv_decode); TIFF by tifffile (already RGB), which also counts the
+# pages. Only a TIFF codec that tifffile lacks without the imagecodecs package (LZW, JPEG) is
+# left to OpenCV's libtiff, through the same swap.
+
+
 def decode_image(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Decode PNG/JPEG/TIFF/BMP bytes to HxWxC (RGB order) keeping the bit depth (uint8 or uint16)."""
-    image = None
-    if data:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if image is None and data[:4] in (b"II*\x00", b"MM\x00*"):
-        try:
-            image = tifffile.imread(io.BytesIO(data))
-        except Exception as error:  # tifffile raises many types for a broken file
-            raise ImageReadError(f"{name}: corrupt TIFF ({error})") from None
-    if image is None:
-        raise ImageReadError(f"{name}: not a decodable image (corrupt or unsupported format)")
-    if image.dtype not in (np.uint8, np.uint16):
-        raise ImageReadError(f"{name}: unsupported pixel type {image.dtype}; expected 8- or 16-bit")
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
-        raise ImageReadError(f"{name}: unsupported shape {image.shape}; expected 1, 3 or 4 channels")
-    if image.shape[2] == 3:
-        image = image[:, :, ::-1]
-    elif image.shape[2] == 4:
-        image = image[:, :, [2, 1, 0, 3]]
-    return np.ascontiguousarray(image)
+    """Decode PNG/JPEG/TIFF/BMP bytes to HxWxC (RGB order) keeping the bit depth (uint8 or uint16).
+    A multi-page TIFF is an error rather than its first page: see decode_pages."""
+    return _as_image(_decode(data, name, labels=False, all_pages=False)[0], name)
+
+
+def decode_pages(data: bytes, name: str = "<bytes>") -> list[np.ndarray]:
+    """Every page of a multi-page TIFF (thumbnails and pyramid levels are not pages), each as
+    decode_image returns it; one page for every other file."""
+    return [_as_image(page, name) for page in _decode(data, name, labels=False, all_pages=True)]
 
 
 def decode_mask(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Decode a label mask to HxW. Palette PNGs keep their palette indices (OpenCV would
-    expand them to colours); a colour mask is accepted only when its channels are equal."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        from PIL import Image
+    """Decode a label mask to HxW. Stored values are labels: palette PNGs and TIFFs keep their
+    palette indices (OpenCV would expand them to colours), a bilevel TIFF gives 0/1; a colour
+    mask is accepted only when its channels are equal."""
+    return _as_labels(_decode(data, name, labels=True, all_pages=False)[0], name)
 
-        try:
-            with Image.open(io.BytesIO(data)) as picture:
-                if picture.mode == "P":
-                    return np.asarray(picture, np.uint8)
-        except Exception:  # Pillow raises many types for a broken file
-            raise ImageReadError(f"{name}: not a decodable image (corrupt PNG)") from None
-    mask = decode_image(data, name)
-    if mask.shape[2] > 1:
-        colour = mask[:, :, :3]
-        if not (np.array_equal(colour[:, :, 0], colour[:, :, 1]) and np.array_equal(colour[:, :, 0], colour[:, :, 2])):
-            raise ImageReadError(f"{name}: colour-coded mask (channels differ); expected one channel of label values")
-    return mask[:, :, 0]
+
+def decode_mask_pages(data: bytes, name: str = "<bytes>") -> list[np.ndarray]:
+    """decode_mask for every page of a multi-page TIFF (see decode_pages)."""
+    return [_as_labels(page, name) for page in _decode(data, name, labels=True, all_pages=True)]
 
 
 def read_image(path: str | os.PathLike[str]) -> np.ndarray:
@@ -79,13 +68,111 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     return decode_image(data, str(path))
 
 
+def _decode(data: bytes, name: str, labels: bool, all_pages: bool) -> list[np.ndarray]:
+    if data[:4] in TIFF_SIGNATURES:
+        return _tiff_pages(data, name, labels, all_pages)
+    if labels and data[:8] == PNG_SIGNATURE:
+        indices = _png_palette_indices(data, name)
+        if indices is not None:
+            return [indices]
+    return [_opencv_decode(data, name)]
+
+
+def _as_image(image: np.ndarray, name: str) -> np.ndarray:
+    if image.dtype not in (np.uint8, np.uint16):
+        raise ImageReadError(f"{name}: unsupported pixel type {image.dtype}; expected 8- or 16-bit")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        raise ImageReadError(f"{name}: unsupported shape {image.shape}; expected 1, 3 or 4 channels")
+    return np.ascontiguousarray(image)
+
+
+def _as_labels(image: np.ndarray, name: str) -> np.ndarray:
+    mask = _as_image(image, name)
+    if mask.shape[2] > 1:
+        colour = mask[:, :, :3]
+        if not (np.array_equal(colour[:, :, 0], colour[:, :, 1]) and np.array_equal(colour[:, :, 0], colour[:, :, 2])):
+            raise ImageReadError(f"{name}: colour-coded mask (channels differ); expected one channel of label values")
+    return np.ascontiguousarray(mask[:, :, 0])
+
+
+def _swap_red_blue(image: np.ndarray) -> np.ndarray:
+    """RGB(A) <-> BGR(A), OpenCV's order; grey is returned as it is."""
+    if image.ndim == 3 and image.shape[2] == 3:
+        return image[:, :, ::-1]
+    if image.ndim == 3 and image.shape[2] == 4:
+        return image[:, :, [2, 1, 0, 3]]
+    return image
+
+
+def _opencv_decode(data: bytes, name: str) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+    if image is None:
+        raise ImageReadError(f"{name}: not a decodable image (corrupt or unsupported format)")
+    return _swap_red_blue(image)
+
+
+def _png_palette_indices(data: bytes, name: str) -> np.ndarray | None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as picture:
+            return np.asarray(picture, np.uint8) if picture.mode == "P" else None
+    except Exception:  # Pillow raises many types for a broken file
+        raise ImageReadError(f"{name}: not a decodable image (corrupt PNG)") from None
+
+
+def _tiff_pages(data: bytes, name: str, labels: bool, all_pages: bool) -> list[np.ndarray]:
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+            ifds = list(tiff.pages)
+            pages = [page for page in ifds if not (page.is_reduced or page.is_mask)]
+            if not pages:
+                raise ImageReadError(f"{name}: corrupt TIFF (no image in it)")
+            if len(pages) > 1 and not all_pages:
+                raise ImageReadError(f"{name}: multi-page TIFF ({len(pages)} pages); set dataset.multipage: expand to use every page")
+            decoded, by_opencv = [], None
+            for page in pages:
+                try:
+                    decoded.append(_tiff_page(page, labels))
+                except Exception as error:  # a codec tifffile lacks (its error says so) or a damaged page
+                    if by_opencv is None:
+                        by_opencv = _opencv_tiff_pages(data, name, len(ifds), error)
+                    decoded.append(by_opencv[page.index])
+            return decoded
+    except ImageReadError:
+        raise
+    except Exception as error:  # tifffile raises many types for a broken file
+        raise ImageReadError(f"{name}: corrupt TIFF ({error})") from None
+
+
+def _tiff_page(page: Any, labels: bool) -> np.ndarray:
+    """One page in RGB order and display values; for labels, the stored values."""
+    image = page.asarray()
+    if page.axes.startswith("S"):  # planar configuration "separate": samples first
+        image = np.moveaxis(image, 0, -1)
+    if labels:
+        return image.astype(np.uint8) if image.dtype == bool else image
+    if page.photometric == tifffile.PHOTOMETRIC.PALETTE and page.colormap is not None:
+        colour = np.moveaxis(page.colormap[:, image], 0, -1)
+        # TIFF colour maps are 16-bit; a few writers store 8-bit values (libtiff's test too)
+        image = (colour >> 8 if colour.max() > 255 else colour).astype(np.uint8)
+    elif page.photometric == tifffile.PHOTOMETRIC.MINISWHITE:
+        image = ~image if image.dtype == bool else (1 << page.bitspersample) - 1 - image
+    return image.astype(np.uint8) * 255 if image.dtype == bool else image
+
+
+def _opencv_tiff_pages(data: bytes, name: str, count: int, error: Exception) -> list[np.ndarray]:
+    ok, pages = cv2.imdecodemulti(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if not ok or len(pages) != count:
+        raise ImageReadError(f"{name}: cannot decode TIFF ({error}); the imagecodecs package adds TIFF codecs") from None
+    return [_swap_red_blue(page) for page in pages]
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """Lossless PNG of an HxWxC uint8/uint16 array in RGB(A) order."""
-    if image.ndim == 3 and image.shape[2] == 3:
-        image = image[:, :, ::-1]
-    elif image.ndim == 3 and image.shape[2] == 4:
-        image = image[:, :, [2, 1, 0, 3]]
-    ok, buffer = cv2.imencode(".png", image)
+    ok, buffer = cv2.imencode(".png", _swap_red_blue(image))
     if not ok:
         raise ValueError("PNG encoding failed")
     return buffer.tobytes()
