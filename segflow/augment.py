@@ -6,6 +6,7 @@ pipeline. Masks use nearest-neighbour interpolation, so class ids stay class ids
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 from typing import Any
 
@@ -60,9 +61,29 @@ def build_policy(spec: dict[str, dict[str, Any]], seed: int | None = None) -> A.
     return A.Compose(transforms, seed=seed)
 
 
-def apply_policy(policy: A.Compose | None, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Augment a float32 image in [0, 1] (HxWxC) and its uint8 mask (HxW)."""
+def example_seed(seed: int, epoch: int, filename: str) -> int:
+    """The augmentation seed of one example in one epoch: a function of the data alone, so
+    the draws do not depend on which thread or in which order the example is processed."""
+    digest = hashlib.sha256(f"{seed}:{epoch}:{filename}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def seed_policy(transform: Any, seed: int) -> None:
+    """Give every transform of a (nested) policy its own random stream derived from `seed`.
+    albumentations' own `set_random_seed` hands all children the same seed, which makes
+    e.g. HorizontalFlip and VerticalFlip with equal p always fire together."""
+    transform.set_random_seed(seed)
+    children = getattr(transform, "transforms", [])
+    for child, child_seed in zip(children, np.random.SeedSequence(seed).generate_state(len(children))):
+        seed_policy(child, int(child_seed))
+
+
+def apply_policy(policy: A.Compose | None, image: np.ndarray, mask: np.ndarray, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Augment a float32 image in [0, 1] (HxWxC) and its uint8 mask (HxW); with `seed`, the
+    draws are reproducible (the caller must not share `policy` between threads then)."""
     if policy is None:
         return image, mask
+    if seed is not None:
+        seed_policy(policy, seed)
     out = policy(image=image, mask=mask)
     return np.ascontiguousarray(out["image"], np.float32), np.ascontiguousarray(out["mask"], np.uint8)

@@ -1,21 +1,42 @@
-"""Evaluate any model-size predictor on a split: the evaluator and every export use this."""
+"""Evaluate any mask predictor on a split: the evaluator and every export use this."""
 from __future__ import annotations
 
 import os
 from typing import Any
 
+import numpy as np
+
 from segflow.examples import iter_split
 from segflow.metrics import ConfusionMatrix
-from segflow.serving import FixedSizePredictor, ServingSpec, predict_image
+from segflow.serving import MaskPredictor, ServingSpec
 
 
-def evaluate(predict: FixedSizePredictor, examples_dir: str | os.PathLike[str], split: str, spec: ServingSpec) -> dict[str, Any]:
-    """Dataset-level metrics at each image's original resolution (masks are never resized)."""
+def evaluate(
+    predict: MaskPredictor,
+    examples_dir: str | os.PathLike[str],
+    split: str,
+    spec: ServingSpec,
+    reference: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Dataset-level metrics at each image's original resolution (masks are never resized).
+    With `reference` (file name -> mask of the served model), also the share of pixels on
+    which this predictor agrees with it: how much an export changes what users get."""
     matrix = ConfusionMatrix(len(spec.class_names), spec.ignore_index)
-    count = 0
+    count = agreeing = compared = 0
     for example in iter_split(examples_dir, split):
-        matrix.update(example.mask, predict_image(predict, example.image, example.bit_depth, spec.shape))
+        mask = predict(example.image)
+        matrix.update(example.mask, mask)
         count += 1
+        if reference is not None:
+            agreeing += int((reference[example.filename] == mask).sum())
+            compared += mask.size
     report = matrix.report(list(spec.class_names))
     report["examples"] = count
+    if reference is not None:
+        report["agreement"] = agreeing / max(compared, 1)
     return report
+
+
+def predict_split(predict: MaskPredictor, examples_dir: str | os.PathLike[str], split: str) -> dict[str, np.ndarray]:
+    """File name -> predicted mask for every example of a split (the reference for exports)."""
+    return {example.filename: predict(example.image) for example in iter_split(examples_dir, split)}

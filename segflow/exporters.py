@@ -1,8 +1,10 @@
 """Export formats: a capability table (Ultralytics style), each entry able to build its
 artifact from the served SavedModel and to load it back for the parity check.
 
-Every format produces a model-size predictor (float32 pixels in [0,1] -> probabilities),
-so the same evaluation code measures each export on the eval split.
+Every format loads back as a mask predictor (raw image in, class ids out) built from
+its own runtime and the one preprocessing path (segflow.preprocessing), so the same
+evaluation code measures each export on the eval split and compares it with
+`serving_default`.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from segflow.registry import EXPORT_FORMATS
-from segflow.serving import FixedSizePredictor, saved_model_predictor
+from segflow.serving import FixedSizePredictor, MaskPredictor, ServingSpec, fixed_size_mask_predictor, serving_mask_predictor
 
 RepresentativeData = Callable[[], Iterator[list[np.ndarray]]]
 
@@ -31,7 +33,7 @@ class ExportFormat:
     runtime: str
     needs_representative_data: bool
     build: Callable[[Path, Path, RepresentativeData | None], None]
-    load: Callable[[Path], FixedSizePredictor]
+    load: Callable[[Path, ServingSpec], MaskPredictor]
     description: str
 
 
@@ -75,7 +77,15 @@ def _tflite_builder(quantization: str) -> Callable[[Path, Path, RepresentativeDa
     return build
 
 
-def load_tflite(path: Path) -> FixedSizePredictor:
+def load_tflite(path: Path, spec: ServingSpec) -> MaskPredictor:
+    return fixed_size_mask_predictor(tflite_predictor(path), spec.shape)
+
+
+def load_saved_model(path: Path, _: ServingSpec) -> MaskPredictor:
+    return serving_mask_predictor(path)
+
+
+def tflite_predictor(path: Path) -> FixedSizePredictor:
     """A LiteRT interpreter wrapped as a float predictor (quantizes input, dequantizes output)."""
     from ai_edge_litert.interpreter import Interpreter
 
@@ -106,8 +116,8 @@ def load_tflite(path: Path) -> FixedSizePredictor:
 register(
     ExportFormat(
         "saved_model", "saved_model", "float32", "TensorFlow / TF Serving", False, _copy_saved_model,
-        saved_model_predictor,
-        "TensorFlow SavedModel: raw uint8 images of any size in, mask out (TF Serving, Vertex AI)",
+        load_saved_model,
+        "TensorFlow SavedModel: raw uint8/uint16 images of any size in, mask out (TF Serving, Vertex AI)",
     )
 )
 for _name, _quantization, _representative, _doc in (

@@ -6,6 +6,8 @@ never leaves a half-written folder that a later step could mistake for a result.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import io
 import json
 import math
@@ -191,18 +193,46 @@ def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
     return np.round(luma)[:, :, None].astype(image.dtype)
 
 
+_RENAME_EXCHANGE = 2  # renameat2 flag (linux/fs.h): swap two paths in one atomic step
+_AT_FDCWD = -100
+
+
+def exchange_paths(first: Path, second: Path) -> None:
+    """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE). Raises OSError
+    where the kernel or file system cannot do it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available in this C library")
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) != 0:
+        number = ctypes.get_errno()
+        raise OSError(number, f"cannot exchange {first} and {second}: {os.strerror(number)}")
+
+
+def commit_dir(fresh: Path, target: Path) -> None:
+    """Publish the finished folder `fresh` as `target`, never deleting `target` first: either
+    one rename (no previous version), or an atomic exchange with the previous version, which
+    is deleted only once the new one is in place. Readers see the old or the new, never none."""
+    fresh.chmod(0o755)
+    try:
+        os.rename(fresh, target)  # fails if target is a non-empty folder
+        return
+    except OSError as error:
+        if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+            raise
+    exchange_paths(fresh, target)
+    shutil.rmtree(fresh)  # now holds the previous version
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary directory that replaces `target` only if the block succeeds."""
+    """Yield a temporary directory that becomes `target` only if the block succeeds."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         yield temporary
-        temporary.chmod(0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(temporary, target)
+        commit_dir(temporary, target)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise

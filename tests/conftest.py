@@ -44,19 +44,30 @@ def make_config(tiny_data: Path) -> Callable[..., ExperimentConfig]:
     return make
 
 
-@pytest.fixture(scope="session")
-def trained(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """ExampleGen -> Transform -> Trainer (1 epoch) on the tiny dataset, run once per session."""
+def train_cores(config: ExperimentConfig, root: Path) -> dict[str, Any]:
+    """ExampleGen -> StatisticsGen -> SchemaGen -> Transform -> Trainer cores into `root`."""
     from segflow.components.example_gen import core as example_gen
+    from segflow.components.schema_gen import core as schema_gen
+    from segflow.components.statistics_gen import core as statistics_gen
     from segflow.components.trainer import core as trainer
     from segflow.components.transform import core as transform
 
-    root = tmp_path_factory.mktemp("trained")
-    config = validate_config(tiny_raw_config(tiny_data))
     example_gen.run(config, root / "examples")
-    transform.run(config, root / "examples", root / "transform")
+    statistics_gen.run(config, root / "examples", root / "statistics")
+    schema_gen.run(config, root / "statistics", root / "schema")
+    transform.run(config, root / "examples", root / "schema", root / "transform")
     trainer.run(config, root / "examples", root / "transform", root / "model", root / "model_run")
-    return {"config": config, "root": root, "examples": root / "examples", "transform": root / "transform", "model": root / "model", "model_run": root / "model_run"}
+    return {
+        "config": config,
+        "root": root,
+        **{name: root / name for name in ("examples", "statistics", "schema", "transform", "model", "model_run")},
+    }
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The whole training path (1 epoch) on the tiny dataset, run once per session."""
+    return train_cores(validate_config(tiny_raw_config(tiny_data)), tmp_path_factory.mktemp("trained"))
 
 
 def require_dataset(name: str) -> Path:

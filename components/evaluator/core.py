@@ -1,7 +1,8 @@
 """Evaluator: per-class metrics of the trained model on the eval split, and the blessing.
 
-The model is evaluated through its served SavedModel (TFT graph included) at each
-image's original size, so the figures are what a user of the export will get.
+The model is evaluated through `serving_default`, the signature users call (raw pixels
+in, mask out, preprocessing and TFT graph inside), at each image's original size, so the
+figures are what a user of the served model gets.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from segflow.config import ExperimentConfig
 from segflow.evaluation import evaluate
 from segflow.io import atomic_dir, read_json, write_json
 from segflow.runtime import log
-from segflow.serving import SERVING_SUBDIR, ServingSpec, saved_model_predictor
+from segflow.serving import SERVING_SUBDIR, ServingSpec, serving_mask_predictor
 
 METRICS_FILE = "metrics.json"
 BLESSED, NOT_BLESSED = "BLESSED", "NOT_BLESSED"
@@ -27,7 +28,7 @@ def run(
     blessing_dir: str | os.PathLike[str],
 ) -> dict[str, Any]:
     serving = Path(model_dir) / SERVING_SUBDIR
-    report = evaluate(saved_model_predictor(serving), examples_dir, "eval", ServingSpec.load(serving))
+    report = evaluate(serving_mask_predictor(serving), examples_dir, "eval", ServingSpec.load(serving))
     threshold = config.evaluation.min_mean_iou
     blessed = report["mean_iou"] is not None and report["mean_iou"] >= threshold
     with atomic_dir(metrics_dir) as out:

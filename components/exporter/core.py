@@ -2,6 +2,8 @@
 own runtime and re-evaluated on the eval split (the parity check of quantization)."""
 from __future__ import annotations
 
+import hashlib
+import heapq
 import os
 import time
 from pathlib import Path
@@ -10,26 +12,27 @@ from typing import Any, Iterator
 import numpy as np
 
 from segflow.config import ExperimentConfig
-from segflow.evaluation import evaluate
+from segflow.evaluation import evaluate, predict_split
 from segflow.examples import iter_split
 from segflow.exporters import ExportFormat, RepresentativeData
 from segflow.io import atomic_dir, read_json, write_json
 from segflow.registry import EXPORT_FORMATS
 from segflow.runtime import log
-from segflow.serving import SERVING_SUBDIR, ServingSpec, model_input
+from segflow.preprocessing import model_pixels_numpy
+from segflow.serving import SERVING_SUBDIR, ServingSpec, serving_mask_predictor
 
 EXPORTS_FILE = "exports.json"
 REPRESENTATIVE_EXAMPLES = 64
 
 
 def representative_data(examples_dir: str | os.PathLike[str], shape: tuple[int, int, int], limit: int = REPRESENTATIVE_EXAMPLES) -> list[np.ndarray]:
-    """Train images prepared exactly as the `fixed_size` signature expects them."""
-    samples = []
-    for example in iter_split(examples_dir, "train"):
-        samples.append(model_input(example.image, example.bit_depth, shape))
-        if len(samples) == limit:
-            break
-    return samples
+    """Train images prepared exactly as the `fixed_size` signature expects them. The
+    calibration set is the `limit` examples with the smallest hash of their file name: the
+    same set whatever order the records are in, and a spread sample of the split."""
+    chosen = heapq.nsmallest(
+        limit, ((hashlib.sha256(example.filename.encode()).hexdigest(), example) for example in iter_split(examples_dir, "train")), key=lambda item: item[0]
+    )
+    return [model_pixels_numpy(example.image, shape) for _, example in chosen]
 
 
 def _as_generator(samples: list[np.ndarray]) -> RepresentativeData:
@@ -56,6 +59,7 @@ def run(
     spec = ServingSpec.load(serving)
     samples: list[np.ndarray] | None = None
     results: dict[str, Any] = {}
+    served = predict_split(serving_mask_predictor(serving), examples_dir, "eval")
     with atomic_dir(exports_dir) as out:
         for name in config.export:
             export: ExportFormat = EXPORT_FORMATS.get(name)
@@ -66,7 +70,7 @@ def run(
                 representative = _as_generator(samples)
             target = out / export.file_name
             export.build(serving, target, representative)
-            report = evaluate(export.load(target), examples_dir, "eval", spec)
+            report = evaluate(export.load(target, spec), examples_dir, "eval", spec, reference=served)
             results[name] = {
                 "path": str(Path(exports_dir) / export.file_name),
                 "bytes": _size(target),
@@ -74,9 +78,10 @@ def run(
                 "runtime": export.runtime,
                 "mean_iou": report["mean_iou"],
                 "per_class_iou": report["per_class_iou"],
+                "agreement_with_serving": report["agreement"],
                 "seconds": round(time.perf_counter() - started, 2),
             }
-            log(f"exporter: {name}: {results[name]['bytes'] / 1e6:.2f} MB, eval mean IoU {report['mean_iou']:.4f}")
+            log(f"exporter: {name}: {results[name]['bytes'] / 1e6:.2f} MB, eval mean IoU {report['mean_iou']:.4f}, agrees with serving_default on {report['agreement']:.2%} of pixels")
         write_json(out / EXPORTS_FILE, results)
     return results
 

@@ -21,26 +21,38 @@ import tensorflow as tf
 from segflow.config import ExperimentConfig
 from segflow.examples import deserialize, split_files
 from segflow.io import atomic_dir, write_json
+from segflow.preprocessing import PixelSpec, model_pixels_numpy, scale_pixels
 from segflow.runtime import beam_options, log
 
 RAW_FEATURE = "image"
 TRANSFORMED_FEATURE = "image_xf"
 NORMALIZATION_FILE = "normalization.json"
-MIN_SPREAD = 1e-3  # keeps a constant channel from dividing by zero
 
 
-def model_pixels(record: bytes, shape: list[int]) -> np.ndarray:
-    """An example's image as the model sees it before normalisation (HxWxC at the model
-    size, [0, 1]), so that the statistics are those of the trainer's and server's inputs."""
-    from segflow.serving import model_input
-
+def scaled_model_pixels(record: bytes, shape: list[int], pixels: PixelSpec) -> np.ndarray:
+    """An example's image as the network's input sees it before normalisation (HxWxC at the
+    model size, scaled to [0, 1]), so that the statistics are those of training and serving."""
     example = deserialize(record)
-    return model_input(example.image, example.bit_depth, shape)[0]
+    return scale_pixels(model_pixels_numpy(example.image, shape), pixels.value_max).numpy()[0]
 
 
-def make_preprocessing_fn(normalization: str) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
-    """Per-channel (x - mean) / std ('standard') or (x - min) / (max - min) ('minmax')."""
+def pixel_spec(schema_dir: str | os.PathLike[str]) -> PixelSpec:
+    """The value range every later step scales by, read from the schema (so a retraining run
+    with `validation.schema` keeps the scale its predecessor was trained with)."""
+    from segflow.components.schema_gen.core import read_schema, value_max
+
+    schema = read_schema(schema_dir)
+    depths = {feature.name: feature.int_domain for feature in schema.feature}["bit_depth"]
+    return PixelSpec.from_domain(depths.max, value_max(schema))
+
+
+def make_preprocessing_fn(normalization: str, value_max: float) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
+    """Per-channel (x - mean) / std ('standard') or (x - min) / (max - min) ('minmax').
+    The spread's floor is one raw count, so a constant channel cannot divide by zero while
+    a narrow-range channel is still normalised by its real spread."""
     import tensorflow_transform as tft
+
+    min_spread = 1.0 / value_max
 
     def preprocessing_fn(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         image = inputs[RAW_FEATURE]
@@ -52,12 +64,12 @@ def make_preprocessing_fn(normalization: str) -> Callable[[dict[str, tf.Tensor]]
         else:
             offset = tft.min(tf.reduce_min(image, axis=[1, 2]), reduce_instance_dims=False)
             spread = tft.max(tf.reduce_max(image, axis=[1, 2]), reduce_instance_dims=False) - offset
-        return {TRANSFORMED_FEATURE: (image - offset) / tf.maximum(spread, MIN_SPREAD)}
+        return {TRANSFORMED_FEATURE: (image - offset) / tf.maximum(spread, min_spread)}
 
     return preprocessing_fn
 
 
-def analyze(config: ExperimentConfig, examples_dir: str | os.PathLike[str], output_dir: str | os.PathLike[str]) -> None:
+def analyze(config: ExperimentConfig, pixels: PixelSpec, examples_dir: str | os.PathLike[str], output_dir: str | os.PathLike[str]) -> None:
     """Run the TFT analyzers over the train split with Beam and write the transform graph."""
     import apache_beam as beam
     import tensorflow_transform.beam as tft_beam
@@ -75,9 +87,9 @@ def analyze(config: ExperimentConfig, examples_dir: str | os.PathLike[str], outp
                 pipeline
                 | "TrainFiles" >> beam.Create(split_files(examples_dir, "train"))
                 | "Read" >> beam.io.ReadAllFromTFRecord(compression_type=beam.io.filesystem.CompressionTypes.GZIP)
-                | "ModelPixels" >> beam.Map(lambda record: {RAW_FEATURE: model_pixels(record, config.shape)})
+                | "ModelPixels" >> beam.Map(lambda record: {RAW_FEATURE: scaled_model_pixels(record, config.shape, pixels)})
             )
-            transform_fn = (images, metadata) | "Analyze" >> tft_beam.AnalyzeDataset(make_preprocessing_fn(config.normalization))
+            transform_fn = (images, metadata) | "Analyze" >> tft_beam.AnalyzeDataset(make_preprocessing_fn(config.normalization, pixels.value_max))
             _ = transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(str(output_dir))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -89,7 +101,7 @@ def _analyze_and_exit(examples_dir: str, output_dir: str) -> None:
     finished step into a failed one; the child leaves with os._exit once its output is
     written, skipping that teardown."""
     try:
-        analyze(ExperimentConfig.from_json(sys.stdin.read()), examples_dir, output_dir)
+        analyze(ExperimentConfig.from_json(sys.stdin.read()), PixelSpec.load(output_dir), examples_dir, output_dir)
     except BaseException:
         traceback.print_exc()
         sys.stderr.flush()
@@ -99,14 +111,18 @@ def _analyze_and_exit(examples_dir: str, output_dir: str) -> None:
     os._exit(0)
 
 
-def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str], transform_dir: str | os.PathLike[str]) -> dict[str, Any]:
+def run(
+    config: ExperimentConfig, examples_dir: str | os.PathLike[str], schema_dir: str | os.PathLike[str], transform_dir: str | os.PathLike[str]
+) -> dict[str, Any]:
+    pixels = pixel_spec(schema_dir)
     with atomic_dir(transform_dir) as out:
+        pixels.save(out)  # the child process reads it; the Trainer puts it in the serving spec
         child = subprocess.run([sys.executable, "-m", __name__, str(examples_dir), str(out)], input=config.to_json(), text=True, check=False)
         if child.returncode != 0:
             raise RuntimeError(f"TFT analysis failed (exit code {child.returncode}); see the traceback above")
         normalization = affine_parameters(str(out), config)
         write_json(out / NORMALIZATION_FILE, normalization)
-    log(f"transform: {config.normalization} normalisation, offset {np.round(normalization['offset'], 4).tolist()}, scale {np.round(normalization['scale'], 4).tolist()}")
+    log(f"transform: {pixels.input_dtype} images, value range 0..{pixels.value_max:g}, {config.normalization} normalisation, offset {np.round(normalization['offset'], 4).tolist()}, scale {np.round(normalization['scale'], 4).tolist()}")
     return normalization
 
 
