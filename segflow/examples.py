@@ -6,26 +6,110 @@ its mask as a PNG of class ids, and the facts a later step needs without decodin
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from segflow.io import read_json, write_json
+
 SPLITS = ("train", "eval")
 SHARD_PATTERN = "data-*.tfrecord.gz"
+FINGERPRINT_FILE = "fingerprint.json"
 
 
 def split_dir(examples_dir: str | os.PathLike[str], split: str) -> Path:
     return Path(examples_dir) / f"Split-{split}"
 
 
-def assign_split(file_stem: str, eval_split: float) -> str:
-    """Deterministic split by a hash of the file name: stable across runs and machines,
-    and adding files never moves an existing file to the other split."""
-    bucket = int.from_bytes(hashlib.sha256(file_stem.encode()).digest()[:8], "big") / 2**64
-    return "eval" if bucket < eval_split else "train"
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def group_key(stem: str, group_by: str | None) -> str:
+    """The group a file stem belongs to: the first match of `group_by` (its group 1 if the
+    pattern has a capture group); without a pattern or a match, the stem is its own group."""
+    match = re.search(group_by, stem) if group_by else None
+    if match is None:
+        return stem
+    return match.group(1) if match.re.groups else match.group(0)
+
+
+def assign_splits(stems: list[str], eval_split: float, group_by: str | None = None) -> dict[str, str]:
+    """The one place a split is decided: stem -> 'train' | 'eval'.
+
+    Groups (see `group_key`; without `group_by` every stem is its own group) are ranked by
+    the sha256 of their key and walked in that order; a group goes to eval when it brings the
+    eval count closer to round(n * eval_split), kept within 1..n-1. Without `group_by` that
+    makes the eval share exact. Each split gets at least one group: if the walk leaves a split
+    empty, the smallest group (first in hash order) moves there. Stable across runs and machines.
+    """
+    n = len(stems)
+    if n < 2:
+        raise ValueError(f"cannot split {n} example(s) into train and eval (eval_split {eval_split}): at least 2 are needed")
+    groups: dict[str, list[str]] = {}
+    for stem in stems:
+        groups.setdefault(group_key(stem, group_by), []).append(stem)
+    if len(groups) < 2:
+        raise ValueError(f"dataset.group_by {group_by!r} puts all {n} examples in one group {next(iter(groups))!r}: train and eval need 2 groups at least")
+    target = min(max(round(n * eval_split), 1), n - 1)
+    order = sorted(groups, key=_digest)
+    chosen: list[str] = []
+    count = 0
+    for key in order:
+        if abs(count + len(groups[key]) - target) < abs(count - target):
+            chosen.append(key)
+            count += len(groups[key])
+    if not chosen:
+        chosen = [min(order, key=lambda key: len(groups[key]))]
+    elif len(chosen) == len(order):
+        chosen.remove(min(chosen, key=lambda key: len(groups[key])))
+    eval_keys = set(chosen)
+    return {stem: "eval" if key in eval_keys else "train" for key, members in groups.items() for stem in members}
+
+
+def shard_name(index: int, count: int) -> str:
+    """File name of shard `index` of `count` in a split folder (matches SHARD_PATTERN)."""
+    return f"data-{index:05d}-of-{count:05d}.tfrecord.gz"
+
+
+def write_shard(path: str | os.PathLike[str], records: Iterable[bytes]) -> None:
+    """One GZIP TFRecord shard, written in the order given (its bytes depend only on the records)."""
+    import tensorflow as tf
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    partial = f"{os.fspath(path)}.partial"
+    with tf.io.TFRecordWriter(partial, options="GZIP") as writer:
+        for record in records:
+            writer.write(record)
+    os.replace(partial, path)
+
+
+def count_records(path: str | os.PathLike[str]) -> int:
+    import tensorflow as tf
+
+    return sum(1 for _ in tf.data.TFRecordDataset(os.fspath(path), compression_type="GZIP"))
+
+
+def write_fingerprint(examples_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """`fingerprint.json`: the sha256 of every shard by relative path, and one digest over them all."""
+    root = Path(examples_dir)
+    shards = {
+        Path(file).relative_to(root).as_posix(): hashlib.sha256(Path(file).read_bytes()).hexdigest()
+        for split in SPLITS
+        for file in split_files(root, split)
+    }
+    fingerprint = {"sha256": _digest(json.dumps(shards, sort_keys=True)), "shards": shards}
+    write_json(root / FINGERPRINT_FILE, fingerprint)
+    return fingerprint
+
+
+def read_fingerprint(examples_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    return read_json(Path(examples_dir) / FINGERPRINT_FILE)
 
 
 @dataclass(frozen=True)

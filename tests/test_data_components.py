@@ -17,7 +17,7 @@ from segflow.components.example_validator import core as example_validator
 from segflow.components.schema_gen import core as schema_gen
 from segflow.components.statistics_gen import core as statistics_gen
 from segflow.config import ExperimentConfig, validate_config
-from segflow.examples import assign_split, iter_split
+from segflow.examples import assign_splits, iter_split
 from segflow.io import encode_png
 
 
@@ -75,7 +75,7 @@ def test_formats_bit_depths_mask_values_and_more_quarantine_reasons(tmp_path: Pa
     reasons = _quarantine(tmp_path / "examples")
     assert set(reasons) == {"small.png", "orphan.png", "notes.txt"}
     assert "is 8x8 but mask" in reasons["small.png"] and "no image" in reasons["orphan.png"] and "unsupported file type" in reasons["notes.txt"]
-    assert counts == {"examples_in": 15, "examples_written": 12, "quarantined": 3, "train_examples": counts["train_examples"], "eval_examples": counts["eval_examples"]}
+    assert counts == {"examples_in": 15, "examples_written": 12, "quarantined": 3, "skipped": 0, "train_examples": counts["train_examples"], "eval_examples": counts["eval_examples"]}
     examples = {e.filename: e for split in ("train", "eval") for e in iter_split(tmp_path / "examples", split)}
     assert examples["t0.tif"].image.dtype == np.uint16 and examples["t0.tif"].bit_depth == 16
     assert examples["j0.jpg"].image.shape == (16, 16, 3)
@@ -83,9 +83,9 @@ def test_formats_bit_depths_mask_values_and_more_quarantine_reasons(tmp_path: Pa
 
 
 def test_split_is_a_deterministic_hash_of_the_name() -> None:
-    assert assign_split("image-17", 0.2) == assign_split("image-17", 0.2)
-    share = np.mean([assign_split(f"f{i}", 0.2) == "eval" for i in range(2000)])
-    assert 0.17 < share < 0.23
+    stems = [f"f{i}" for i in range(2000)]
+    assert assign_splits(stems, 0.2) == assign_splits(list(reversed(stems)), 0.2)
+    assert np.mean([split == "eval" for split in assign_splits(stems, 0.2).values()]) == 0.2
 
 
 def test_no_usable_example_is_a_clear_error(tmp_path: Path, make_config: Callable[..., ExperimentConfig]) -> None:

@@ -25,7 +25,7 @@ def test_isbi2012_int8_within_002_of_float(tmp_path: Path, monkeypatch: pytest.M
     run = tmp_path / "isbi"
     assert main(["run", "pipelines/configs/isbi2012.yaml", "-o", str(run), "--set", f"push.registry={tmp_path / 'registry'}"]) == 0
     summary = _summary(run)
-    assert summary["counts"] == {"examples_in": 30, "examples_written": 30, "quarantined": 0, "train_examples": summary["counts"]["train_examples"], "eval_examples": summary["counts"]["eval_examples"]}
+    assert summary["counts"] == {"examples_in": 30, "examples_written": 30, "quarantined": 0, "skipped": 0, "train_examples": summary["counts"]["train_examples"], "eval_examples": summary["counts"]["eval_examples"]}
     float_iou = summary["metrics"]["eval"]["mean_iou"]
     assert float_iou > 0.6, "a U-Net should separate membranes from cell interiors"
     assert abs(summary["exports"]["tflite_int8"]["mean_iou"] - float_iou) <= 0.02

@@ -1,48 +1,90 @@
 """ExampleGen: folders of images and masks -> Split-train/Split-eval TFRecords + quarantine.
 
-Pairs images and masks by file stem, decodes and checks each pair in an Apache Beam
-pipeline (DirectRunner, one worker per core) and writes GZIP TFRecord shards of
-tf.train.Example. Nothing is lost: every input file is either in a written example
-or in `quarantine.jsonl` with its reason.
+Pairs images and masks by file stem, decides every pair's split once before Beam
+(`segflow.examples.assign_splits`: exact eval share, optional `dataset.group_by`), decodes
+and checks each pair in an Apache Beam pipeline (DirectRunner, one worker per core) and
+writes GZIP TFRecord shards of tf.train.Example.
+
+Reproducible: a split's shard count depends only on its size, a pair's shard on its stem's
+rank, and each shard is written sorted by stem, so the shards are byte-identical on every
+run; `fingerprint.json` holds their sha256 digests (`segflow.examples.read_fingerprint`).
+
+Accounted for: every input file is either in a written example or in `quarantine.jsonl`
+with its reason, and `examples_in = examples_written + quarantined` is checked on the
+shards actually written (`AccountingError` otherwise). Entries of the image and mask folders
+that are not inputs (hidden files, subfolders) are listed in `skipped.jsonl` with a reason and
+`"skipped": true`, and counted as `skipped` in counts.json; they are not in `examples_in`.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from segflow.config import ExperimentConfig
-from segflow.examples import SPLITS, SegmentationExample, assign_split, serialize, split_dir
+from segflow.examples import (
+    SPLITS,
+    SegmentationExample,
+    assign_splits,
+    count_records,
+    group_key,
+    serialize,
+    shard_name,
+    split_dir,
+    split_files,
+    write_fingerprint,
+    write_shard,
+)
 from segflow.io import IMAGE_SUFFIXES, ImageReadError, atomic_dir, decode_image, decode_mask, read_json, write_json
 from segflow.runtime import beam_options, log
 
 QUARANTINE_FILE = "quarantine.jsonl"
+SKIPPED_FILE = "skipped.jsonl"
 COUNTS_FILE = "counts.json"
+BEAM_SCRATCH = ".beam"  # Beam's temporary files and side outputs, inside the artifact; removed before commit
+QUARANTINE = "quarantine"
+PAGES = "pages"
+EXAMPLES_PER_SHARD = 128
+MAX_SHARDS = 64
 
 
 class NoUsableExamplesError(RuntimeError):
     """Every input was quarantined (or there was no input)."""
 
 
-def _listing(folder: Path) -> dict[str, list[Path]]:
+class AccountingError(RuntimeError):
+    """examples_in != examples_written + quarantined: an example was lost or written twice."""
+
+
+def _listing(folder: Path, skipped: list[dict[str, Any]] | None = None) -> dict[str, list[Path]]:
+    """Files by stem; hidden entries and subfolders are appended to `skipped` with a reason."""
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a folder (check dataset.images / dataset.masks)")
     stems: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and not path.name.startswith("."):
+        if path.name.startswith("."):
+            reason = "hidden entry (name starts with '.')"
+        elif not path.is_file():
+            reason = "not a file (subfolders are not read)"
+        else:
             stems.setdefault(path.stem, []).append(path)
+            continue
+        if skipped is not None:
+            skipped.append({"file": str(path), "reason": reason, "skipped": True})
     return stems
 
 
-def pair_files(images_dir: Path, masks_dir: Path) -> tuple[list[tuple[str, str, str]], list[dict[str, str]]]:
-    """(stem, image, mask) pairs, and quarantine entries for files that cannot be paired."""
-    images, masks = _listing(images_dir), _listing(masks_dir)
-    pairs, quarantined = [], []
+def pair_files(images_dir: Path, masks_dir: Path) -> tuple[list[tuple[str, str, str]], list[dict[str, Any]]]:
+    """(stem, image, mask) pairs, and quarantine entries for files that cannot be paired;
+    entries with `"skipped": True` are hidden files and subfolders (not examples)."""
+    quarantined: list[dict[str, Any]] = []
+    images, masks = _listing(images_dir, quarantined), _listing(masks_dir, quarantined)
+    pairs = []
 
     def usable(stem: str, paths: list[Path], role: str) -> Path | None:
         supported = [path for path in paths if path.suffix.lower() in IMAGE_SUFFIXES]
@@ -82,7 +124,7 @@ def label_lookup(config: ExperimentConfig) -> np.ndarray:
 
 
 def process_pair(pair: tuple[str, str, str], config: ExperimentConfig, table: np.ndarray) -> tuple[str, Any]:
-    """('train'|'eval', serialized example) or ('quarantine', entry)."""
+    """('example', serialized example) or ('quarantine', entry)."""
     stem, image_path, mask_path = pair
     try:
         image = decode_image(Path(image_path).read_bytes(), image_path)
@@ -104,90 +146,145 @@ def process_pair(pair: tuple[str, str, str], config: ExperimentConfig, table: np
         shown = ", ".join(str(v) for v in bad[:10]) + (" ..." if len(bad) > 10 else "")
         return "quarantine", {"file": mask_path, "reason": f"mask values {shown} not in {allowed} (ignore_index {config.ignore_index})"}
     example = SegmentationExample(filename=Path(image_path).name, image=image, mask=mapped.astype(np.uint8))
-    return assign_split(stem, config.dataset.eval_split), serialize(example)
+    return "example", serialize(example)
 
 
 class DecodeCheckSerialize:
-    """Beam step: one pair in, ('train'|'eval', example bytes) or ('quarantine', entry) out.
-    The 64k-entry label table is built once per worker, not once per example."""
+    """Beam step: ((split, shard), pair) in; ((split, shard), ((stem, page), example bytes)) out,
+    a quarantine entry on the QUARANTINE output, and on the PAGES output how many examples
+    more than one the pair expanded into (multi-page TIFFs). The 64k-entry label table is
+    built once per worker, not once per example."""
 
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
         self.table: np.ndarray | None = None
 
-    def __call__(self, pair: tuple[str, str, str]) -> tuple[str, Any]:
+    def __call__(self, item: tuple[tuple[str, int], tuple[str, str, str]]) -> Iterator[Any]:
+        from apache_beam import pvalue
+
         if self.table is None:
             self.table = label_lookup(self.config)
-        return process_pair(pair, self.config, self.table)
+        shard, pair = item
+        result = process_pair(pair, self.config, self.table)
+        results = result if isinstance(result, list) else [result]
+        if len(results) > 1:
+            yield pvalue.TaggedOutput(PAGES, len(results) - 1)
+        for page, (kind, value) in enumerate(results):
+            yield pvalue.TaggedOutput(QUARANTINE, value) if kind == "quarantine" else (shard, ((pair[0], page), value))
+
+
+def plan_shards(pairs: list[tuple[str, str, str]], splits: dict[str, str]) -> tuple[list[tuple[tuple[str, int], tuple[str, str, str]]], dict[str, int]]:
+    """Each pair keyed by (split, shard): a split's stems in name order dealt round-robin over
+    a shard count that depends only on the split's size. Returns the keyed pairs and the counts."""
+    ranked = {split: sorted(stem for stem, name in splits.items() if name == split) for split in SPLITS}
+    shard_counts = {split: max(1, min(MAX_SHARDS, math.ceil(len(stems) / EXAMPLES_PER_SHARD))) for split, stems in ranked.items()}
+    rank = {stem: index for stems in ranked.values() for index, stem in enumerate(stems)}
+    keyed = [((splits[pair[0]], rank[pair[0]] % shard_counts[splits[pair[0]]]), pair) for pair in pairs]
+    return keyed, shard_counts
+
+
+def write_split_shard(group: tuple[tuple[str, int], Iterable[tuple[tuple[str, int], bytes]]], examples_dir: str, shard_counts: dict[str, int]) -> None:
+    """Beam step: one (split, shard) group, sorted by (stem, page), written as one shard."""
+    (split, index), items = group
+    write_shard(split_dir(examples_dir, split) / shard_name(index, shard_counts[split]), (record for _, record in sorted(items)))
 
 
 def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str]) -> dict[str, int]:
     """Write the Examples artifact to `examples_dir`; return the counts for summary.json."""
     import apache_beam as beam
 
-    pairs, quarantined = pair_files(Path(config.dataset.images), Path(config.dataset.masks))
-    log(f"example_gen: {len(pairs)} image/mask pairs, {len(quarantined)} unpairable files")
-    scratch = Path(tempfile.mkdtemp(prefix="segflow-beam-"))
+    pairs, listed = pair_files(Path(config.dataset.images), Path(config.dataset.masks))
+    skipped = _sorted_entries([entry for entry in listed if entry.get("skipped")])
+    unpaired = [entry for entry in listed if not entry.get("skipped")]
+    log(f"example_gen: {len(pairs)} image/mask pairs, {len(unpaired)} unpairable files, {len(skipped)} skipped entries")
     try:
-        with atomic_dir(examples_dir) as out:
-            options = beam_options(config.beam.running_mode, config.beam.num_workers, scratch)
-            with beam.Pipeline(options=options) as pipeline:
-                tagged = (
-                    pipeline
-                    | "Pairs" >> beam.Create(pairs, reshuffle=True)
-                    | "DecodeCheckSerialize" >> beam.Map(DecodeCheckSerialize(config))
-                )
-                for split in SPLITS:
-                    (
-                        tagged
-                        | f"Only{split}" >> beam.Filter(lambda item, name=split: item[0] == name)
-                        | f"Bytes{split}" >> beam.Map(lambda item: item[1])
-                        | f"Write{split}"
-                        >> beam.io.WriteToTFRecord(
-                            str(split_dir(out, split) / "data"),
-                            file_name_suffix=".tfrecord.gz",
-                            compression_type=beam.io.filesystem.CompressionTypes.GZIP,
-                        )
-                    )
-                (
-                    tagged
-                    | "OnlyQuarantine" >> beam.Filter(lambda item: item[0] == "quarantine")
-                    | "QuarantineJson" >> beam.Map(lambda item: json.dumps(item[1], sort_keys=True))
-                    | "WriteQuarantine" >> beam.io.WriteToText(str(scratch / "quarantine"), shard_name_template="")
-                )
-                (
-                    tagged
-                    | "Keys" >> beam.Map(lambda item: item[0])
-                    | "CountPerKey" >> beam.combiners.Count.PerElement()
-                    | "CountsJson" >> beam.Map(json.dumps)
-                    | "WriteCounts" >> beam.io.WriteToText(str(scratch / "counts"), shard_name_template="")
-                )
-            beam_quarantine = [json.loads(line) for line in _lines(scratch / "quarantine")]
-            per_key = dict(json.loads(line) for line in _lines(scratch / "counts"))
-            entries = sorted(quarantined + beam_quarantine, key=lambda entry: entry["file"])
-            written = {split: per_key.get(split, 0) for split in SPLITS}
-            counts = {
-                "examples_in": len(pairs) + len(quarantined),
-                "examples_written": sum(written.values()),
-                "quarantined": len(entries),
-                **{f"{split}_examples": count for split, count in written.items()},
-            }
-            _check(counts, config, out, entries)
-            (out / QUARANTINE_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in entries))
-            write_json(out / COUNTS_FILE, counts)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        splits = assign_splits([stem for stem, _, _ in pairs], config.dataset.eval_split, config.dataset.group_by)
+    except ValueError as error:
+        raise NoUsableExamplesError(f"no usable examples to split in {config.dataset.images} / {config.dataset.masks}: {error}") from None
+    _log_splits(splits, config)
+    keyed, shard_counts = plan_shards(pairs, splits)
+    with atomic_dir(examples_dir) as out:
+        scratch = out / BEAM_SCRATCH  # inside the artifact, so that every worker of any runner can reach it
+        with beam.Pipeline(options=beam_options(config.beam.running_mode, config.beam.num_workers, scratch / "tmp")) as pipeline:
+            processed = (
+                pipeline
+                | "Pairs" >> beam.Create(keyed, reshuffle=True)
+                | "DecodeCheckSerialize" >> beam.FlatMap(DecodeCheckSerialize(config)).with_outputs(QUARANTINE, PAGES, main="examples")
+            )
+            (
+                processed.examples
+                | "ByShard" >> beam.GroupByKey()
+                | "WriteShards" >> beam.Map(write_split_shard, examples_dir=str(out), shard_counts=shard_counts)
+            )
+            (
+                processed[QUARANTINE]
+                | "QuarantineJson" >> beam.Map(lambda entry: json.dumps(entry, sort_keys=True))
+                | "WriteQuarantine" >> beam.io.WriteToText(str(scratch / QUARANTINE), shard_name_template="")
+            )
+            (
+                processed[PAGES]
+                | "ExtraPages" >> beam.CombineGlobally(sum)
+                | "WritePages" >> beam.io.WriteToText(str(scratch / PAGES), shard_name_template="")
+            )
+        for split, count in shard_counts.items():  # a shard whose pairs were all quarantined is written empty
+            for index in range(count):
+                if not (split_dir(out, split) / shard_name(index, count)).exists():
+                    write_shard(split_dir(out, split) / shard_name(index, count), [])
+        entries = _sorted_entries(unpaired + [json.loads(line) for line in _lines(scratch / QUARANTINE)])
+        written = {split: sum(count_records(file) for file in split_files(out, split)) for split in SPLITS}
+        counts = {
+            "examples_in": len(pairs) + len(unpaired) + sum(int(line) for line in _lines(scratch / PAGES)),
+            "examples_written": sum(written.values()),
+            "quarantined": len(entries),
+            "skipped": len(skipped),
+            **{f"{split}_examples": count for split, count in written.items()},
+        }
+        _check_accounting(counts)
+        _check(counts, config, entries)
+        shutil.rmtree(scratch)
+        (out / QUARANTINE_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in entries))
+        (out / SKIPPED_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in skipped))
+        write_json(out / COUNTS_FILE, counts)
+        fingerprint = write_fingerprint(out)
+    for entry in skipped:
+        log(f"example_gen: skipped {entry['file']}: {entry['reason']}")
     for entry in entries:
         log(f"example_gen: quarantined {entry['file']}: {entry['reason']}")
-    log(f"example_gen: wrote {counts['train_examples']} train + {counts['eval_examples']} eval examples, quarantined {counts['quarantined']}")
+    log(
+        f"example_gen: wrote {counts['train_examples']} train + {counts['eval_examples']} eval examples in "
+        f"{shard_counts['train']} + {shard_counts['eval']} shards (sha256 {fingerprint['sha256'][:12]}), quarantined {counts['quarantined']}"
+    )
     return counts
+
+
+def _sorted_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(entries, key=lambda entry: (entry["file"], entry["reason"]))
+
+
+def _log_splits(splits: dict[str, str], config: ExperimentConfig) -> None:
+    message = ", ".join(f"{sum(1 for name in splits.values() if name == split)} {split}" for split in SPLITS)
+    if config.dataset.group_by:
+        for split in SPLITS:
+            keys = sorted({group_key(stem, config.dataset.group_by) for stem, name in splits.items() if name == split})
+            shown = ", ".join(keys[:10]) + (f" (+{len(keys) - 10} more)" if len(keys) > 10 else "")
+            message += f"; {split}: {len(keys)} group(s) {shown}"
+    log(f"example_gen: split {message} (eval_split {config.dataset.eval_split}, group_by {config.dataset.group_by!r})")
+
+
+def _check_accounting(counts: dict[str, int]) -> None:
+    """Every example that came in is either written or quarantined, exactly once."""
+    if counts["examples_in"] != counts["examples_written"] + counts["quarantined"]:
+        raise AccountingError(
+            f"examples_in {counts['examples_in']} != examples_written {counts['examples_written']} + quarantined "
+            f"{counts['quarantined']}: {counts['examples_in'] - counts['examples_written'] - counts['quarantined']} example(s) lost or duplicated"
+        )
 
 
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def _check(counts: dict[str, int], config: ExperimentConfig, out: Path, entries: list[dict[str, str]]) -> None:
+def _check(counts: dict[str, int], config: ExperimentConfig, entries: list[dict[str, Any]]) -> None:
     if counts["examples_written"] == 0:
         reasons = "; ".join(f"{Path(e['file']).name}: {e['reason']}" for e in entries[:5])
         raise NoUsableExamplesError(
@@ -200,7 +297,6 @@ def _check(counts: dict[str, int], config: ExperimentConfig, out: Path, entries:
                 f"the {split} split is empty ({counts['examples_written']} usable examples, eval_split "
                 f"{config.dataset.eval_split}); add data or change dataset.eval_split"
             )
-        split_dir(out, split).mkdir(exist_ok=True)
 
 
 def read_counts(examples_dir: str | os.PathLike[str]) -> dict[str, int]:

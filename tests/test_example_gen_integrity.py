@@ -1,0 +1,133 @@
+"""ExampleGen integrity: honest splits (exact share, groups never cut), byte-identical output
+on every run (fingerprint.json), and accounting (in = written + quarantined; skipped listed)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import tensorflow as tf
+
+from segflow.components.example_gen import core as example_gen
+from segflow.config import ExperimentConfig
+from segflow.examples import SPLITS, assign_splits, deserialize, group_key, iter_split, read_fingerprint, split_dir
+from tests.conftest import require_dataset
+
+
+def _sizes(splits: dict[str, str]) -> Counter[str]:
+    return Counter(splits.values())
+
+
+def test_eval_share_is_exact() -> None:
+    assert _sizes(assign_splits([str(index) for index in range(1, 31)], 0.2)) == {"train": 24, "eval": 6}
+    assert _sizes(assign_splits([f"img{index:03d}" for index in range(367)], 0.2)) == {"train": 294, "eval": 73}
+    for eval_split in (0.01, 0.5, 0.99):  # two examples: one in each split, whatever the share
+        assert _sizes(assign_splits(["a", "b"], eval_split)) == {"train": 1, "eval": 1}
+    with pytest.raises(ValueError, match=r"cannot split 1 example\(s\).*eval_split 0.2"):
+        assign_splits(["only"], 0.2)
+    with pytest.raises(ValueError, match=r"cannot split 0 example\(s\)"):
+        assign_splits([], 0.3)
+
+
+def test_split_does_not_depend_on_listing_order() -> None:
+    stems = [f"x{index}" for index in range(50)]
+    assert assign_splits(stems, 0.3) == assign_splits(sorted(stems, reverse=True), 0.3)
+
+
+@pytest.mark.parametrize("eval_split", [0.05, 0.2, 0.35, 0.5, 0.8, 0.95])
+@pytest.mark.parametrize("pattern", [r"^seq[A-Z]", r"^(seq[A-Z])_"])
+def test_group_by_never_splits_a_group(eval_split: float, pattern: str) -> None:
+    sizes = {"A": 3, "B": 17, "C": 8, "D": 1, "E": 30, "F": 5}
+    stems = [f"seq{group}_{index:03d}" for group, size in sizes.items() for index in range(size)] + ["loose", "other"]
+    splits = assign_splits(stems, eval_split, pattern)
+    by_group: dict[str, set[str]] = {}
+    for stem, split in splits.items():
+        by_group.setdefault(group_key(stem, pattern), set()).add(split)
+    assert set(by_group) == {"seqA", "seqB", "seqC", "seqD", "seqE", "seqF", "loose", "other"}  # no match: own group
+    assert all(len(names) == 1 for names in by_group.values())
+    assert set(splits) == set(stems) and set(splits.values()) == set(SPLITS)
+
+
+def test_group_by_keeps_the_eval_count_near_the_target_and_needs_two_groups() -> None:
+    stems = [f"p{patient}_{index}" for patient in range(20) for index in range(5)]  # 20 groups of 5
+    assert _sizes(assign_splits(stems, 0.2, r"^p\d+")) == {"train": 80, "eval": 20}
+    assert _sizes(assign_splits(["a_1", "a_2", "a_3", "b_1", "b_2", "b_3"], 0.8, "^[^_]+")) == {"train": 3, "eval": 3}
+    with pytest.raises(ValueError, match=r"group_by '\^\[\^_\]\+' puts all 3 examples in one group 'a'"):
+        assign_splits(["a_1", "a_2", "a_3"], 0.2, "^[^_]+")
+
+
+def _shards(examples: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(examples)): path.read_bytes() for split in SPLITS for path in sorted(split_dir(examples, split).iterdir())}
+
+
+def test_two_runs_write_byte_identical_shards_and_fingerprints(
+    tmp_path: Path, make_config: Callable[..., ExperimentConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(example_gen, "EXAMPLES_PER_SHARD", 4)  # several shards per split
+    config = make_config(beam={"running_mode": "multi_threading", "num_workers": 2})
+    first, second = tmp_path / "first", tmp_path / "second"
+    example_gen.run(config, first)
+    example_gen.run(config, second)
+    shards = _shards(first)
+    assert sorted(shards) == [*(f"Split-eval/data-0000{i}-of-00002.tfrecord.gz" for i in range(2)), *(f"Split-train/data-0000{i}-of-00004.tfrecord.gz" for i in range(4))]
+    assert shards == _shards(second)
+    fingerprint = read_fingerprint(first)
+    assert fingerprint == read_fingerprint(second)
+    assert fingerprint["shards"] == {name: hashlib.sha256(data).hexdigest() for name, data in shards.items()}
+    assert all(data[4:8] == b"\0\0\0\0" for data in shards.values())  # no gzip timestamp
+    for name in shards:  # each shard sorted by file name
+        names = [deserialize(record.numpy()).filename for record in tf.data.TFRecordDataset(str(first / name), compression_type="GZIP")]
+        assert names and names == sorted(names)
+    assert sum(1 for split in SPLITS for _ in iter_split(first, split)) == 20
+
+
+def test_accounting_identity_is_enforced(tmp_path: Path, make_config: Callable[..., ExperimentConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    write_shard = example_gen.write_shard
+
+    def lossy(path: Path, records) -> None:  # a writer that loses the last record of each shard
+        write_shard(path, list(records)[:-1])
+
+    monkeypatch.setattr(example_gen, "write_shard", lossy)
+    with pytest.raises(example_gen.AccountingError, match=r"examples_in 20 != examples_written 18 \+ quarantined 0"):
+        example_gen.run(make_config(), tmp_path / "examples")
+    assert not (tmp_path / "examples").exists()
+
+
+def test_hidden_files_and_subfolders_are_listed_as_skipped(
+    tiny_data: Path, tmp_path: Path, make_config: Callable[..., ExperimentConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    (data / "images" / ".DS_Store").write_bytes(b"\0")
+    (data / "masks" / ".000.png").write_bytes((data / "masks" / "000.png").read_bytes())
+    (data / "images" / "extra").mkdir()
+    (data / "images" / "extra" / "000.png").write_bytes((data / "images" / "000.png").read_bytes())
+    temp_dirs: list[str] = []
+    beam_options = example_gen.beam_options
+    monkeypatch.setattr(example_gen, "beam_options", lambda *args: temp_dirs.append(str(args[-1])) or beam_options(*args))
+
+    examples = tmp_path / "examples"
+    counts = example_gen.run(make_config(dataset={"images": str(data / "images"), "masks": str(data / "masks")}), examples)
+    assert counts["examples_in"] == 20 and counts["examples_written"] == 20 and counts["quarantined"] == 0 and counts["skipped"] == 3
+    assert json.loads((examples / "counts.json").read_text()) == counts
+    skipped = {Path(entry["file"]).relative_to(data).as_posix(): entry for entry in map(json.loads, (examples / "skipped.jsonl").read_text().splitlines())}
+    assert set(skipped) == {"images/.DS_Store", "masks/.000.png", "images/extra"}
+    assert all(entry["skipped"] is True for entry in skipped.values())
+    assert "hidden" in skipped["images/.DS_Store"]["reason"] and "not a file" in skipped["images/extra"]["reason"]
+    assert (examples / "quarantine.jsonl").read_text() == ""
+    # Beam's temporary files and side outputs live inside the artifact, and are gone after it
+    assert len(temp_dirs) == 1 and Path(temp_dirs[0]).parents[1].parent == tmp_path and Path(temp_dirs[0]).parents[1].name.startswith(".examples.")
+    assert sorted(path.name for path in examples.iterdir()) == ["Split-eval", "Split-train", "counts.json", "fingerprint.json", "quarantine.jsonl", "skipped.jsonl"]
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_isbi_eval_split_is_exactly_six_images(tmp_path: Path, make_config: Callable[..., ExperimentConfig]) -> None:
+    isbi = require_dataset("isbi2012_membrane")
+    config = make_config(dataset={"images": str(isbi / "image"), "masks": str(isbi / "label"), "eval_split": 0.2}, classes=2, mask_values=[0, 255], shape=[64, 64, 1])
+    counts = example_gen.run(config, tmp_path / "examples")
+    assert counts["eval_examples"] == 6 and counts["train_examples"] == 24
