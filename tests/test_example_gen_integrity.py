@@ -13,9 +13,11 @@ import pytest
 import tensorflow as tf
 
 from segflow.components.example_gen import core as example_gen
-from segflow.config import ExperimentConfig
+from segflow.config import ExperimentConfig, load_config
 from segflow.examples import SPLITS, assign_splits, deserialize, group_key, iter_split, read_fingerprint, split_dir
 from tests.conftest import require_dataset
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _sizes(splits: dict[str, str]) -> Counter[str]:
@@ -131,3 +133,15 @@ def test_isbi_eval_split_is_exactly_six_images(tmp_path: Path, make_config: Call
     config = make_config(dataset={"images": str(isbi / "image"), "masks": str(isbi / "label"), "eval_split": 0.2}, classes=2, mask_values=[0, 255], shape=[64, 64, 1])
     counts = example_gen.run(config, tmp_path / "examples")
     assert counts["eval_examples"] == 6 and counts["train_examples"] == 24
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_camvid_config_keeps_each_sequence_in_one_split() -> None:
+    camvid = require_dataset("camvid")
+    config = load_config(REPO / "pipelines" / "configs" / "camvid.yaml")
+    assert config.dataset.group_by
+    splits = assign_splits(sorted(path.stem for path in (camvid / "train").iterdir()), config.dataset.eval_split, config.dataset.group_by)
+    prefixes = {split: {stem.split("_")[0] for stem, name in splits.items() if name == split} for split in SPLITS}
+    assert prefixes["train"] and prefixes["eval"] and not prefixes["train"] & prefixes["eval"]
+    assert _sizes(splits) == {"train": 266, "eval": 101}  # the config comment: eval is sequence 0006R0
