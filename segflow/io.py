@@ -239,18 +239,10 @@ def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    """UTF-8 text, written whole (a temporary sibling renamed into place: segflow.storage)."""
+    from segflow.storage import write_bytes
+
+    write_bytes(path, text.encode())
 
 
 def _jsonable(value: Any) -> Any:
