@@ -26,6 +26,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from segflow import storage
 from segflow.config import ExperimentConfig
 from segflow.examples import (
     SPLITS,
@@ -61,36 +62,43 @@ class AccountingError(RuntimeError):
     """examples_in != examples_written + quarantined: an example was lost or written twice."""
 
 
-def _listing(folder: Path, skipped: list[dict[str, Any]] | None = None) -> dict[str, list[Path]]:
-    """Files by stem; hidden entries and subfolders are appended to `skipped` with a reason."""
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder (check dataset.images / dataset.masks)")
-    stems: dict[str, list[Path]] = {}
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith("."):
+def _listing(folder: str | os.PathLike[str], skipped: list[dict[str, Any]] | None = None) -> dict[str, list[str]]:
+    """File locations (paths or URIs) by stem; hidden entries and subfolders are appended to
+    `skipped` with a reason."""
+    try:
+        entries = storage.list_folder(folder)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{folder}: not a folder (check dataset.images / dataset.masks)") from None
+    stems: dict[str, list[str]] = {}
+    for entry in entries:
+        if entry.name.startswith("."):
             reason = "hidden entry (name starts with '.')"
-        elif not path.is_file():
+        elif entry.is_dir:
             reason = "not a file (subfolders are not read)"
         else:
-            stems.setdefault(path.stem, []).append(path)
+            stems.setdefault(Path(entry.name).stem, []).append(entry.location)
             continue
         if skipped is not None:
-            skipped.append({"file": str(path), "reason": reason, "skipped": True})
+            skipped.append({"file": entry.location, "reason": reason, "skipped": True})
     return stems
 
 
-def pair_files(images_dir: Path, masks_dir: Path) -> tuple[list[tuple[str, str, str]], list[dict[str, Any]]]:
+def _suffix(location: str) -> str:
+    return Path(storage.basename(location)).suffix
+
+
+def pair_files(images_dir: str | os.PathLike[str], masks_dir: str | os.PathLike[str]) -> tuple[list[tuple[str, str, str]], list[dict[str, Any]]]:
     """(stem, image, mask) pairs, and quarantine entries for files that cannot be paired;
     entries with `"skipped": True` are hidden files and subfolders (not examples)."""
     quarantined: list[dict[str, Any]] = []
     images, masks = _listing(images_dir, quarantined), _listing(masks_dir, quarantined)
     pairs = []
 
-    def usable(stem: str, paths: list[Path], role: str) -> Path | None:
-        supported = [path for path in paths if path.suffix.lower() in IMAGE_SUFFIXES]
+    def usable(stem: str, paths: list[str], role: str) -> str | None:
+        supported = [path for path in paths if _suffix(path).lower() in IMAGE_SUFFIXES]
         for path in paths:
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                quarantined.append({"file": str(path), "reason": f"unsupported file type {path.suffix or '(none)'!r}"})
+            if _suffix(path).lower() not in IMAGE_SUFFIXES:
+                quarantined.append({"file": str(path), "reason": f"unsupported file type {_suffix(path) or '(none)'!r}"})
         if len(supported) > 1:
             for path in supported:
                 quarantined.append({"file": str(path), "reason": f"several {role} files share the stem {stem!r}"})
@@ -127,11 +135,11 @@ def process_pair(pair: tuple[str, str, str], config: ExperimentConfig, table: np
     """('example', serialized example) or ('quarantine', entry)."""
     stem, image_path, mask_path = pair
     try:
-        image = decode_image(Path(image_path).read_bytes(), image_path)
+        image = decode_image(storage.read_bytes(image_path), image_path)
     except (ImageReadError, OSError) as error:
         return "quarantine", {"file": image_path, "reason": str(error).removeprefix(f"{image_path}: ")}
     try:
-        raw_mask = decode_mask(Path(mask_path).read_bytes(), mask_path)
+        raw_mask = decode_mask(storage.read_bytes(mask_path), mask_path)
     except (ImageReadError, OSError) as error:
         return "quarantine", {"file": mask_path, "reason": str(error).removeprefix(f"{mask_path}: ")}
     if raw_mask.shape != image.shape[:2]:
@@ -145,7 +153,7 @@ def process_pair(pair: tuple[str, str, str], config: ExperimentConfig, table: np
         allowed = config.mask_values if config.mask_values is not None else f"class ids 0..{config.num_labels - 1}"
         shown = ", ".join(str(v) for v in bad[:10]) + (" ..." if len(bad) > 10 else "")
         return "quarantine", {"file": mask_path, "reason": f"mask values {shown} not in {allowed} (ignore_index {config.ignore_index})"}
-    example = SegmentationExample(filename=Path(image_path).name, image=image, mask=mapped.astype(np.uint8))
+    example = SegmentationExample(filename=storage.basename(image_path), image=image, mask=mapped.astype(np.uint8))
     return "example", serialize(example)
 
 
@@ -193,7 +201,7 @@ def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str]) -> dict[
     """Write the Examples artifact to `examples_dir`; return the counts for summary.json."""
     import apache_beam as beam
 
-    pairs, listed = pair_files(Path(config.dataset.images), Path(config.dataset.masks))
+    pairs, listed = pair_files(config.dataset.images, config.dataset.masks)
     skipped = _sorted_entries([entry for entry in listed if entry.get("skipped")])
     unpaired = [entry for entry in listed if not entry.get("skipped")]
     log(f"example_gen: {len(pairs)} image/mask pairs, {len(unpaired)} unpairable files, {len(skipped)} skipped entries")
@@ -286,7 +294,7 @@ def _lines(path: Path) -> list[str]:
 
 def _check(counts: dict[str, int], config: ExperimentConfig, entries: list[dict[str, Any]]) -> None:
     if counts["examples_written"] == 0:
-        reasons = "; ".join(f"{Path(e['file']).name}: {e['reason']}" for e in entries[:5])
+        reasons = "; ".join(f"{storage.basename(e['file'])}: {e['reason']}" for e in entries[:5])
         raise NoUsableExamplesError(
             f"no usable example in {config.dataset.images} / {config.dataset.masks} "
             f"({counts['examples_in']} inputs, all quarantined{': ' + reasons if reasons else ''})"
