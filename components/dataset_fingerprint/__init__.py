@@ -1,0 +1,1 @@
+"""dataset_fingerprint component: core.run (no KFP) and component.py (KFP wrapper)."""

@@ -1,0 +1,42 @@
+"""DatasetFingerprint: a sha256 of the image and mask folders' listings.
+
+ExampleGen's cache key is its inputs; the folder locations alone stay the same when
+images are added, changed or removed, and KFP's cache would replay the old examples.
+This component runs uncached before ExampleGen and hands it the fingerprint of what the
+folders hold now (every entry's name, size and modification time), so ExampleGen re-runs
+when, and only when, the data changed. The same files elsewhere give the same fingerprint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+from segflow.io import atomic_dir, write_json
+from segflow.runtime import log
+from segflow.storage import list_folder
+
+LISTING_FILE = "listing.json"
+LISTED = ("name", "size", "mtime", "is_dir")
+
+
+def folder_listing(location: str) -> list[dict[str, Any]]:
+    """Every entry directly in the folder, sorted by name (dotfiles and subfolders too)."""
+    return [{key: value for key, value in dataclasses.asdict(entry).items() if key in LISTED} for entry in list_folder(location)]
+
+
+def fingerprint(listings: dict[str, list[dict[str, Any]]]) -> str:
+    """sha256 of the sorted listings, as hex digits."""
+    return hashlib.sha256(json.dumps(listings, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def run(images: str, masks: str, listing_dir: str | os.PathLike[str]) -> str:
+    """Write the listings and the fingerprint to `listing_dir`; return the fingerprint."""
+    listings = {"images": folder_listing(images), "masks": folder_listing(masks)}
+    digest = fingerprint(listings)
+    with atomic_dir(listing_dir) as out:
+        write_json(out / LISTING_FILE, {"fingerprint": digest, "locations": {"images": images, "masks": masks}, **listings})
+    log(f"dataset_fingerprint: {len(listings['images'])} image and {len(listings['masks'])} mask folder entries, sha256 {digest[:16]}")
+    return digest
