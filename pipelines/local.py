@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
+from segflow.component_config import location_arguments, resolve_locations
 from segflow.components.evaluator.core import METRICS_FILE, is_blessed, read_metrics
 from segflow.components.example_gen.core import COUNTS_FILE, QUARANTINE_FILE, read_counts
 from segflow.components.example_validator.core import ANOMALIES_FILE, read_anomalies
@@ -86,13 +87,13 @@ def run_local(config: ExperimentConfig, output: str | os.PathLike[str], kind: st
     """Execute the DAG with kfp.local and write `summary.json`; returns the summary."""
     from kfp import local
 
-    from segflow.pipelines.pipeline import PIPELINES
+    from segflow.pipelines.pipeline import PARAMETERS, build_pipeline
 
     output = Path(output).resolve()
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"{output}: run folder exists and is not empty; choose another --output")
     output.mkdir(parents=True, exist_ok=True)
-    config = config.with_absolute_paths()
+    config = resolve_locations(config)
     atomic_write_text(output / "config.yaml", config.to_yaml())
     kfp_root = output / ".kfp"
     started = time.perf_counter()
@@ -101,7 +102,7 @@ def run_local(config: ExperimentConfig, output: str | os.PathLike[str], kind: st
     with warnings.catch_warnings(), _quiet(not verbose):
         # The SubprocessRunner warns that it ignores base_image: intended, it runs this environment.
         warnings.filterwarnings("ignore", category=RuntimeWarning, module="kfp.local.subprocess_task_handler")
-        PIPELINES[kind](config_json=config.to_json())
+        build_pipeline(config, kind)(**location_arguments(config, PARAMETERS[kind]))
     _collect_task_folders(kfp_root, output)
     summary = build_summary(output, config, kind, time.perf_counter() - started)
     write_json(output / "summary.json", summary)
@@ -117,8 +118,10 @@ def _collect_task_folders(kfp_root: Path, output: Path) -> None:
 
 
 COMPONENTS = {
-    "train": ["example_gen", "statistics_gen", "schema_gen", "example_validator", "transform", "trainer", "evaluator", "exporter", "pusher"],
-    "validate": ["example_gen", "statistics_gen", "schema_gen", "example_validator"],
+    "train": [
+        "dataset_fingerprint", "example_gen", "statistics_gen", "schema_gen", "example_validator", "transform", "trainer", "evaluator", "exporter", "pusher",
+    ],
+    "validate": ["dataset_fingerprint", "example_gen", "statistics_gen", "schema_gen", "example_validator"],
 }
 
 

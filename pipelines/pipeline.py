@@ -1,15 +1,23 @@
 """The segflow DAG as KFP pipelines: the full training pipeline and the validation-only one.
 
-The whole experiment config travels as one JSON string parameter, validated by the
-same pydantic model inside every component, so a compiled pipeline and a local run
-execute exactly the same code on exactly the same settings. (No `from __future__ import
+A pipeline is built for one experiment config. Each task gets, as a constant, the slice of
+the config its core reads (segflow.component_config), so its KFP cache key changes only
+with those keys. The dataset folders and the model registry are pipeline parameters
+(`images`, `masks`, `registry`; the config's values are their defaults), so one compiled
+pipeline serves many datasets. DatasetFingerprint runs uncached before ExampleGen and
+passes it the fingerprint of the folders' listing: added or changed files re-run ExampleGen
+and everything after it instead of replaying cached examples. (No `from __future__ import
 annotations` here: KFP reads the pipeline signature's real types.)
 """
 
+import os
 from pathlib import Path
+from typing import Any, Callable
 
 from kfp import compiler, dsl
 
+from segflow.component_config import COMPONENT_KEYS, LOCATION_PARAMETERS, config_slice, location_arguments, locations, resolve_locations
+from segflow.components.dataset_fingerprint.component import dataset_fingerprint
 from segflow.components.evaluator.component import evaluator
 from segflow.components.example_gen.component import example_gen
 from segflow.components.example_validator.component import example_validator
@@ -19,39 +27,69 @@ from segflow.components.schema_gen.component import schema_gen
 from segflow.components.statistics_gen.component import statistics_gen
 from segflow.components.trainer.component import trainer
 from segflow.components.transform.component import transform
-from segflow.config import ExperimentConfig
+from segflow.config import ConfigError, ExperimentConfig
+from segflow.storage import is_uri
+
+# The pipeline parameters of each kind of pipeline.
+PARAMETERS = {"train": ("images", "masks", "registry"), "validate": ("images", "masks")}
 
 
-def _data_checks(config_json: str) -> tuple[dsl.PipelineTask, dsl.PipelineTask, dsl.PipelineTask]:
-    examples = example_gen(config_json=config_json)
-    statistics = statistics_gen(config_json=config_json, examples=examples.outputs["examples"])
-    schema = schema_gen(config_json=config_json, statistics=statistics.outputs["statistics"])
-    validation = example_validator(config_json=config_json, statistics=statistics.outputs["statistics"], schema=schema.outputs["schema"])
-    return examples, schema, validation
+def build_pipeline(config: ExperimentConfig, kind: str = "train") -> Callable[..., Any]:
+    """The `@dsl.pipeline` of `kind` ('train' or 'validate') for this config: call it under
+    kfp.local to run it, or give it to the KFP compiler."""
+    slices = {name: config_slice(config, name) for name in COMPONENT_KEYS}
+    defaults = location_arguments(config, PARAMETERS[kind])
+
+    def data_checks(images: str, masks: str) -> tuple[dsl.PipelineTask, dsl.PipelineTask, dsl.PipelineTask]:
+        fingerprint = dataset_fingerprint(images=images, masks=masks).set_caching_options(False)
+        examples = example_gen(config_slice=slices["example_gen"], images=images, masks=masks, dataset_fingerprint=fingerprint.outputs["Output"])
+        statistics = statistics_gen(config_slice=slices["statistics_gen"], examples=examples.outputs["examples"])
+        schema = schema_gen(config_slice=slices["schema_gen"], statistics=statistics.outputs["statistics"])
+        validation = example_validator(config_slice=slices["example_validator"], statistics=statistics.outputs["statistics"], schema=schema.outputs["schema"])
+        return examples, schema, validation
+
+    if kind == "validate":
+
+        @dsl.pipeline(name="segflow-validate", description="segflow: ExampleGen, statistics, schema and data validation only")
+        def validation_pipeline(images: str = defaults["images"], masks: str = defaults["masks"]) -> None:
+            data_checks(images, masks)
+
+        return validation_pipeline
+
+    @dsl.pipeline(name="segflow", description="segflow: ExampleGen to Pusher for image segmentation")
+    def training_pipeline(images: str = defaults["images"], masks: str = defaults["masks"], registry: str = defaults["registry"]) -> None:
+        examples, schema, validation = data_checks(images, masks)
+        graph = transform(config_slice=slices["transform"], examples=examples.outputs["examples"], schema=schema.outputs["schema"])
+        model = trainer(config_slice=slices["trainer"], examples=examples.outputs["examples"], transform_graph=graph.outputs["transform_graph"])
+        model.after(validation)  # with on_anomaly 'fail', bad data stops the run before training
+        evaluation = evaluator(config_slice=slices["evaluator"], examples=examples.outputs["examples"], model=model.outputs["model"])
+        exports = exporter(config_slice=slices["exporter"], examples=examples.outputs["examples"], model=model.outputs["model"])
+        pusher(config_slice=slices["pusher"], registry=registry, exports=exports.outputs["exports"], blessing=evaluation.outputs["blessing"])
+
+    return training_pipeline
 
 
-@dsl.pipeline(name="segflow", description="segflow: ExampleGen to Pusher for image segmentation")
-def training_pipeline(config_json: str) -> None:
-    examples, schema, validation = _data_checks(config_json)
-    graph = transform(config_json=config_json, examples=examples.outputs["examples"], schema=schema.outputs["schema"])
-    model = trainer(config_json=config_json, examples=examples.outputs["examples"], transform_graph=graph.outputs["transform_graph"])
-    model.after(validation)  # with on_anomaly 'fail', bad data stops the run before training
-    evaluation = evaluator(config_json=config_json, examples=examples.outputs["examples"], model=model.outputs["model"])
-    exports = exporter(config_json=config_json, examples=examples.outputs["examples"], model=model.outputs["model"])
-    pusher(config_json=config_json, exports=exports.outputs["exports"], blessing=evaluation.outputs["blessing"])
+def check_locations(config: ExperimentConfig, kind: str) -> None:
+    """ConfigError naming every location the compiled pipeline would embed as a relative path:
+    it would be resolved in the pods' working directory, not where `segflow compile` ran."""
+    unused = {LOCATION_PARAMETERS[name] for name in LOCATION_PARAMETERS if name not in PARAMETERS[kind]}
+    relative = {key: value for key, value in locations(config).items() if key not in unused and not is_uri(value) and not os.path.isabs(value)}
+    if relative:
+        named = ", ".join(f"{key} {value!r}" for key, value in relative.items())
+        raise ConfigError(
+            f"relative path in a compiled pipeline: {named}. The pipeline runs in the cluster's pods, not in this directory: "
+            "give an absolute path (mounted at that path in the pods) or a gs:// / s3:// URI reachable from the cluster's pods, "
+            "or pass --resolve-paths to make relative paths absolute against the current directory"
+        )
 
 
-@dsl.pipeline(name="segflow-validate", description="segflow: ExampleGen, statistics, schema and data validation only")
-def validation_pipeline(config_json: str) -> None:
-    _data_checks(config_json)
-
-
-PIPELINES = {"train": training_pipeline, "validate": validation_pipeline}
-
-
-def compile_pipeline(config: ExperimentConfig, output: str | Path, kind: str = "train") -> Path:
-    """KFP v2 IR YAML with the config as the default of its `config_json` parameter."""
+def compile_pipeline(config: ExperimentConfig, output: str | Path, kind: str = "train", resolve_paths: bool = False) -> Path:
+    """KFP v2 IR YAML of the `kind` pipeline for this config; relative locations are an error
+    unless `resolve_paths` makes them absolute against the working directory."""
+    if resolve_paths:
+        config = resolve_locations(config)
+    check_locations(config, kind)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(PIPELINES[kind], str(output), pipeline_name=f"segflow-{config.name}", pipeline_parameters={"config_json": config.to_json()})
+    compiler.Compiler().compile(build_pipeline(config, kind), str(output), pipeline_name=f"segflow-{config.name}")
     return output

@@ -46,7 +46,7 @@ def _report(summary: dict, output: Path) -> None:
 def _compile(args: argparse.Namespace) -> int:
     from segflow.pipelines.pipeline import compile_pipeline
 
-    path = compile_pipeline(_load(args), args.output, kind=args.pipeline)
+    path = compile_pipeline(_load(args), args.output, kind=args.pipeline, resolve_paths=args.resolve_paths)
     print(f"wrote {path}")
     return 0
 
@@ -97,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(compile_)
     compile_.add_argument("--output", "-o", required=True, help="YAML file to write")
     compile_.add_argument("--pipeline", choices=["train", "validate"], default="train")
+    compile_.add_argument(
+        "--resolve-paths",
+        action="store_true",
+        help="make relative dataset/registry/validation paths absolute against the current directory "
+        "(for a cluster whose pods mount them at the same path); without it a relative path is an error",
+    )
     compile_.set_defaults(handler=_compile)
 
     demo = commands.add_parser("demo-data", help="write the built-in synthetic dataset")

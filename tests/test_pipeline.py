@@ -35,8 +35,75 @@ def test_compiled_yaml_loads_with_kfp_loader(tmp_path: Path) -> None:
     loaded = components.load_component_from_file(str(path))
     assert loaded.name == "segflow-golden"
     tasks = yaml.safe_load(path.read_text())["root"]["dag"]["tasks"]
-    assert set(tasks) == {"example-gen", "statistics-gen", "schema-gen", "example-validator", "transform", "trainer", "evaluator", "exporter", "pusher"}
+    dag = ["dataset-fingerprint", "example-gen", "statistics-gen", "schema-gen", "example-validator", "transform", "trainer", "evaluator", "exporter", "pusher"]
+    assert set(tasks) == set(dag)
     assert "example-validator" in tasks["trainer"]["dependentTasks"]
+    assert "dataset-fingerprint" in tasks["example-gen"]["dependentTasks"]
+    assert tasks["dataset-fingerprint"]["cachingOptions"] == {}  # never cached: it looks at the data as it is now
+    assert all(task["cachingOptions"] == {"enableCache": True} for name, task in tasks.items() if name != "dataset-fingerprint")
+
+
+def _compiled(tmp_path: Path, *overrides: str, kind: str = "train") -> dict:
+    path = compile_pipeline(load_config(HERE / "data" / "golden.yaml", list(overrides)), tmp_path / f"{len(overrides)}-{kind}.yaml", kind=kind)
+    return yaml.safe_load(path.read_text())
+
+
+def test_locations_are_pipeline_parameters_with_the_config_as_defaults(tmp_path: Path) -> None:
+    compiled = _compiled(tmp_path)
+    parameters = compiled["root"]["inputDefinitions"]["parameters"]
+    assert {name: entry["defaultValue"] for name, entry in parameters.items()} == {
+        "images": "gs://segflow-golden/images",
+        "masks": "gs://segflow-golden/masks",
+        "registry": "gs://segflow-golden/registry",
+    }
+    assert set(_compiled(tmp_path, kind="validate")["root"]["inputDefinitions"]["parameters"]) == {"images", "masks"}
+    from segflow.component_config import COMPONENT_LOCATIONS
+
+    for name, task in compiled["root"]["dag"]["tasks"].items():
+        taken = {key for key, value in task["inputs"].get("parameters", {}).items() if "componentInputParameter" in value}
+        expected = {"images", "masks"} if name == "dataset-fingerprint" else set(COMPONENT_LOCATIONS.get(name.replace("-", "_"), ()))
+        assert taken == expected, name
+    assert "gs://segflow-golden" not in yaml.safe_dump(compiled["root"]["dag"])  # only as the parameters' defaults
+
+
+def _cache_inputs(compiled: dict) -> dict:
+    """What KFP's cache key of each task is made of: its inputs and its component."""
+    components, executors = compiled["components"], compiled["deploymentSpec"]["executors"]
+    keys = {}
+    for name, task in compiled["root"]["dag"]["tasks"].items():
+        spec = components[task["componentRef"]["name"]]
+        keys[name] = (task["inputs"], spec, executors[spec["executorLabel"]])
+    return keys
+
+
+def test_epochs_change_only_the_trainers_cache_key(tmp_path: Path) -> None:
+    """Each task gets only the config keys its core reads: a new epoch count keeps the
+    data components' (and the evaluator's, exporter's, pusher's) cached results."""
+    before, after = _cache_inputs(_compiled(tmp_path)), _cache_inputs(_compiled(tmp_path, "stages.0.epochs=7"))
+    assert [name for name in before if before[name] != after[name]] == ["trainer"]
+    exported = _cache_inputs(_compiled(tmp_path, "export=[saved_model]", "evaluation.min_mean_iou=0.5"))
+    assert sorted(name for name in before if before[name] != exported[name]) == ["evaluator", "exporter", "pusher"]
+
+
+def test_compile_rejects_relative_locations_or_resolves_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A relative path in a compiled pipeline would be resolved in the pods' working directory."""
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "relative.yaml"
+    config.write_text("name: rel\ndataset: {images: data/images, masks: s3://bucket/masks}\nvalidation: {schema: runs/old/schema}\n")
+    assert main(["compile", str(config), "-o", "p.yaml"]) == 2
+    error = capsys.readouterr().err
+    named = ("dataset.images 'data/images'", "push.registry 'model-registry'", "validation.schema 'runs/old/schema'", "absolute path", "gs:// / s3:// URI")
+    assert all(text in error for text in (*named, "--resolve-paths"))
+    assert "dataset.masks" not in error and not (tmp_path / "p.yaml").exists()
+    assert main(["compile", str(config), "-o", "v.yaml", "--pipeline", "validate", "--set", "validation.schema=/runs/old/schema"]) == 2
+    assert "dataset.images" in capsys.readouterr().err
+    assert main(["compile", str(config), "-o", "v.yaml", "--pipeline", "validate", "--set", "validation.schema=/s", "--set", "dataset.images=/i"]) == 0
+    assert main(["compile", str(config), "-o", "p.yaml", "--resolve-paths"]) == 0
+    compiled = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    defaults = {name: entry["defaultValue"] for name, entry in compiled["root"]["inputDefinitions"]["parameters"].items()}
+    assert defaults == {"images": str(tmp_path / "data" / "images"), "masks": "s3://bucket/masks", "registry": str(tmp_path / "model-registry")}
+    validator = compiled["root"]["dag"]["tasks"]["example-validator"]["inputs"]["parameters"]
+    assert str(tmp_path / "runs" / "old" / "schema") in validator["config_slice"]["runtimeValue"]["constant"]
 
 
 def test_validate_pipeline_compiles_without_training(tmp_path: Path) -> None:
@@ -77,8 +144,11 @@ def test_kfp_local_validate_run(tiny_data: Path, tmp_path: Path) -> None:
     config = _write_config(tiny_data, tmp_path)
     assert main(["validate", str(config), "-o", str(tmp_path / "run")]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["status"] == "succeeded" and list(summary["components"]) == ["example_gen", "statistics_gen", "schema_gen", "example_validator"]
+    components = ["dataset_fingerprint", "example_gen", "statistics_gen", "schema_gen", "example_validator"]
+    assert summary["status"] == "succeeded" and list(summary["components"]) == components
     assert summary["counts"]["examples_in"] == 20
+    listing = json.loads((tmp_path / "run" / "dataset_fingerprint" / "listing" / "listing.json").read_text())
+    assert len(listing["fingerprint"]) == 64 and len(listing["images"]) == len(listing["masks"]) == 20
 
 
 def test_kfp_local_full_run_writes_the_summary_contract(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -96,7 +166,7 @@ def test_kfp_local_full_run_writes_the_summary_contract(tiny_data: Path, tmp_pat
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "succeeded"
     assert all(entry["status"] == "succeeded" and entry["seconds"] >= 0 for entry in summary["components"].values())
-    assert len(summary["components"]) == 9
+    assert len(summary["components"]) == 10
     counts = summary["counts"]
     assert counts["examples_in"] == counts["examples_written"] + counts["quarantined"] == 20 and counts["quarantined"] == 3
     quarantined = [json.loads(line) for line in Path(summary["quarantine"]).read_text().splitlines()]

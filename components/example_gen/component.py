@@ -1,16 +1,13 @@
-"""KFP wrapper of ExampleGen: maps the typed output artifact onto `core.run`."""
+"""KFP wrapper of ExampleGen: the dataset folders are parameters (they override
+dataset.images/masks); `dataset_fingerprint` is not read, it is there for the cache key."""
 from kfp.dsl import Dataset, Output
 
 from segflow.kfp_base import component
 
 
 @component
-def example_gen(config_json: str, examples: Output[Dataset]) -> None:
+def example_gen(config_slice: str, images: str, masks: str, dataset_fingerprint: str, examples: Output[Dataset]) -> None:
     """Image/mask folders -> Split-train/Split-eval TFRecords and a quarantine report."""
-    import os
+    from segflow.component_config import run_core
 
-    from segflow.components.example_gen import core
-    from segflow.config import ExperimentConfig
-    from segflow.runtime import execute
-
-    execute("example_gen", os.path.dirname(examples.path), core.run, ExperimentConfig.from_json(config_json), examples.path)
+    run_core("example_gen", config_slice, examples.path, images=images, masks=masks)

@@ -5,14 +5,8 @@ from segflow.kfp_base import component
 
 
 @component
-def example_validator(config_json: str, statistics: Input[Artifact], schema: Input[Artifact], anomalies: Output[Artifact]) -> None:
+def example_validator(config_slice: str, statistics: Input[Artifact], schema: Input[Artifact], anomalies: Output[Artifact]) -> None:
     """Data anomalies; fails the run when validation.on_anomaly is 'fail'."""
-    import os
+    from segflow.component_config import run_core
 
-    from segflow.components.example_validator import core
-    from segflow.config import ExperimentConfig
-    from segflow.runtime import execute
-
-    execute(
-        "example_validator", os.path.dirname(anomalies.path), core.run, ExperimentConfig.from_json(config_json), statistics.path, schema.path, anomalies.path
-    )
+    run_core("example_validator", config_slice, statistics.path, schema.path, anomalies.path)

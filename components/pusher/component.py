@@ -1,16 +1,12 @@
-"""KFP wrapper of Pusher."""
+"""KFP wrapper of Pusher; `registry` (a pipeline parameter) overrides push.registry."""
 from kfp.dsl import Artifact, Input, Output
 
 from segflow.kfp_base import component
 
 
 @component
-def pusher(config_json: str, exports: Input[Artifact], blessing: Input[Artifact], pushed: Output[Artifact]) -> None:
+def pusher(config_slice: str, registry: str, exports: Input[Artifact], blessing: Input[Artifact], pushed: Output[Artifact]) -> None:
     """Publish blessed exports as a new registry version."""
-    import os
+    from segflow.component_config import run_core
 
-    from segflow.components.pusher import core
-    from segflow.config import ExperimentConfig
-    from segflow.runtime import execute
-
-    execute("pusher", os.path.dirname(pushed.path), core.run, ExperimentConfig.from_json(config_json), exports.path, blessing.path, pushed.path)
+    run_core("pusher", config_slice, exports.path, blessing.path, pushed.path, registry=registry)

@@ -5,12 +5,8 @@ from segflow.kfp_base import component
 
 
 @component
-def statistics_gen(config_json: str, examples: Input[Dataset], statistics: Output[Artifact]) -> None:
+def statistics_gen(config_slice: str, examples: Input[Dataset], statistics: Output[Artifact]) -> None:
     """Per-split dataset statistics (JSON and DatasetFeatureStatisticsList)."""
-    import os
+    from segflow.component_config import run_core
 
-    from segflow.components.statistics_gen import core
-    from segflow.config import ExperimentConfig
-    from segflow.runtime import execute
-
-    execute("statistics_gen", os.path.dirname(statistics.path), core.run, ExperimentConfig.from_json(config_json), examples.path, statistics.path)
+    run_core("statistics_gen", config_slice, examples.path, statistics.path)

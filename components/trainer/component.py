@@ -5,16 +5,8 @@ from segflow.kfp_base import component
 
 
 @component
-def trainer(
-    config_json: str, examples: Input[Dataset], transform_graph: Input[Artifact], model: Output[Model], model_run: Output[Artifact]
-) -> None:
+def trainer(config_slice: str, examples: Input[Dataset], transform_graph: Input[Artifact], model: Output[Model], model_run: Output[Artifact]) -> None:
     """Keras training; the served model embeds the TFT graph."""
-    import os
+    from segflow.component_config import run_core
 
-    from segflow.components.trainer import core
-    from segflow.config import ExperimentConfig
-    from segflow.runtime import execute
-
-    execute(
-        "trainer", os.path.dirname(model.path), core.run, ExperimentConfig.from_json(config_json), examples.path, transform_graph.path, model.path, model_run.path
-    )
+    run_core("trainer", config_slice, examples.path, transform_graph.path, model.path, model_run.path)
