@@ -25,8 +25,13 @@ STATISTICS_FILE = "statistics.json"
 PROTO_FILE = "FeatureStats.pb"
 
 
+MAX_SOURCE_CHANNELS = 4
+
+
 class SplitStatisticsFn(beam.CombineFn):
-    """Sums over examples; image statistics are on pixels scaled to [0, 1] in the model's channels."""
+    """Sums over examples; image statistics are on pixels scaled to [0, 1] in the model's channels,
+    except the raw value range (`max_pixel_value`, `channel_raw_min`/`channel_raw_max` per source
+    channel), which is in the source's own units: a 12-bit camera's 16-bit files give at most 4095."""
 
     def __init__(self, num_labels: int, channels: int, ignore_index: int | None) -> None:
         self.num_labels = num_labels
@@ -45,6 +50,8 @@ class SplitStatisticsFn(beam.CombineFn):
             "class_pixels": np.zeros(self.num_labels, np.int64),
             "ignored_pixels": 0,
             "empty_masks": 0,
+            "raw_min": np.full(MAX_SOURCE_CHANNELS, np.iinfo(np.int64).max),
+            "raw_max": np.full(MAX_SOURCE_CHANNELS, -1),
         }
 
     def add_input(self, acc: dict[str, Any], record: bytes) -> dict[str, Any]:
@@ -64,13 +71,21 @@ class SplitStatisticsFn(beam.CombineFn):
         counts = np.bincount(labels[labels < self.num_labels], minlength=self.num_labels)
         acc["class_pixels"] += counts
         acc["empty_masks"] += int(counts[1:].sum() == 0)
+        flat = example.image.reshape(-1, channels)
+        acc["raw_min"][:channels] = np.minimum(acc["raw_min"][:channels], flat.min(axis=0))
+        acc["raw_max"][:channels] = np.maximum(acc["raw_max"][:channels], flat.max(axis=0))
         return acc
 
     def merge_accumulators(self, accumulators: Any) -> dict[str, Any]:
         merged = self.create_accumulator()
         for acc in accumulators:
             for key, value in acc.items():
-                merged[key] = merged[key] + value
+                if key == "raw_min":
+                    merged[key] = np.minimum(merged[key], value)
+                elif key == "raw_max":
+                    merged[key] = np.maximum(merged[key], value)
+                else:
+                    merged[key] = merged[key] + value
         return merged
 
     def extract_output(self, acc: dict[str, Any]) -> dict[str, Any]:
@@ -78,6 +93,7 @@ class SplitStatisticsFn(beam.CombineFn):
         mean = acc["pixel_sum"] / pixels
         std = np.sqrt(np.maximum(acc["pixel_square_sum"] / pixels - mean**2, 0.0))
         labelled = max(int(acc["class_pixels"].sum()), 1)
+        seen = int((acc["raw_max"] >= 0).sum())  # source channels present in some image
         return {
             "count": acc["count"],
             "image_sizes": dict(acc["sizes"].most_common()),
@@ -89,6 +105,9 @@ class SplitStatisticsFn(beam.CombineFn):
             "class_frequency": (acc["class_pixels"] / labelled).tolist(),
             "ignored_pixel_share": acc["ignored_pixels"] / pixels,
             "empty_mask_share": acc["empty_masks"] / max(acc["count"], 1),
+            "max_pixel_value": int(acc["raw_max"].max(initial=0)),
+            "channel_raw_min": acc["raw_min"][:seen].tolist(),
+            "channel_raw_max": acc["raw_max"][:seen].tolist(),
         }
 
 
@@ -115,6 +134,9 @@ def to_proto(statistics: dict[str, Any], split: str, class_names: list[str]) -> 
     image.bytes_stats.common_stats.num_non_missing = statistics["count"]
     for size, count in statistics["image_sizes"].items():
         image.custom_stats.add(name=f"size/{size}", num=count)
+    for depth, count in statistics["bit_depths"].items():
+        image.custom_stats.add(name=f"bit_depth/{depth}", num=count)
+    image.custom_stats.add(name="max_pixel_value", num=statistics["max_pixel_value"])
     return result
 
 
@@ -153,4 +175,16 @@ def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str], statisti
 
 
 def read_statistics(statistics_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    return read_json(Path(statistics_dir) / STATISTICS_FILE)
+    """A StatisticsGen output folder's statistics, or a statistics.json file itself (an earlier
+    run's, for `validation.baseline_statistics`)."""
+    path = Path(statistics_dir)
+    file = path / STATISTICS_FILE if path.is_dir() else path
+    try:
+        statistics = read_json(file)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: no such statistics file (expected a StatisticsGen output folder or its {STATISTICS_FILE})") from None
+    except ValueError as error:
+        raise ValueError(f"{file}: not a segflow statistics file ({error})") from None
+    if not isinstance(statistics, dict) or not all(isinstance(statistics.get(split), dict) for split in SPLITS):
+        raise ValueError(f"{file}: not a segflow statistics file (no {' and '.join(SPLITS)} splits)")
+    return statistics
