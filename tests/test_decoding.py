@@ -226,3 +226,39 @@ def test_broken_tiff_and_unsupported_pixel_types_are_named(tmp_path: Path) -> No
         read_image(tmp_path / "float.tif")
     with pytest.raises(ImageReadError, match="nope.png: cannot read"):
         read_image(tmp_path / "nope.png")
+
+
+def _stack(path: Path, pages: np.ndarray) -> None:
+    with tifffile.TiffWriter(path) as writer:
+        for page in pages:
+            writer.write(page)
+
+
+def test_example_gen_expands_pages_and_checks_page_counts(tmp_path: Path) -> None:
+    from segflow.components.example_gen.core import label_lookup, process_pair
+    from segflow.examples import deserialize
+
+    images = RNG.integers(0, 255, (3, 8, 8), endpoint=True).astype(np.uint8)
+    masks = RNG.integers(0, 2, (3, 8, 8), endpoint=True).astype(np.uint8)
+    _stack(tmp_path / "a.tif", images)
+    _stack(tmp_path / "a_mask.tif", masks)
+    _stack(tmp_path / "b_mask.tif", masks[:2])
+
+    def config(multipage: str):  # noqa: ANN202
+        return validate_config(
+            {"name": "pages", "dataset": {"images": str(tmp_path), "masks": str(tmp_path), "multipage": multipage}, "classes": 3, "shape": [16, 16, 1]}
+        )
+
+    expand = config("expand")
+    table = label_lookup(expand)
+    results = process_pair(("a", str(tmp_path / "a.tif"), str(tmp_path / "a_mask.tif")), expand, table)
+    assert isinstance(results, list) and [kind for kind, _ in results] == ["example"] * 3
+    examples = [deserialize(record) for _, record in results]
+    assert [example.filename for example in examples] == ["a.tif#page1", "a.tif#page2", "a.tif#page3"]
+    for example, image, mask in zip(examples, images, masks):
+        np.testing.assert_array_equal(example.image[:, :, 0], image)
+        np.testing.assert_array_equal(example.mask, mask)
+    kind, entry = process_pair(("a", str(tmp_path / "a.tif"), str(tmp_path / "b_mask.tif")), expand, table)
+    assert kind == "quarantine" and entry["reason"] == f"image has 3 pages but mask {tmp_path / 'b_mask.tif'} has 2"
+    kind, entry = process_pair(("a", str(tmp_path / "a.tif"), str(tmp_path / "a_mask.tif")), config("quarantine"), table)
+    assert kind == "quarantine" and entry == {"file": str(tmp_path / "a.tif"), "reason": "multi-page TIFF (3 pages); set dataset.multipage: expand to use every page"}

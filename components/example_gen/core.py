@@ -41,7 +41,7 @@ from segflow.examples import (
     write_fingerprint,
     write_shard,
 )
-from segflow.io import IMAGE_SUFFIXES, ImageReadError, atomic_dir, decode_image, decode_mask, read_json, write_json
+from segflow.io import IMAGE_SUFFIXES, ImageReadError, atomic_dir, decode_image, decode_mask, decode_mask_pages, decode_pages, read_json, write_json
 from segflow.runtime import beam_options, log
 
 QUARANTINE_FILE = "quarantine.jsonl"
@@ -131,30 +131,41 @@ def label_lookup(config: ExperimentConfig) -> np.ndarray:
     return table
 
 
-def process_pair(pair: tuple[str, str, str], config: ExperimentConfig, table: np.ndarray) -> tuple[str, Any]:
-    """('example', serialized example) or ('quarantine', entry)."""
+def process_pair(pair: tuple[str, str, str], config: ExperimentConfig, table: np.ndarray) -> tuple[str, Any] | list[tuple[str, Any]]:
+    """('example', serialized example) or ('quarantine', entry). With `dataset.multipage: expand`
+    a pair of multi-page TIFFs gives a list of those, one per page, named `<file>#page<k>`
+    (k from 1); image and mask must have the same page count."""
     stem, image_path, mask_path = pair
+    expand = config.dataset.multipage == "expand"
     try:
-        image = decode_image(storage.read_bytes(image_path), image_path)
+        images = decode_pages(storage.read_bytes(image_path), image_path) if expand else [decode_image(storage.read_bytes(image_path), image_path)]
     except (ImageReadError, OSError) as error:
         return "quarantine", {"file": image_path, "reason": str(error).removeprefix(f"{image_path}: ")}
     try:
-        raw_mask = decode_mask(storage.read_bytes(mask_path), mask_path)
+        masks = decode_mask_pages(storage.read_bytes(mask_path), mask_path) if expand else [decode_mask(storage.read_bytes(mask_path), mask_path)]
     except (ImageReadError, OSError) as error:
         return "quarantine", {"file": mask_path, "reason": str(error).removeprefix(f"{mask_path}: ")}
-    if raw_mask.shape != image.shape[:2]:
-        return "quarantine", {
-            "file": image_path,
-            "reason": f"image is {image.shape[1]}x{image.shape[0]} but mask {mask_path} is {raw_mask.shape[1]}x{raw_mask.shape[0]}",
-        }
-    mapped = table[raw_mask]
-    if (mapped < 0).any():
-        bad = np.unique(raw_mask[mapped < 0])
-        allowed = config.mask_values if config.mask_values is not None else f"class ids 0..{config.num_labels - 1}"
-        shown = ", ".join(str(v) for v in bad[:10]) + (" ..." if len(bad) > 10 else "")
-        return "quarantine", {"file": mask_path, "reason": f"mask values {shown} not in {allowed} (ignore_index {config.ignore_index})"}
-    example = SegmentationExample(filename=storage.basename(image_path), image=image, mask=mapped.astype(np.uint8))
-    return "example", serialize(example)
+    if len(images) != len(masks):
+        return "quarantine", {"file": image_path, "reason": f"image has {len(images)} pages but mask {mask_path} has {len(masks)}"}
+
+    def one(image_path: str, mask_path: str, image: np.ndarray, raw_mask: np.ndarray) -> tuple[str, Any]:
+        if raw_mask.shape != image.shape[:2]:
+            return "quarantine", {
+                "file": image_path,
+                "reason": f"image is {image.shape[1]}x{image.shape[0]} but mask {mask_path} is {raw_mask.shape[1]}x{raw_mask.shape[0]}",
+            }
+        mapped = table[raw_mask]
+        if (mapped < 0).any():
+            bad = np.unique(raw_mask[mapped < 0])
+            allowed = config.mask_values if config.mask_values is not None else f"class ids 0..{config.num_labels - 1}"
+            shown = ", ".join(str(v) for v in bad[:10]) + (" ..." if len(bad) > 10 else "")
+            return "quarantine", {"file": mask_path, "reason": f"mask values {shown} not in {allowed} (ignore_index {config.ignore_index})"}
+        example = SegmentationExample(filename=storage.basename(image_path), image=image, mask=mapped.astype(np.uint8))
+        return "example", serialize(example)
+
+    if len(images) == 1:
+        return one(image_path, mask_path, images[0], masks[0])
+    return [one(f"{image_path}#page{k}", f"{mask_path}#page{k}", image, mask) for k, (image, mask) in enumerate(zip(images, masks), 1)]
 
 
 class DecodeCheckSerialize:
