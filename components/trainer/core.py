@@ -249,6 +249,6 @@ def run(
 
 
 def _save_weights_atomically(network: keras.Model, target: Path) -> None:
-    partial = target.with_name(f".{target.name}.partial.h5")
+    partial = target.with_name(f".partial-{target.name}")  # the suffix picks the format: keep .weights.h5
     network.save_weights(str(partial))
     os.replace(partial, target)
