@@ -23,6 +23,7 @@ from segflow.components.example_validator.core import ANOMALIES_FILE, read_anoma
 from segflow.components.exporter.core import EXPORTS_FILE, read_exports
 from segflow.components.pusher.core import PUSH_FILE
 from segflow.config import ExperimentConfig
+from segflow.examples import read_fingerprint
 from segflow.io import atomic_write_text, read_json, write_json
 from segflow.runtime import log, read_record
 
@@ -131,11 +132,19 @@ def build_summary(output: Path, config: ExperimentConfig, kind: str, seconds: fl
         record = read_record(output / name)
         components[name] = {"status": "not_run"} if record is None else {key: value for key, value in record.items() if key != "component"}
     succeeded = all(entry["status"] == "succeeded" for entry in components.values())
-    summary: dict[str, Any] = {"status": "succeeded" if succeeded else "failed", "name": config.name, "pipeline": kind, "seconds": round(seconds, 1), "components": components}
+    summary: dict[str, Any] = {
+        "status": "succeeded" if succeeded else "failed",
+        "name": config.name,
+        "pipeline": kind,
+        "seconds": round(seconds, 1),
+        "config_hash": config.config_hash(),
+        "components": components,
+    }
     examples = output / "example_gen" / "examples"
     if (examples / COUNTS_FILE).exists():
         summary["counts"] = read_counts(examples)
         summary["quarantine"] = str(examples / QUARANTINE_FILE)
+        summary["data_fingerprint"] = read_fingerprint(examples)["sha256"]
     anomalies = output / "example_validator" / "anomalies"
     if (anomalies / ANOMALIES_FILE).exists():
         summary["anomalies"] = read_anomalies(anomalies)

@@ -230,6 +230,14 @@ class ExperimentConfig(_Strict):
     def total_epochs(self) -> int:
         return sum(stage.epochs for stage in self.stages)
 
+    def config_hash(self) -> str:
+        """sha256 of the resolved config: equal hashes mean the same experiment settings."""
+        import hashlib
+        import json
+
+        canonical = json.dumps(json.loads(self.to_json()), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
     def to_json(self) -> str:
         return self.model_dump_json(by_alias=True)
 

@@ -165,6 +165,7 @@ def test_kfp_local_full_run_writes_the_summary_contract(tiny_data: Path, tmp_pat
     assert "mean IoU (eval)" in capsys.readouterr().out
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "succeeded"
+    assert len(summary["config_hash"]) == 64 and len(summary["data_fingerprint"]) == 64
     assert all(entry["status"] == "succeeded" and entry["seconds"] >= 0 for entry in summary["components"].values())
     assert len(summary["components"]) == 10
     counts = summary["counts"]
