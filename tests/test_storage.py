@@ -148,6 +148,13 @@ def test_localized_s3_folder_is_a_temporary_local_copy(s3_root: str, tmp_path: P
             pass
 
 
+def _demo_dataset_in_s3(s3_root: str, data: Path) -> dict[str, object]:
+    """Upload the local demo dataset `data` to `<s3_root>/data/`; the `dataset` config key for it."""
+    for role in ("images", "masks"):
+        storage.upload_folder(data / role, storage.join(s3_root, "data", role))
+    return {"images": storage.join(s3_root, "data", "images"), "masks": storage.join(s3_root, "data", "masks"), "eval_split": 0.25}
+
+
 def test_example_gen_reads_a_dataset_from_s3(s3_root: str, tmp_path: Path) -> None:
     from segflow.components.example_gen import core as example_gen
 
@@ -155,10 +162,8 @@ def test_example_gen_reads_a_dataset_from_s3(s3_root: str, tmp_path: Path) -> No
     (data / "images" / ".DS_Store").write_bytes(b"junk")  # skipped, locally and on S3 alike
     (data / "masks" / "notes").mkdir()
     (data / "masks" / "notes" / "readme.txt").write_text("a subfolder is not read")
-    for role in ("images", "masks"):
-        storage.upload_folder(data / role, storage.join(s3_root, "data", role))
+    remote_dataset = _demo_dataset_in_s3(s3_root, data)
     local = example_gen.run(validate_config(tiny_raw_config(data)), tmp_path / "local")
-    remote_dataset = {"images": storage.join(s3_root, "data", "images"), "masks": storage.join(s3_root, "data", "masks"), "eval_split": 0.25}
     remote = example_gen.run(validate_config(tiny_raw_config(data, dataset=remote_dataset)), tmp_path / "remote")
     assert local["examples_written"] == 12 and local["quarantined"] == 0
     assert remote == local
@@ -209,9 +214,7 @@ def test_segflow_validate_on_a_dataset_in_s3(s3_root: str, tmp_path: Path) -> No
     from segflow.cli import main
 
     data = write_demo_dataset(tmp_path / "data", count=12, size=32)
-    for role in ("images", "masks"):
-        storage.upload_folder(data / role, storage.join(s3_root, "data", role))
-    remote_dataset = {"images": storage.join(s3_root, "data", "images"), "masks": storage.join(s3_root, "data", "masks"), "eval_split": 0.25}
+    remote_dataset = _demo_dataset_in_s3(s3_root, data)
     config = tmp_path / "s3.yaml"
     config.write_text(yaml.safe_dump(tiny_raw_config(data, dataset=remote_dataset)))
     assert main(["validate", str(config), "-o", str(tmp_path / "run")]) == 0
