@@ -169,6 +169,19 @@ def test_example_gen_reads_a_dataset_from_s3(s3_root: str, tmp_path: Path) -> No
     assert remote == local
 
 
+def test_trainer_reads_its_inputs_from_s3(s3_root: str, trained: dict, tmp_path: Path) -> None:
+    """Examples and the transform graph in a bucket: the trainer copies them down and trains."""
+    from segflow.components.trainer import core as trainer
+    from segflow.serving import SERVING_SUBDIR
+
+    examples = storage.join(s3_root, "examples")
+    transform = storage.join(s3_root, "transform")
+    storage.upload_folder(trained["examples"], examples)
+    storage.upload_folder(trained["transform"], transform)
+    final = trainer.run(trained["config"], examples, transform, tmp_path / "model", tmp_path / "model_run")
+    assert "val_mean_iou" in final and (tmp_path / "model" / SERVING_SUBDIR / "saved_model.pb").exists()
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_pusher_versions_and_uncommitted_folders(where: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     from segflow.components.evaluator.core import BLESSED

@@ -29,6 +29,7 @@ from segflow.models import ModelSpec, build_model
 from segflow.runtime import log
 from segflow.preprocessing import PixelSpec, model_pixels, scale_pixels
 from segflow.serving import SegmentationServer, ServingSpec
+from segflow.storage import localized
 
 KERAS_FILE = "keras/model.keras"
 HISTORY_FILE = "history.csv"
@@ -179,8 +180,21 @@ def run(
     model_dir: str | os.PathLike[str],
     model_run_dir: str | os.PathLike[str],
 ) -> dict[str, Any]:
-    """Train every stage, then write the served model. A crash resumes from `backup/` beside
-    `model_run_dir`: finished stages are skipped, the running one continues at its last epoch."""
+    """Train every stage, then write the served model. The inputs may be gs:// or s3:// URIs
+    (copied to local disk first: tf.data cannot read s3 and the TFT graph wants a folder).
+    A crash resumes from `backup/` beside `model_run_dir`: finished stages are skipped, the
+    running one continues at its last epoch."""
+    with localized(examples_dir) as local_examples, localized(transform_dir) as local_transform:
+        return _train(config, local_examples, local_transform, model_dir, model_run_dir)
+
+
+def _train(
+    config: ExperimentConfig,
+    examples_dir: str | os.PathLike[str],
+    transform_dir: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str],
+    model_run_dir: str | os.PathLike[str],
+) -> dict[str, Any]:
     from segflow.components.example_gen.core import read_counts
     from segflow.components.transform.core import transform_layer
 
