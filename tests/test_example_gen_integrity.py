@@ -9,11 +9,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pytest
 import tensorflow as tf
+import tifffile
 
 from segflow.components.example_gen import core as example_gen
-from segflow.config import ExperimentConfig, load_config
+from segflow.config import ExperimentConfig, load_config, validate_config
 from segflow.examples import SPLITS, assign_splits, deserialize, group_key, iter_split, read_fingerprint, split_dir
 from tests.conftest import require_dataset
 
@@ -97,6 +99,24 @@ def test_accounting_identity_is_enforced(tmp_path: Path, make_config: Callable[.
     with pytest.raises(example_gen.AccountingError, match=r"examples_in 20 != examples_written 18 \+ quarantined 0"):
         example_gen.run(make_config(), tmp_path / "examples")
     assert not (tmp_path / "examples").exists()
+
+
+def test_expanded_pages_are_counted_in_and_written_in_page_order(tmp_path: Path) -> None:
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(0)
+    for stem, pages in {"a": 3, "b": 2, "c": 1, "d": 4}.items():
+        for folder, high in ((images, 255), (masks, 1)):
+            with tifffile.TiffWriter(folder / f"{stem}.tif") as writer:
+                for _ in range(pages):
+                    writer.write(rng.integers(0, high, (8, 8), endpoint=True).astype(np.uint8))
+    raw = {"name": "pages", "dataset": {"images": str(images), "masks": str(masks), "eval_split": 0.25, "multipage": "expand"}, "classes": 2, "shape": [16, 16, 1], "beam": {"running_mode": "in_memory"}}
+    counts = example_gen.run(validate_config(raw), tmp_path / "examples")
+    assert counts["examples_in"] == counts["examples_written"] == 10 and counts["quarantined"] == 0
+    names = [example.filename for split in SPLITS for example in iter_split(tmp_path / "examples", split)]
+    assert sorted(names) == sorted({*(f"a.tif#page{k}" for k in (1, 2, 3)), "b.tif#page1", "b.tif#page2", "c.tif", *(f"d.tif#page{k}" for k in (1, 2, 3, 4))})
+    assert [name for name in names if name.startswith("d.tif")] == [f"d.tif#page{k}" for k in (1, 2, 3, 4)]
 
 
 def test_hidden_files_and_subfolders_are_listed_as_skipped(
