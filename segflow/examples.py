@@ -145,7 +145,9 @@ def serialize(example: SegmentationExample) -> bytes:
         "bit_depth": number(example.bit_depth),
         "filename": raw(example.filename.encode()),
     }
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    # `feature` is a proto map: without `deterministic` its order follows the process's string
+    # hash seed, so the same example would serialize differently in every run.
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
 def deserialize(record: bytes) -> SegmentationExample:

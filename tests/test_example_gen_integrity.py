@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -165,3 +166,22 @@ def test_camvid_config_keeps_each_sequence_in_one_split() -> None:
     prefixes = {split: {stem.split("_")[0] for stem, name in splits.items() if name == split} for split in SPLITS}
     assert prefixes["train"] and prefixes["eval"] and not prefixes["train"] & prefixes["eval"]
     assert _sizes(splits) == {"train": 266, "eval": 101}  # the config comment: eval is sequence 0006R0
+
+
+def test_serialized_examples_do_not_depend_on_the_process_hash_seed() -> None:
+    """Two runs are two processes with different string hash seeds; a proto map serialized
+    without `deterministic=True` comes out in a different order in each (seen: equal
+    features, different shard bytes and fingerprints between two `segflow run`s)."""
+    import subprocess
+    import sys
+
+    program = (
+        "import numpy as np, hashlib; from segflow.examples import SegmentationExample, serialize; "
+        "e = SegmentationExample('a.png', np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8)); "
+        "print(hashlib.sha256(serialize(e)).hexdigest())"
+    )
+    digests = {
+        subprocess.run([sys.executable, "-c", program], env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True, check=True).stdout
+        for seed in ("1", "2", "3", "4")
+    }
+    assert len(digests) == 1
