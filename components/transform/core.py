@@ -58,9 +58,14 @@ def make_preprocessing_fn(normalization: str, value_max: float) -> Callable[[dic
         image = inputs[RAW_FEATURE]
         if normalization == "standard":
             # Every image has the model's shape, so the mean of per-image means is the pixel mean.
-            mean = tft.mean(tf.reduce_mean(image, axis=[1, 2]), reduce_instance_dims=False)
-            square = tft.mean(tf.reduce_mean(tf.square(image), axis=[1, 2]), reduce_instance_dims=False)
-            offset, spread = mean, tf.sqrt(tf.maximum(square - tf.square(mean), 0.0))
+            # Sums are float64: Beam combines partial sums in the order its bundles finish, and
+            # float32 sums differ in the last bits between runs (which training amplifies);
+            # float64 sums rounded to float32 come out the same.
+            wide = tf.cast(image, tf.float64)
+            mean = tft.mean(tf.reduce_mean(wide, axis=[1, 2]), reduce_instance_dims=False, output_dtype=tf.float64)
+            square = tft.mean(tf.reduce_mean(tf.square(wide), axis=[1, 2]), reduce_instance_dims=False, output_dtype=tf.float64)
+            offset = tf.cast(mean, tf.float32)
+            spread = tf.cast(tf.sqrt(tf.maximum(square - tf.square(mean), 0.0)), tf.float32)
         else:
             offset = tft.min(tf.reduce_min(image, axis=[1, 2]), reduce_instance_dims=False)
             spread = tft.max(tf.reduce_max(image, axis=[1, 2]), reduce_instance_dims=False) - offset
