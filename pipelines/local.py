@@ -6,16 +6,19 @@ the resolved `config.yaml` and `summary.json`: the contract scripts and CI read.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
+from segflow import storage
 from segflow.component_config import location_arguments, resolve_locations
 from segflow.components.evaluator.core import METRICS_FILE, is_blessed, read_metrics
 from segflow.components.example_gen.core import COUNTS_FILE, QUARANTINE_FILE, read_counts
@@ -26,6 +29,8 @@ from segflow.config import ExperimentConfig
 from segflow.examples import read_fingerprint
 from segflow.io import atomic_write_text, read_json, write_json
 from segflow.runtime import log, read_record
+
+SUMMARY_FILE = "summary.json"
 
 # Lines that every TensorFlow subprocess and the KFP executor print, which bury progress.
 NOISE = re.compile(
@@ -85,28 +90,83 @@ def default_output(config: ExperimentConfig) -> Path:
 
 
 def run_local(config: ExperimentConfig, output: str | os.PathLike[str], kind: str = "train", verbose: bool = False) -> dict[str, Any]:
-    """Execute the DAG with kfp.local and write `summary.json`; returns the summary."""
+    """Execute the DAG with kfp.local and write `summary.json`; returns the summary.
+
+    `output` is a local folder, or a gs:// / s3:// URI: kfp.local needs a local pipeline
+    root, so the run then happens in a local temporary folder that is uploaded when the run
+    ends, `summary.json` last (its artifact paths rewritten to URIs), and removed."""
+    location = os.fspath(output)
+    if not storage.is_local(location):
+        return _run_to_uri(config, location, kind, verbose)
+    output = Path(storage.local_path(location)).resolve()
+    if output.exists() and any(output.iterdir()):
+        raise FileExistsError(f"{output}: run folder exists and is not empty; choose another --output")
+    summary = _execute(config, output, kind, verbose, shown=str(output))
+    write_json(output / SUMMARY_FILE, summary)
+    return summary
+
+
+def _run_to_uri(config: ExperimentConfig, location: str, kind: str, verbose: bool) -> dict[str, Any]:
+    summary_location = storage.join(location, SUMMARY_FILE)
+    if storage.exists(summary_location):
+        raise FileExistsError(f"{location}: run folder already has a {SUMMARY_FILE}; choose another --output")
+    scratch = Path(tempfile.mkdtemp(prefix="segflow-run-"))
+    try:
+        summary = relocate_summary(_execute(config, scratch, kind, verbose, shown=location), scratch, location)
+        log(f"uploading the run folder to {location}")
+        storage.upload_folder(scratch, location)
+        # Last, and only if no other run wrote one meanwhile: a reader never sees a summary
+        # whose files are missing.
+        write_json(scratch / SUMMARY_FILE, summary)
+        storage.write_bytes(summary_location, (scratch / SUMMARY_FILE).read_bytes(), exclusive=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return summary
+
+
+def _execute(config: ExperimentConfig, output: Path, kind: str, verbose: bool, shown: str) -> dict[str, Any]:
+    """Run the DAG into the local folder `output` (`shown` is what the progress calls it);
+    returns the summary, written by the caller."""
     from kfp import local
 
     from segflow.pipelines.pipeline import PARAMETERS, build_pipeline
 
-    output = Path(output).resolve()
-    if output.exists() and any(output.iterdir()):
-        raise FileExistsError(f"{output}: run folder exists and is not empty; choose another --output")
     output.mkdir(parents=True, exist_ok=True)
     config = resolve_locations(config)
     atomic_write_text(output / "config.yaml", config.to_yaml())
     kfp_root = output / ".kfp"
     started = time.perf_counter()
-    log(f"run folder {output}")
+    log(f"run folder {shown}")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_root), raise_on_error=False)
     with warnings.catch_warnings(), _quiet(not verbose):
         # The SubprocessRunner warns that it ignores base_image: intended, it runs this environment.
         warnings.filterwarnings("ignore", category=RuntimeWarning, module="kfp.local.subprocess_task_handler")
         build_pipeline(config, kind)(**location_arguments(config, PARAMETERS[kind]))
     _collect_task_folders(kfp_root, output)
-    summary = build_summary(output, config, kind, time.perf_counter() - started)
-    write_json(output / "summary.json", summary)
+    return build_summary(output, config, kind, time.perf_counter() - started)
+
+
+def relocate_summary(summary: dict[str, Any], local_dir: str | os.PathLike[str], location: str) -> dict[str, Any]:
+    """A copy of `summary` whose artifact paths (`quarantine`, `exports.*.path`,
+    `push.destination`) below `local_dir` name the same files below `location`, where the
+    folder was uploaded. Paths elsewhere (a local registry, a URI) stay as they are."""
+    local_dir = os.path.abspath(local_dir)
+
+    def moved(path: str) -> str:
+        if storage.is_uri(path):
+            return path
+        relative = os.path.relpath(os.path.abspath(path), local_dir)
+        if relative == os.pardir or relative.startswith(os.pardir + os.sep):
+            return path
+        return storage.join(location, *relative.split(os.sep))
+
+    summary = copy.deepcopy(summary)
+    if "quarantine" in summary:
+        summary["quarantine"] = moved(summary["quarantine"])
+    for entry in summary.get("exports", {}).values():
+        entry["path"] = moved(entry["path"])
+    if "destination" in summary.get("push", {}):
+        summary["push"]["destination"] = moved(summary["push"]["destination"])
     return summary
 
 

@@ -34,9 +34,10 @@ from segflow.storage import is_uri
 PARAMETERS = {"train": ("images", "masks", "registry"), "validate": ("images", "masks")}
 
 
-def build_pipeline(config: ExperimentConfig, kind: str = "train") -> Callable[..., Any]:
+def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root: str | None = None) -> Callable[..., Any]:
     """The `@dsl.pipeline` of `kind` ('train' or 'validate') for this config: call it under
-    kfp.local to run it, or give it to the KFP compiler."""
+    kfp.local to run it, or give it to the KFP compiler. `pipeline_root`: the compiled
+    pipeline's default root for its artifacts (None: the cluster's default)."""
     slices = {name: config_slice(config, name) for name in COMPONENT_KEYS}
     defaults = location_arguments(config, PARAMETERS[kind])
 
@@ -50,13 +51,13 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train") -> Callable[..
 
     if kind == "validate":
 
-        @dsl.pipeline(name="segflow-validate", description="segflow: ExampleGen, statistics, schema and data validation only")
+        @dsl.pipeline(name="segflow-validate", description="segflow: ExampleGen, statistics, schema and data validation only", pipeline_root=pipeline_root)
         def validation_pipeline(images: str = defaults["images"], masks: str = defaults["masks"]) -> None:
             data_checks(images, masks)
 
         return validation_pipeline
 
-    @dsl.pipeline(name="segflow", description="segflow: ExampleGen to Pusher for image segmentation")
+    @dsl.pipeline(name="segflow", description="segflow: ExampleGen to Pusher for image segmentation", pipeline_root=pipeline_root)
     def training_pipeline(images: str = defaults["images"], masks: str = defaults["masks"], registry: str = defaults["registry"]) -> None:
         examples, schema, validation = data_checks(images, masks)
         graph = transform(config_slice=slices["transform"], examples=examples.outputs["examples"], schema=schema.outputs["schema"])
@@ -73,7 +74,7 @@ def check_locations(config: ExperimentConfig, kind: str) -> None:
     """ConfigError naming every location the compiled pipeline would embed as a relative path:
     it would be resolved in the pods' working directory, not where `segflow compile` ran."""
     unused = {LOCATION_PARAMETERS[name] for name in LOCATION_PARAMETERS if name not in PARAMETERS[kind]}
-    relative = {key: value for key, value in locations(config).items() if key not in unused and not is_uri(value) and not os.path.isabs(value)}
+    relative = {key: value for key, value in locations(config).items() if key not in unused and not _reachable_from_pods(value)}
     if relative:
         named = ", ".join(f"{key} {value!r}" for key, value in relative.items())
         raise ConfigError(
@@ -83,13 +84,31 @@ def check_locations(config: ExperimentConfig, kind: str) -> None:
         )
 
 
-def compile_pipeline(config: ExperimentConfig, output: str | Path, kind: str = "train", resolve_paths: bool = False) -> Path:
+def _reachable_from_pods(location: str) -> bool:
+    return is_uri(location) or os.path.isabs(location)
+
+
+def check_pipeline_root(pipeline_root: str | None) -> None:
+    """ConfigError for a relative pipeline root: KFP would write the artifacts relative to
+    the pods' working directory."""
+    if pipeline_root is not None and not _reachable_from_pods(pipeline_root):
+        raise ConfigError(
+            f"relative --pipeline-root {pipeline_root!r}: the pipeline's artifacts are written from the cluster's pods, "
+            "so give a gs:// / s3:// URI or an absolute path (mounted at that path in the pods)"
+        )
+
+
+def compile_pipeline(
+    config: ExperimentConfig, output: str | Path, kind: str = "train", resolve_paths: bool = False, pipeline_root: str | None = None
+) -> Path:
     """KFP v2 IR YAML of the `kind` pipeline for this config; relative locations are an error
-    unless `resolve_paths` makes them absolute against the working directory."""
+    unless `resolve_paths` makes them absolute against the working directory. `pipeline_root`
+    (a URI or an absolute path) becomes the pipeline's `defaultPipelineRoot`."""
     if resolve_paths:
         config = resolve_locations(config)
     check_locations(config, kind)
+    check_pipeline_root(pipeline_root)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(config, kind), str(output), pipeline_name=f"segflow-{config.name}")
+    compiler.Compiler().compile(build_pipeline(config, kind, pipeline_root), str(output), pipeline_name=f"segflow-{config.name}")
     return output

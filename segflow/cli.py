@@ -20,15 +20,16 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace, kind: str) -> int:
     from segflow.pipelines.local import default_output, run_local
+    from segflow.storage import is_uri
 
     config = _load(args)
-    output = Path(args.output) if args.output else default_output(config)
+    output = args.output or default_output(config)
     summary = run_local(config, output, kind=kind, verbose=args.verbose)
-    _report(summary, output.resolve())
+    _report(summary, output if is_uri(str(output)) else Path(output).resolve())
     return 0 if summary["status"] == "succeeded" else 1
 
 
-def _report(summary: dict, output: Path) -> None:
+def _report(summary: dict, output: str | Path) -> None:
     print(f"\nrun folder: {output}")
     for name, entry in summary["components"].items():
         seconds = f"{entry['seconds']:.1f} s" if "seconds" in entry else ""
@@ -46,7 +47,7 @@ def _report(summary: dict, output: Path) -> None:
 def _compile(args: argparse.Namespace) -> int:
     from segflow.pipelines.pipeline import compile_pipeline
 
-    path = compile_pipeline(_load(args), args.output, kind=args.pipeline, resolve_paths=args.resolve_paths)
+    path = compile_pipeline(_load(args), args.output, kind=args.pipeline, resolve_paths=args.resolve_paths, pipeline_root=args.pipeline_root)
     print(f"wrote {path}")
     return 0
 
@@ -89,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         local_run = commands.add_parser(command, help=summary)
         _add_config_arguments(local_run)
-        local_run.add_argument("--output", "-o", help="run folder (default runs/<name>-<timestamp>)")
+        local_run.add_argument("--output", "-o", help="run folder: a path or a gs:// / s3:// URI, uploaded when the run ends (default runs/<name>-<timestamp>)")
         local_run.add_argument("--verbose", "-v", action="store_true", help="show all subprocess output, TensorFlow and KFP logs included")
         local_run.set_defaults(handler=lambda args, kind=kind: _run(args, kind))
 
@@ -102,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="make relative dataset/registry/validation paths absolute against the current directory "
         "(for a cluster whose pods mount them at the same path); without it a relative path is an error",
+    )
+    compile_.add_argument(
+        "--pipeline-root",
+        metavar="URI",
+        help="the compiled pipeline's default pipeline root, where KFP writes the artifacts: a gs:// / s3:// URI "
+        "or an absolute path (without it, the cluster's default)",
     )
     compile_.set_defaults(handler=_compile)
 

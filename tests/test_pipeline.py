@@ -106,6 +106,23 @@ def test_compile_rejects_relative_locations_or_resolves_them(tmp_path: Path, mon
     assert str(tmp_path / "runs" / "old" / "schema") in validator["config_slice"]["runtimeValue"]["constant"]
 
 
+@pytest.mark.parametrize("kind", ["train", "validate"])
+def test_compile_sets_the_default_pipeline_root(kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--pipeline-root becomes defaultPipelineRoot; a relative one is an error naming it;
+    without it the YAML has no root (the golden test checks the rest is unchanged)."""
+    config = str(HERE / "data" / "golden.yaml")
+    for root in ("gs://segflow-golden/pipeline-root", "/mnt/pipeline-root"):
+        path = tmp_path / f"{kind}.yaml"
+        assert main(["compile", config, "-o", str(path), "--pipeline", kind, "--pipeline-root", root]) == 0
+        assert yaml.safe_load(path.read_text())["defaultPipelineRoot"] == root
+    assert "defaultPipelineRoot" not in _compiled(tmp_path, kind=kind)
+    capsys.readouterr()
+    assert main(["compile", config, "-o", str(tmp_path / "relative.yaml"), "--pipeline", kind, "--pipeline-root", "runs/root"]) == 2
+    error = capsys.readouterr().err
+    assert "--pipeline-root 'runs/root'" in error and "absolute path" in error and "gs:// / s3:// URI" in error
+    assert not (tmp_path / "relative.yaml").exists()
+
+
 def test_validate_pipeline_compiles_without_training(tmp_path: Path) -> None:
     path = tmp_path / "validate.yaml"
     assert main(["compile", str(HERE / "data" / "golden.yaml"), "-o", str(path), "--pipeline", "validate"]) == 0

@@ -236,3 +236,86 @@ def test_segflow_validate_on_a_dataset_in_s3(s3_root: str, tmp_path: Path) -> No
     assert resolved["dataset"]["images"] == remote_dataset["images"]
     assert summary["status"] == "succeeded", summary
     assert summary["counts"]["examples_written"] == 12
+
+
+def test_relocate_summary_names_the_uploaded_files(tmp_path: Path) -> None:
+    """Paths below the local run folder become URIs below the uploaded one; others stay."""
+    from segflow.pipelines.local import relocate_summary
+
+    local = tmp_path / "segflow-run-abc"
+    summary = {
+        "status": "succeeded",
+        "counts": {"examples_in": 3},
+        "quarantine": str(local / "example_gen" / "examples" / "quarantine.jsonl"),
+        "exports": {
+            "saved_model": {"path": str(local / "exporter" / "exports" / "saved_model"), "bytes": 10},
+            "tflite_int8": {"path": str(local / "exporter" / "exports" / "model_int8.tflite"), "bytes": 5},
+        },
+        "push": {"pushed": True, "destination": str(tmp_path / "registry" / "tiny" / "1")},
+    }
+    before = json.loads(json.dumps(summary))
+    run = "s3://bucket/runs/x"
+    relocated = relocate_summary(summary, local, run)
+    assert summary == before  # a copy; the caller's summary is unchanged
+    assert relocated["quarantine"] == f"{run}/example_gen/examples/quarantine.jsonl"
+    assert {name: entry["path"] for name, entry in relocated["exports"].items()} == {
+        "saved_model": f"{run}/exporter/exports/saved_model",
+        "tflite_int8": f"{run}/exporter/exports/model_int8.tflite",
+    }
+    assert relocated["exports"]["saved_model"]["bytes"] == 10 and relocated["counts"] == summary["counts"]
+    assert relocated["push"] == summary["push"]  # a local registry outside the run folder keeps its path
+    for destination, expected in (
+        ("gs://registry/tiny/1", "gs://registry/tiny/1"),
+        (str(local / "registry" / "tiny" / "1"), f"{run}/registry/tiny/1"),
+        (str(tmp_path / "segflow-run-abc2" / "tiny"), str(tmp_path / "segflow-run-abc2" / "tiny")),  # a sibling, not below
+    ):
+        assert relocate_summary({"push": {"destination": destination}}, local, run)["push"]["destination"] == expected
+    assert relocate_summary({"status": "failed"}, local, run) == {"status": "failed"}
+
+
+def test_segflow_validate_uploads_its_run_folder_to_s3(
+    s3_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--output s3://...`: the run happens in a local temporary folder, which is uploaded
+    (summary.json last, its paths rewritten to URIs) and removed; a second run there is refused."""
+    import tempfile
+
+    import yaml
+
+    from segflow.cli import main
+
+    data = write_demo_dataset(tmp_path / "data", count=12, size=32)
+    (data / "masks" / "003.png").unlink()  # one quarantined example, so the quarantine file has a line
+    config = tmp_path / "local.yaml"
+    config.write_text(yaml.safe_dump(tiny_raw_config(data)))
+    scratch, cwd = tmp_path / "scratch", tmp_path / "cwd"
+    scratch.mkdir()
+    cwd.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.chdir(cwd)
+    run = storage.join(s3_root, "runs", "first")
+    upload_folder = storage.upload_folder
+    uploads = []
+
+    def upload_before_the_summary(local_dir: str, location: str) -> list[str]:
+        assert not storage.exists(storage.join(location, "summary.json")) and not os.path.exists(os.path.join(local_dir, "summary.json"))
+        uploads.append(location)
+        return upload_folder(local_dir, location)
+
+    monkeypatch.setattr(storage, "upload_folder", upload_before_the_summary)
+    assert main(["validate", str(config), "-o", run]) == 0
+    assert uploads == [run] and f"run folder: {run}\n" in capsys.readouterr().out
+    summary = json.loads(storage.read_bytes(storage.join(run, "summary.json")))
+    assert summary["status"] == "succeeded", summary
+    assert summary["counts"]["examples_written"] == 11 and summary["counts"]["quarantined"] == 1
+    assert summary["quarantine"] == storage.join(run, "example_gen", "examples", "quarantine.jsonl")
+    quarantined = [json.loads(line) for line in storage.read_bytes(summary["quarantine"]).decode().splitlines()]
+    assert [storage.basename(entry["file"]) for entry in quarantined] == ["003.png"]
+    components = ["dataset_fingerprint", "example_gen", "statistics_gen", "schema_gen", "example_validator"]
+    assert {entry.name for entry in storage.list_folder(run)} == {"config.yaml", "summary.json", *components}
+    assert storage.exists(storage.join(run, "example_validator", "anomalies", "anomalies.json"))
+    assert os.listdir(scratch) == [] and os.listdir(cwd) == []  # no temporary run folder left, nothing written here
+
+    assert main(["validate", str(config), "-o", run]) == 2
+    assert f"{run}: run folder already has a summary.json" in capsys.readouterr().err
+    assert uploads == [run]
