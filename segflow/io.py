@@ -180,19 +180,6 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.tobytes()
 
 
-def convert_channels(image: np.ndarray, channels: int) -> np.ndarray:
-    """Adapt an HxWxC image to the model's channel count: alpha is dropped, grey is repeated,
-    colour becomes luma (ITU-R 601)."""
-    if image.shape[2] == 4:
-        image = image[:, :, :3]
-    if image.shape[2] == channels:
-        return image
-    if channels == 3:
-        return np.repeat(image, 3, axis=2)
-    luma = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
-    return np.round(luma)[:, :, None].astype(image.dtype)
-
-
 _RENAME_EXCHANGE = 2  # renameat2 flag (linux/fs.h): swap two paths in one atomic step
 _AT_FDCWD = -100
 

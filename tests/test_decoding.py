@@ -18,7 +18,7 @@ import tifffile
 from PIL import Image
 
 from segflow.config import validate_config
-from segflow.io import ImageReadError, decode_image, decode_mask, decode_mask_pages, decode_pages, read_image
+from segflow.io import ImageReadError, decode_image, decode_mask, decode_pages, read_image
 
 RNG = np.random.default_rng(7)
 BGR = {1: [0], 3: [2, 1, 0], 4: [2, 1, 0, 3]}  # OpenCV's order, for writing with OpenCV only

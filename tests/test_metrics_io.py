@@ -9,7 +9,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from segflow.io import ImageReadError, atomic_dir, convert_channels, decode_image, decode_mask, encode_png
+from segflow.io import ImageReadError, atomic_dir, decode_image, decode_mask, encode_png
 from segflow.metrics import ConfusionMatrix
 
 
@@ -68,14 +68,6 @@ def test_colour_mask_is_rejected() -> None:
     colour[0, 0] = (255, 0, 0)
     with pytest.raises(ImageReadError, match="colour-coded mask"):
         decode_mask(encode_png(colour), "m.png")
-
-
-def test_convert_channels() -> None:
-    rgba = np.zeros((2, 2, 4), np.uint8)
-    rgba[..., 0] = 100
-    assert convert_channels(rgba, 3).shape == (2, 2, 3)
-    assert convert_channels(rgba, 1)[0, 0, 0] == round(0.299 * 100)
-    assert convert_channels(np.ones((2, 2, 1), np.uint16), 3).shape == (2, 2, 3)
 
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path: Path) -> None:

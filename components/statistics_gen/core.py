@@ -15,10 +15,12 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
+import tensorflow as tf
 
 from segflow.config import ExperimentConfig
 from segflow.examples import SPLITS, deserialize, pixel_scale, split_dir, split_files
-from segflow.io import atomic_dir, convert_channels, read_json, write_json
+from segflow.io import atomic_dir, read_json, write_json
+from segflow.preprocessing import to_model_channels
 from segflow.runtime import beam_options, log
 
 STATISTICS_FILE = "statistics.json"
@@ -57,7 +59,9 @@ class SplitStatisticsFn(beam.CombineFn):
     def add_input(self, acc: dict[str, Any], record: bytes) -> dict[str, Any]:
         example = deserialize(record)
         height, width, channels = example.image.shape
-        pixels = convert_channels(example.image, self.channels).astype(np.float64) / pixel_scale(example.bit_depth)
+        # The model's channels, converted as the model input is (one definition of that).
+        model_channels = to_model_channels(tf.constant(example.image, tf.float32), self.channels).numpy()
+        pixels = model_channels.astype(np.float64) / pixel_scale(example.bit_depth)
         acc["count"] += 1
         acc["sizes"][f"{height}x{width}"] += 1
         acc["source_channels"][str(channels)] += 1
