@@ -90,6 +90,71 @@ class PushConfig(_Strict):
     registry: str = "model-registry"
 
 
+class TrainerConfig(_Strict):
+    """How training is distributed. `workers` > 1 turns the trainer step into a launcher of
+    that many worker processes (local) or pods (Kubernetes Indexed Job or Kubeflow TFJob)."""
+
+    distribution: Literal["auto", "one_device", "mirrored", "multi_worker"] = Field(
+        "auto", description="auto: MirroredStrategy over visible GPUs, MultiWorkerMirroredStrategy when TF_CONFIG names several workers, else one device"
+    )
+    workers: int = Field(1, ge=1, le=64, description="worker processes/pods for MultiWorkerMirroredStrategy")
+    launcher: Literal["auto", "local", "indexed_job", "tfjob"] = Field(
+        "auto", description="auto: local processes outside Kubernetes, an Indexed Job inside a pod; tfjob needs the Kubeflow training operator"
+    )
+    scale_learning_rate: bool = Field(False, description="multiply each stage's learning rate by the number of replicas")
+    timeout_seconds: int = Field(24 * 3600, ge=60, description="a launcher gives up on its workers after this long")
+
+
+class Toleration(_Strict):
+    key: str
+    operator: Literal["Equal", "Exists"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+
+class NodePool(_Strict):
+    """Where a step's pods are scheduled."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    accelerator_type: str | None = Field(None, description="e.g. nvidia.com/gpu resource's node label value, such as nvidia-tesla-t4")
+    accelerator_count: int = Field(0, ge=0)
+
+
+class Resources(_Strict):
+    """Kubernetes requests and limits (quantities as Kubernetes writes them: '2', '500m', '8Gi')."""
+
+    cpu: str | None = None
+    memory: str | None = None
+    cpu_limit: str | None = None
+    memory_limit: str | None = None
+
+
+class SecretEnv(_Strict):
+    """An environment variable of every step, taken from a Kubernetes Secret (never a literal)."""
+
+    secret: str
+    key: str
+    env: str
+
+
+class KubernetesConfig(_Strict):
+    """Settings that matter only on a cluster (compiled into the pipeline; kfp.local ignores them)."""
+
+    image: str = Field("ghcr.io/segflow/segflow:0.1.0", description="registry/name:tag of the segflow image every step runs in")
+    gpu_image: str | None = Field(None, description="image of the trainer when it has accelerators (the GPU build); default: image")
+    namespace: str = "segflow"
+    service_account: str = "segflow-launcher"
+    pipeline_root: str | None = Field(None, description="gs://, s3:// or minio:// URI, or a PVC path, for KFP artifacts")
+    pvc: str | None = Field(None, description="a PersistentVolumeClaim mounted at /mnt/segflow in every step")
+    trainer_pool: NodePool = NodePool()
+    data_pool: NodePool = NodePool()
+    resources: dict[str, Resources] = Field(default_factory=dict, description="per component name, or 'default'")
+    retries: int = Field(0, ge=0, le=10)
+    caching: bool = True
+    secrets: list[SecretEnv] = Field(default_factory=list)
+
+
 LOSS_TERM = re.compile(r"^\s*(?:(?P<weight>\d+(?:\.\d*)?|\.\d+)\s*\*\s*)?(?P<name>[a-z_]+)\s*$")
 
 
@@ -130,6 +195,8 @@ class ExperimentConfig(_Strict):
     validation: ValidationConfig = ValidationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     push: PushConfig = PushConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
 
     @field_validator("classes")
     @classmethod
