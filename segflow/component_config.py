@@ -33,6 +33,7 @@ COMPONENT_KEYS: dict[str, tuple[str, ...]] = {
     "transform": ("shape", "normalization", "beam"),
     "trainer": (
         "classes", "ignore_index", "shape", "architecture", "backbone", "model", "augmentation", "loss", "batch", "stages", "seed", "deterministic",
+        "trainer",
     ),
     "evaluator": ("evaluation",),
     "exporter": ("export",),

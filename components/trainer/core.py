@@ -5,13 +5,25 @@ Input pipeline (tf.data): GZIP TFRecords -> decode (any bit depth, model channel
 -> prefetch. Stages run one after another on the same weights (each its own learning
 rate). Writes the served model (`Format-Serving/`, TFT graph inside) and a model-run
 folder with TensorBoard logs, `history.csv` and checkpoints.
+
+Distribution (`trainer` config section, segflow/distribute.py): the model is built and
+compiled inside the strategy's scope, the global batch is `batch` x replicas, and the
+learning rate optionally scales with the replicas. With `trainer.workers` > 1 this core is
+a launcher (segflow/launcher.py): every worker runs `train_worker` under
+MultiWorkerMirroredStrategy; only the chief (worker 0) writes the checkpoints, TensorBoard
+logs, history and model, the others write to their scratch folders, which are removed.
+`model_run/workers.json` records each worker's final-weights digest (they must agree).
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
+import hashlib
+import json
 import shutil
+import signal
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -22,8 +34,10 @@ import tf_keras as keras
 
 from segflow.augment import apply_policy, build_policy, example_seed
 from segflow.config import ExperimentConfig
+from segflow.distribute import Plan, make_plan, scaled_learning_rate, shard_by_data
 from segflow.examples import split_files
 from segflow.io import atomic_dir, write_json
+from segflow.launcher import LaunchRequest, launch, worker_scratch
 from segflow.losses import LabelSpec, build_loss
 from segflow.models import ModelSpec, build_model
 from segflow.runtime import log
@@ -36,6 +50,10 @@ HISTORY_FILE = "history.csv"
 BACKUP_FOLDER = "backup"  # beside the trainer's outputs, not inside their temporary folders
 CACHE_BUDGET_BYTES = 2 * 1024**3  # decoded, resized examples kept in RAM up to this size
 SHUFFLE_BUFFER = 1024
+WORKERS_FILE = "workers.json"  # in model_run/ after a multi-worker run: each worker's result
+WORKER_ENTRY = "segflow.components.trainer.core:train_worker"
+# Fault injection for tests: "<worker index>:<epoch>" makes that worker SIGKILL itself after that epoch.
+KILL_WORKER_ENV = "SEGFLOW_FAULT_KILL_WORKER"
 
 
 def cache_bytes(examples: int, shape: list[int]) -> int:
@@ -92,22 +110,26 @@ def make_dataset(
     transform_layer: Any,
     pixels: PixelSpec,
     epochs: tuple[int, int] | None = None,
+    batch: int | None = None,
 ) -> tf.data.Dataset:
     """Batches of (normalised image, mask). With `epochs` (first, end) it is the training
     stream for those epochs: shuffled and augmented per epoch from seeds, so that the
-    same data and config give the same batches whatever the thread scheduling."""
+    same data and config give the same batches whatever the thread scheduling. `batch` is
+    the global batch (default: config `batch`); under several workers the stream is sharded
+    by element (policy DATA), so each worker keeps its replicas' part of every batch."""
     from segflow.components.example_gen.core import read_counts
     from segflow.components.transform.core import RAW_FEATURE, TRANSFORMED_FEATURE
 
     records = tf.data.TFRecordDataset(split_files(examples_dir, split), compression_type="GZIP")
     decoded = records.map(lambda record: _decode(record, config.shape, pixels), num_parallel_calls=tf.data.AUTOTUNE)
+    batch = batch or config.batch
     needed = cache_bytes(read_counts(examples_dir)[f"{split}_examples"], config.shape)
     if needed <= CACHE_BUDGET_BYTES:
         decoded = decoded.cache()
     else:  # decoding every epoch is slower than RAM, but never runs the machine out of memory
         log(f"trainer: {split} split needs {needed / 1024**3:.1f} GiB decoded; not caching it in RAM")
     if epochs is None:
-        batches = decoded.map(lambda image, mask, _: (image, mask)).batch(config.batch)
+        batches = decoded.map(lambda image, mask, _: (image, mask)).batch(batch)
     else:
         augment = _augmenter(config)
 
@@ -119,13 +141,13 @@ def make_dataset(
                 examples = shuffled.map(lambda image, mask, _: (image, mask))
             else:
                 examples = shuffled.map(lambda image, mask, name: augment(image, mask, name, tf.constant(epoch, tf.int64)), num_parallel_calls=tf.data.AUTOTUNE)
-            return examples.batch(config.batch)
+            return examples.batch(batch)
 
         batches = functools.reduce(tf.data.Dataset.concatenate, (one_epoch(epoch) for epoch in range(*epochs)))
     normalized = batches.map(
         lambda image, mask: (transform_layer({RAW_FEATURE: image})[TRANSFORMED_FEATURE], mask), num_parallel_calls=tf.data.AUTOTUNE
     )
-    return normalized.prefetch(tf.data.AUTOTUNE)
+    return shard_by_data(normalized.prefetch(tf.data.AUTOTUNE))
 
 
 class StreamingMeanIoU(keras.metrics.Metric):
@@ -183,18 +205,140 @@ def run(
     """Train every stage, then write the served model. The inputs may be gs:// or s3:// URIs
     (copied to local disk first: tf.data cannot read s3 and the TFT graph wants a folder).
     A crash resumes from `backup/` beside `model_run_dir`: finished stages are skipped, the
-    running one continues at its last epoch."""
+    running one continues at its last epoch. With `trainer.workers` > 1 the training runs
+    in launched workers (`_launch`) and this process waits for them."""
+    if config.trainer.workers > 1:
+        return _launch(config, examples_dir, transform_dir, model_dir, model_run_dir)
+    plan = make_plan(config.trainer.distribution)  # before any TensorFlow op (collectives are configured at startup)
     with localized(examples_dir) as local_examples, localized(transform_dir) as local_transform:
-        return _train(config, local_examples, local_transform, model_dir, model_run_dir)
+        final, _ = _train(config, plan, local_examples, local_transform, model_dir, model_run_dir, Path(model_run_dir).parent / BACKUP_FOLDER)
+    return final
 
 
-def _train(
+def _launch(
     config: ExperimentConfig,
     examples_dir: str | os.PathLike[str],
     transform_dir: str | os.PathLike[str],
     model_dir: str | os.PathLike[str],
     model_run_dir: str | os.PathLike[str],
 ) -> dict[str, Any]:
+    """Run `train_worker` in `trainer.workers` workers (segflow.launcher); the chief writes the
+    outputs in place. Adds `workers.json` (each worker's final-weights digest) to model_run/."""
+    if config.trainer.distribution not in ("auto", "multi_worker"):
+        raise ValueError(
+            f"trainer.workers {config.trainer.workers} trains with MultiWorkerMirroredStrategy: "
+            f"trainer.distribution must be auto or multi_worker, not {config.trainer.distribution}"
+        )
+    arguments = {
+        "config_json": config.to_json(),
+        "examples_dir": str(examples_dir),
+        "transform_dir": str(transform_dir),
+        "model_dir": str(model_dir),
+        "model_run_dir": str(model_run_dir),
+    }
+    request = LaunchRequest(
+        name="trainer",
+        entry=WORKER_ENTRY,
+        arguments=arguments,
+        workers=config.trainer.workers,
+        timeout_seconds=config.trainer.timeout_seconds,
+        workdir=Path(model_run_dir).parent,
+    )
+    try:
+        results = launch(request, config.trainer.launcher)
+    except BaseException:
+        _remove_partial_outputs(Path(model_dir), Path(model_run_dir))
+        raise
+    digests = {result.get("weights_sha256") for result in results}
+    if len(digests) != 1 or None in digests:
+        raise RuntimeError(f"trainer: the workers' final weights differ (sha256 per worker: {[r.get('weights_sha256') for r in results]})")
+    chiefs = [result for result in results if result.get("chief")]
+    if len(chiefs) != 1:
+        raise RuntimeError(f"trainer: expected one chief among the workers, got {len(chiefs)}")
+    write_json(Path(model_run_dir) / WORKERS_FILE, {"workers": [{key: value for key, value in r.items() if key != "final"} for r in results]})
+    log(f"trainer: {len(results)} workers agree on the final weights (sha256 {digests.pop()[:12]}...)")
+    return chiefs[0]["final"]
+
+
+def _remove_partial_outputs(*targets: Path) -> None:
+    """What a killed chief leaves: atomic_dir's temporary siblings (`.<name>.*`) of its outputs
+    and a half-written stage weights file; `backup/` itself stays, to resume from."""
+    for target in targets:
+        for partial in target.parent.glob(f".{target.name}.*"):
+            shutil.rmtree(partial, ignore_errors=True)
+    backup = targets[0].parent / BACKUP_FOLDER
+    for partial in backup.glob(".partial-*"):
+        partial.unlink(missing_ok=True)
+
+
+def train_worker(config_json: str, examples_dir: str, transform_dir: str, model_dir: str, model_run_dir: str) -> dict[str, Any]:
+    """One worker of a multi-worker run (called by `python -m segflow.launcher worker`, with
+    TF_CONFIG set). The chief writes to `model_dir`, `model_run_dir` and the shared `backup/`
+    beside them; another worker writes to its scratch folder and removes what it wrote."""
+    config = ExperimentConfig.from_json(config_json)
+    plan = make_plan(config.trainer.distribution)  # first: MultiWorkerMirroredStrategy needs a fresh context
+    backup = Path(model_run_dir).parent / BACKUP_FOLDER
+    private: Path | None = None
+    if not plan.chief:
+        private = Path(tempfile.mkdtemp(prefix=f"worker-{plan.index}-", dir=worker_scratch()))
+        model_dir, model_run_dir = str(private / "model"), str(private / "model_run")
+    try:
+        with localized(examples_dir) as local_examples, localized(transform_dir) as local_transform:
+            final, digest = _train(config, plan, local_examples, local_transform, model_dir, model_run_dir, backup)
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
+    return {
+        "index": plan.index,
+        "chief": plan.chief,
+        "wrote": str(model_run_dir),
+        "removed": private is not None,
+        "weights_sha256": digest,
+        "final": final,
+    }
+
+
+class _KillAfterEpoch(keras.callbacks.Callback):
+    """Fault injection (KILL_WORKER_ENV): this worker kills itself as a crashed node would."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if epoch + 1 >= self.epoch:
+            log(f"trainer: {KILL_WORKER_ENV}: killing this worker after epoch {epoch + 1}")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fault_callbacks(plan: Plan) -> list[keras.callbacks.Callback]:
+    value = os.environ.get(KILL_WORKER_ENV)
+    if not value or plan.workers < 2:
+        return []
+    index, _, epoch = value.partition(":")
+    return [_KillAfterEpoch(int(epoch or 1))] if int(index) == plan.index else []
+
+
+def _weights_digest(weights: list[np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for array in weights:
+        digest.update(json.dumps([str(array.dtype), list(array.shape)]).encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _train(
+    config: ExperimentConfig,
+    plan: Plan,
+    examples_dir: str | os.PathLike[str],
+    transform_dir: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str],
+    model_run_dir: str | os.PathLike[str],
+    backup: Path,
+) -> tuple[dict[str, Any], str]:
+    """(final metrics, sha256 of the final weights). `backup` is read by every worker and
+    written by the chief; another worker keeps its own stage weights and history beside its
+    `model_run_dir` (a scratch folder)."""
     from segflow.components.example_gen.core import read_counts
     from segflow.components.transform.core import transform_layer
 
@@ -204,12 +348,17 @@ def _train(
     labels = LabelSpec(config.num_labels, config.sigmoid_head, config.ignore_index)
     pixels = PixelSpec.load(transform_dir)
     tft_layer = transform_layer(transform_dir)
-    steps_per_epoch = math.ceil(read_counts(examples_dir)["train_examples"] / config.batch)
-    validation = make_dataset(config, examples_dir, "eval", tft_layer, pixels)
-    network = build_network(config)
+    global_batch = plan.global_batch(config.batch)
+    steps_per_epoch = math.ceil(read_counts(examples_dir)["train_examples"] / global_batch)
+    validation = make_dataset(config, examples_dir, "eval", tft_layer, pixels, batch=global_batch)
+    with plan.strategy.scope():
+        network = build_network(config)
     log(f"trainer: {config.architecture}/{config.backbone}, {network.count_params():,} parameters, {config.total_epochs} epochs")
-    backup = Path(model_run_dir).parent / BACKUP_FOLDER
+    if plan.replicas > 1 or plan.workers > 1:
+        log(f"trainer: {plan.describe()}; global batch {global_batch} ({config.batch} per replica)")
+    own_backup = backup if plan.chief else Path(model_run_dir).parent / BACKUP_FOLDER
     backup.mkdir(parents=True, exist_ok=True)
+    own_backup.mkdir(parents=True, exist_ok=True)
     with atomic_dir(model_run_dir) as run_out:
         first_epoch = 0
         history: dict[str, list[float]] = {}
@@ -220,20 +369,25 @@ def _train(
                 log(f"trainer: stage {number}/{len(config.stages)} finished before a restart; weights restored from {finished}")
                 first_epoch += stage.epochs
                 continue
-            log(f"trainer: stage {number}/{len(config.stages)}: {stage.epochs} epochs at learning rate {stage.learning_rate}")
-            network.compile(
-                optimizer=keras.optimizers.Adam(stage.learning_rate),
-                loss=build_loss(config.loss, labels),
-                metrics=[StreamingMeanIoU(labels)],
-            )
+            learning_rate = scaled_learning_rate(stage.learning_rate, plan.replicas, config.trainer.scale_learning_rate)
+            log(f"trainer: stage {number}/{len(config.stages)}: {stage.epochs} epochs at learning rate {learning_rate:g}")
+            with plan.strategy.scope():
+                network.compile(
+                    optimizer=keras.optimizers.Adam(learning_rate),
+                    loss=build_loss(config.loss, labels),
+                    metrics=[StreamingMeanIoU(labels)],
+                )
             callbacks = [
+                # Every worker gives the shared folder: tf_keras reads the chief's backup on all
+                # of them and has the others write to temporary sub-folders it removes.
                 keras.callbacks.BackupAndRestore(str(backup / f"stage-{number}"), delete_checkpoint=True),
-                keras.callbacks.CSVLogger(str(backup / HISTORY_FILE), append=True),
+                keras.callbacks.CSVLogger(str(own_backup / HISTORY_FILE), append=True),
                 keras.callbacks.TensorBoard(log_dir=str(run_out / "logs"), profile_batch=0),
                 keras.callbacks.ModelCheckpoint(str(run_out / "checkpoints" / "last.weights.h5"), save_weights_only=True),
+                *_fault_callbacks(plan),
             ]
             end_epoch = first_epoch + stage.epochs
-            train = make_dataset(config, examples_dir, "train", tft_layer, pixels, epochs=(first_epoch, end_epoch))
+            train = make_dataset(config, examples_dir, "train", tft_layer, pixels, epochs=(first_epoch, end_epoch), batch=global_batch)
             fit = network.fit(
                 train,
                 validation_data=validation,
@@ -243,23 +397,33 @@ def _train(
                 callbacks=callbacks,
                 verbose=2,
             )
-            _save_weights_atomically(network, finished)
+            _save_weights_atomically(network, own_backup / finished.name)
             first_epoch = end_epoch
             for key, values in fit.history.items():
                 history.setdefault(key, []).extend(float(value) for value in values)
-        shutil.copyfile(backup / HISTORY_FILE, run_out / HISTORY_FILE)
+        shutil.copyfile(own_backup / HISTORY_FILE, run_out / HISTORY_FILE)
         final = {key: values[-1] for key, values in history.items()}
         write_json(run_out / "final_metrics.json", final)
-    with atomic_dir(model_dir) as model_out:
-        (model_out / KERAS_FILE).parent.mkdir()
-        network.save(str(model_out / KERAS_FILE))
-        spec = ServingSpec(
-            tuple(config.shape), tuple(config.class_names), config.sigmoid_head, config.ignore_index, pixels.input_dtype, pixels.value_max
-        )
-        SegmentationServer(network, tft_layer, spec).save(model_out)
-    shutil.rmtree(backup)  # the run is complete; nothing left to resume
+    weights = network.get_weights()  # on every worker: reading synced-on-read variables is a collective
+    if plan.chief:
+        served = network
+        if plan.strategy is not tf.distribute.get_strategy():
+            # A plain copy outside any strategy: saving it needs no other worker, and it loads anywhere.
+            served = build_network(config)
+            served.set_weights(weights)
+            served.compile(optimizer=keras.optimizers.Adam(), loss=build_loss(config.loss, labels), metrics=[StreamingMeanIoU(labels)])
+        with atomic_dir(model_dir) as model_out:
+            (model_out / KERAS_FILE).parent.mkdir()
+            served.save(str(model_out / KERAS_FILE))
+            spec = ServingSpec(
+                tuple(config.shape), tuple(config.class_names), config.sigmoid_head, config.ignore_index, pixels.input_dtype, pixels.value_max
+            )
+            SegmentationServer(served, tft_layer, spec).save(model_out)
+        shutil.rmtree(backup)  # the run is complete; nothing left to resume
+    else:  # only the chief writes the model; this worker's scratch outputs go
+        shutil.rmtree(own_backup, ignore_errors=True)
     log(f"trainer: final loss {final.get('loss', float('nan')):.4f}, validation mean IoU {final.get('val_mean_iou', float('nan')):.4f}")
-    return final
+    return final, _weights_digest(weights)
 
 
 def _save_weights_atomically(network: keras.Model, target: Path) -> None:
