@@ -27,19 +27,17 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from segflow.config import ExperimentConfig, Resources
+from segflow.config import ExperimentConfig
 
 PORT = 2222  # the workers' gRPC port; the training operator's default for TFJob too
 PORT_NAME = "tfjob-port"  # the port name the training operator looks for
 TFJOB_CONTAINER = "tensorflow"  # the container name the training operator fills in
 WORKER_CONTAINER = "worker"
-GPU_RESOURCE = "nvidia.com/gpu"
-# kubernetes.trainer_pool.accelerator_type is a node label value (e.g. nvidia-tesla-t4) under this key.
-ACCELERATOR_LABEL = "cloud.google.com/gke-accelerator"
+GPU_RESOURCE = "nvidia.com/gpu"  # the accelerator resource when trainer_pool.accelerator_type is unset
 CLUSTER_ENV = "SEGFLOW_TF_CLUSTER"  # JSON {"worker": [host:port, ...]} in every Indexed Job pod
 INDEX_ENV = "JOB_COMPLETION_INDEX"  # set by Kubernetes in the pods of an Indexed Job
 RUN_USER = 1000  # the image's non-root user (containers/Dockerfile)
-WORK_DIR = "/mnt/segflow"  # where kubernetes.pvc is mounted
+WORK_DIR = "/mnt/segflow"  # where kubernetes.pvc is mounted unless kubernetes.pvc_mount_path says otherwise
 PART_OF = "app.kubernetes.io/part-of"
 JOB_LABEL = "segflow.io/job"
 RUN_LABEL = "segflow.io/run-id"
@@ -114,23 +112,27 @@ def trainer_image(config: ExperimentConfig) -> str:
 
 
 def trainer_resources(config: ExperimentConfig) -> dict[str, dict[str, str]]:
-    """requests/limits of one worker: kubernetes.resources['trainer'] (else 'default') plus
-    the trainer pool's accelerators as an nvidia.com/gpu limit."""
+    """requests/limits of one worker, as the compiled pipeline's trainer step gets them:
+    kubernetes.resources['trainer'] over ['default'], field by field, plus the trainer pool's
+    accelerators as a limit on the resource trainer_pool.accelerator_type (nvidia.com/gpu)."""
     kube = config.kubernetes
-    spec = kube.resources.get("trainer") or kube.resources.get("default") or Resources()
-    requests = {key: value for key, value in (("cpu", spec.cpu), ("memory", spec.memory)) if value}
-    limits = {key: value for key, value in (("cpu", spec.cpu_limit), ("memory", spec.memory_limit)) if value}
-    if kube.trainer_pool.accelerator_count:
-        limits[GPU_RESOURCE] = str(kube.trainer_pool.accelerator_count)
+    merged: dict[str, str] = {}
+    for entry in ("default", "trainer"):
+        if entry in kube.resources:
+            merged.update({field: value for field, value in kube.resources[entry].model_dump().items() if value is not None})
+    requests = {key: merged[field] for key, field in (("cpu", "cpu"), ("memory", "memory")) if field in merged}
+    limits = {key: merged[field] for key, field in (("cpu", "cpu_limit"), ("memory", "memory_limit")) if field in merged}
+    pool = kube.trainer_pool
+    if pool.accelerator_count:
+        limits[pool.accelerator_type or GPU_RESOURCE] = str(pool.accelerator_count)
     return {key: value for key, value in (("requests", requests), ("limits", limits)) if value}
 
 
 def node_placement(config: ExperimentConfig) -> dict[str, Any]:
-    """nodeSelector and tolerations of the trainer pool (a pod spec fragment)."""
+    """nodeSelector and tolerations of the trainer pool (a pod spec fragment); the GPU model is
+    chosen by trainer_pool.node_selector (e.g. cloud.google.com/gke-accelerator: nvidia-tesla-t4)."""
     pool = config.kubernetes.trainer_pool
     selector = dict(pool.node_selector)
-    if pool.accelerator_type:
-        selector.setdefault(ACCELERATOR_LABEL, pool.accelerator_type)
     tolerations = [toleration.model_dump(exclude_none=True) for toleration in pool.tolerations]
     placement: dict[str, Any] = {}
     if selector:
@@ -173,8 +175,12 @@ def _volumes(config: ExperimentConfig) -> tuple[list[dict[str, Any]], list[dict[
     mounts: list[dict[str, Any]] = [{"name": "tmp", "mountPath": "/tmp"}]
     if config.kubernetes.pvc:
         volumes.append({"name": "artifacts", "persistentVolumeClaim": {"claimName": config.kubernetes.pvc}})
-        mounts.append({"name": "artifacts", "mountPath": WORK_DIR})
+        mounts.append({"name": "artifacts", "mountPath": _pvc_mount_path(config)})
     return volumes, mounts
+
+
+def _pvc_mount_path(config: ExperimentConfig) -> str:
+    return getattr(config.kubernetes, "pvc_mount_path", WORK_DIR)
 
 
 def _container(config: ExperimentConfig, name: str, command: Sequence[str], env: list[dict[str, Any]]) -> dict[str, Any]:
@@ -183,7 +189,7 @@ def _container(config: ExperimentConfig, name: str, command: Sequence[str], env:
         "name": name,
         "image": trainer_image(config),
         "command": list(command),
-        "workingDir": WORK_DIR if config.kubernetes.pvc else "/tmp",
+        "workingDir": _pvc_mount_path(config) if config.kubernetes.pvc else "/tmp",
         "env": env + [{"name": "HOME", "value": "/tmp"}] + secret_env(config),
         "ports": [{"name": PORT_NAME, "containerPort": PORT, "protocol": "TCP"}],
         "securityContext": container_security_context(),

@@ -313,19 +313,23 @@ def test_cronjobs_run_the_segflow_cli_on_the_experiment(overlay: str) -> None:
     assert experiment.kubernetes.pvc == one(objects, "PersistentVolumeClaim", "segflow-artifacts")["metadata"]["name"]
 
     parser = build_parser()
+    settings = one(objects, "ConfigMap", "segflow-settings")["data"]
     subcommands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices
     for name, command in (("segflow-run", "run"), ("segflow-submit", "submit")):
         cronjob = one(objects, "CronJob", name)
         assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
         spec = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
         (container,) = spec["containers"]
+        assert container["command"] == ["segflow"]
         assert container["args"][:2] == [command, "/etc/segflow/experiment.yaml"]
         mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
         volumes = {volume["name"]: volume for volume in spec["volumes"]}
         assert volumes[mounts["/etc/segflow"]]["configMap"]["name"] == "segflow-experiment"
         if command in subcommands:  # `segflow submit` may not exist yet
-            env = {item["name"]: "http://ml-pipeline.kubeflow.svc.cluster.local:8888" for item in container.get("env", [])}
-            args = [arg.replace("$(KFP_HOST)", env.get("KFP_HOST", "")).replace("$(KFP_EXPERIMENT)", "segflow") for arg in container["args"]]
+            args = list(container["args"])
+            for name_, value in settings.items():  # what Kubernetes expands $(VAR) to
+                args = [arg.replace(f"$({name_})", value) for arg in args]
+            assert "$(" not in " ".join(args)
             parser.parse_args(args)
     run = one(objects, "CronJob", "segflow-run")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     volumes = {volume["name"]: volume for volume in run["volumes"]}
@@ -455,12 +459,11 @@ def test_trainer_pool_accelerators_image_and_secrets_reach_the_worker_pods() -> 
     config = cluster_config(
         gpu_image="ghcr.io/segflow/segflow-gpu:0.1.0",
         trainer_pool={
-            "node_selector": {"pool": "gpu"},
+            "node_selector": {"pool": "gpu", "cloud.google.com/gke-accelerator": "nvidia-tesla-t4"},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-            "accelerator_type": "nvidia-tesla-t4",
             "accelerator_count": 2,
         },
-        resources={"default": {"cpu": "1", "memory": "2Gi"}, "trainer": {"cpu": "4", "memory": "16Gi", "memory_limit": "24Gi"}},
+        resources={"default": {"cpu": "1", "memory": "2Gi", "memory_limit": "24Gi"}, "trainer": {"cpu": "4", "memory": "16Gi"}},
         retries=2,
     )
     for obj in k8s_objects.launch_objects(config, "r1", WORKER_COMMAND) + k8s_objects.launch_objects(config, "r1", WORKER_COMMAND, "tfjob"):
@@ -473,7 +476,7 @@ def test_trainer_pool_accelerators_image_and_secrets_reach_the_worker_pods() -> 
             assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
             (container,) = spec["containers"]
             assert container["image"] == "ghcr.io/segflow/segflow-gpu:0.1.0"
-            assert container["resources"] == {
+            assert container["resources"] == {  # trainer over default, field by field
                 "requests": {"cpu": "4", "memory": "16Gi"},
                 "limits": {"memory": "24Gi", "nvidia.com/gpu": "2"},
             }
@@ -485,6 +488,8 @@ def test_trainer_pool_accelerators_image_and_secrets_reach_the_worker_pods() -> 
             assert volumes["artifacts"]["persistentVolumeClaim"]["claimName"] == "segflow-artifacts"
     job = k8s_objects.indexed_job(config, "r1", WORKER_COMMAND)
     assert job["spec"]["backoffLimit"] == 2
+    amd = cluster_config(trainer_pool={"accelerator_type": "amd.com/gpu", "accelerator_count": 1})
+    assert k8s_objects.trainer_resources(amd) == {"limits": {"amd.com/gpu": "1"}}
 
     cpu = cluster_config(gpu_image="ghcr.io/segflow/segflow-gpu:0.1.0")
     container = k8s_objects.indexed_job(cpu, "r1", WORKER_COMMAND)["spec"]["template"]["spec"]["containers"][0]
