@@ -28,25 +28,32 @@ from segflow.components.statistics_gen.component import statistics_gen
 from segflow.components.trainer.component import trainer
 from segflow.components.transform.component import transform
 from segflow.config import ConfigError, ExperimentConfig
+from segflow.kfp_base import check_kubernetes, configure_task, local_only_warnings
 from segflow.storage import is_uri
 
 # The pipeline parameters of each kind of pipeline.
 PARAMETERS = {"train": ("images", "masks", "registry"), "validate": ("images", "masks")}
 
 
-def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root: str | None = None) -> Callable[..., Any]:
+def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root: str | None = None, cluster: bool = False) -> Callable[..., Any]:
     """The `@dsl.pipeline` of `kind` ('train' or 'validate') for this config: call it under
     kfp.local to run it, or give it to the KFP compiler. `pipeline_root`: the compiled
-    pipeline's default root for its artifacts (None: the cluster's default)."""
+    pipeline's default root for its artifacts (None: the cluster's default). Every task runs
+    the config's image; `cluster` also compiles the `kubernetes` section's node pools,
+    resources, retries, Secret env vars and PVC into the pipeline (segflow.kfp_base)."""
+    check_kubernetes(config)
     slices = {name: config_slice(config, name) for name in COMPONENT_KEYS}
     defaults = location_arguments(config, PARAMETERS[kind])
 
+    def step(component: Any, **arguments: Any) -> dsl.PipelineTask:
+        return configure_task(component(**arguments), component.name.replace("-", "_"), config, cluster)
+
     def data_checks(images: str, masks: str) -> tuple[dsl.PipelineTask, dsl.PipelineTask, dsl.PipelineTask]:
-        fingerprint = dataset_fingerprint(images=images, masks=masks).set_caching_options(False)
-        examples = example_gen(config_slice=slices["example_gen"], images=images, masks=masks, dataset_fingerprint=fingerprint.outputs["Output"])
-        statistics = statistics_gen(config_slice=slices["statistics_gen"], examples=examples.outputs["examples"])
-        schema = schema_gen(config_slice=slices["schema_gen"], statistics=statistics.outputs["statistics"])
-        validation = example_validator(config_slice=slices["example_validator"], statistics=statistics.outputs["statistics"], schema=schema.outputs["schema"])
+        fingerprint = step(dataset_fingerprint, images=images, masks=masks)
+        examples = step(example_gen, config_slice=slices["example_gen"], images=images, masks=masks, dataset_fingerprint=fingerprint.outputs["Output"])
+        statistics = step(statistics_gen, config_slice=slices["statistics_gen"], examples=examples.outputs["examples"])
+        schema = step(schema_gen, config_slice=slices["schema_gen"], statistics=statistics.outputs["statistics"])
+        validation = step(example_validator, config_slice=slices["example_validator"], statistics=statistics.outputs["statistics"], schema=schema.outputs["schema"])
         return examples, schema, validation
 
     if kind == "validate":
@@ -60,12 +67,12 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
     @dsl.pipeline(name="segflow", description="segflow: ExampleGen to Pusher for image segmentation", pipeline_root=pipeline_root)
     def training_pipeline(images: str = defaults["images"], masks: str = defaults["masks"], registry: str = defaults["registry"]) -> None:
         examples, schema, validation = data_checks(images, masks)
-        graph = transform(config_slice=slices["transform"], examples=examples.outputs["examples"], schema=schema.outputs["schema"])
-        model = trainer(config_slice=slices["trainer"], examples=examples.outputs["examples"], transform_graph=graph.outputs["transform_graph"])
+        graph = step(transform, config_slice=slices["transform"], examples=examples.outputs["examples"], schema=schema.outputs["schema"])
+        model = step(trainer, config_slice=slices["trainer"], examples=examples.outputs["examples"], transform_graph=graph.outputs["transform_graph"])
         model.after(validation)  # with on_anomaly 'fail', bad data stops the run before training
-        evaluation = evaluator(config_slice=slices["evaluator"], examples=examples.outputs["examples"], model=model.outputs["model"])
-        exports = exporter(config_slice=slices["exporter"], examples=examples.outputs["examples"], model=model.outputs["model"])
-        pusher(config_slice=slices["pusher"], registry=registry, exports=exports.outputs["exports"], blessing=evaluation.outputs["blessing"])
+        evaluation = step(evaluator, config_slice=slices["evaluator"], examples=examples.outputs["examples"], model=model.outputs["model"])
+        exports = step(exporter, config_slice=slices["exporter"], examples=examples.outputs["examples"], model=model.outputs["model"])
+        step(pusher, config_slice=slices["pusher"], registry=registry, exports=exports.outputs["exports"], blessing=evaluation.outputs["blessing"])
 
     return training_pipeline
 
@@ -88,27 +95,39 @@ def _reachable_from_pods(location: str) -> bool:
     return is_uri(location) or os.path.isabs(location)
 
 
-def check_pipeline_root(pipeline_root: str | None) -> None:
-    """ConfigError for a relative pipeline root: KFP would write the artifacts relative to
-    the pods' working directory."""
+def check_pipeline_root(pipeline_root: str | None, source: str = "--pipeline-root") -> None:
+    """ConfigError for a relative pipeline root (`source` names where it came from): KFP
+    would write the artifacts relative to the pods' working directory."""
     if pipeline_root is not None and not _reachable_from_pods(pipeline_root):
         raise ConfigError(
-            f"relative --pipeline-root {pipeline_root!r}: the pipeline's artifacts are written from the cluster's pods, "
-            "so give a gs:// / s3:// URI or an absolute path (mounted at that path in the pods)"
+            f"relative {source} {pipeline_root!r}: the pipeline's artifacts are written from the cluster's pods, "
+            "so give a gs:// / s3:// URI (or minio://) or an absolute path (mounted at that path in the pods)"
         )
 
 
 def compile_pipeline(
     config: ExperimentConfig, output: str | Path, kind: str = "train", resolve_paths: bool = False, pipeline_root: str | None = None
 ) -> Path:
-    """KFP v2 IR YAML of the `kind` pipeline for this config; relative locations are an error
-    unless `resolve_paths` makes them absolute against the working directory. `pipeline_root`
-    (a URI or an absolute path) becomes the pipeline's `defaultPipelineRoot`."""
+    """KFP v2 IR YAML of the `kind` pipeline for this config, with the `kubernetes` section
+    compiled in; relative locations are an error unless `resolve_paths` makes them absolute
+    against the working directory. The pipeline's `defaultPipelineRoot` is `pipeline_root`
+    (a URI or an absolute path; the --pipeline-root flag) or else kubernetes.pipeline_root."""
     if resolve_paths:
         config = resolve_locations(config)
     check_locations(config, kind)
     check_pipeline_root(pipeline_root)
+    check_pipeline_root(config.kubernetes.pipeline_root, "kubernetes.pipeline_root")
+    root = pipeline_root if pipeline_root is not None else config.kubernetes.pipeline_root
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(build_pipeline(config, kind, pipeline_root), str(output), pipeline_name=f"segflow-{config.name}")
+    compiler.Compiler().compile(build_pipeline(config, kind, root, cluster=True), str(output), pipeline_name=f"segflow-{config.name}")
     return output
+
+
+def parity_warnings(config: ExperimentConfig, local_run: bool = False) -> list[str]:
+    """One line per `kubernetes` key that the compiled pipeline applies on the cluster and a
+    local run (`segflow run`, kfp.local) does not, naming the key; `local_run` words it for
+    the run that ignores it."""
+    if local_run:
+        return [f"{key} is ignored by this local run (kfp.local); on the cluster: {effect}" for key, effect in local_only_warnings(config)]
+    return [f"{key}: {effect} on the cluster; kfp.local (segflow run) ignores it" for key, effect in local_only_warnings(config)]

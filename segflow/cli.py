@@ -1,12 +1,15 @@
-"""`segflow` command line: run, validate, compile, demo-data, list."""
+"""`segflow` command line: run, validate, compile, submit, schedule, runs, demo-data, list."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from segflow.config import ConfigError, ExperimentConfig, load_config
+from segflow.kfp_client import KubeflowError
 
 
 def _load(args: argparse.Namespace) -> ExperimentConfig:
@@ -23,6 +26,7 @@ def _run(args: argparse.Namespace, kind: str) -> int:
     from segflow.storage import is_uri
 
     config = _load(args)
+    _warn_cluster_only(config, local_run=True)
     output = args.output or default_output(config)
     summary = run_local(config, output, kind=kind, verbose=args.verbose)
     _report(summary, output if is_uri(str(output)) else Path(output).resolve())
@@ -47,8 +51,70 @@ def _report(summary: dict, output: str | Path) -> None:
 def _compile(args: argparse.Namespace) -> int:
     from segflow.pipelines.pipeline import compile_pipeline
 
-    path = compile_pipeline(_load(args), args.output, kind=args.pipeline, resolve_paths=args.resolve_paths, pipeline_root=args.pipeline_root)
+    config = _load(args)
+    path = compile_pipeline(config, args.output, kind=args.pipeline, resolve_paths=args.resolve_paths, pipeline_root=args.pipeline_root)
+    _warn_cluster_only(config)
     print(f"wrote {path}")
+    return 0
+
+
+def _warn_cluster_only(config: ExperimentConfig, local_run: bool = False) -> None:
+    """The parity lint: one line per `kubernetes` key that kfp.local does not apply."""
+    from segflow.pipelines.pipeline import parity_warnings
+
+    for line in parity_warnings(config, local_run=local_run):
+        print(f"segflow: warning: {line}", file=sys.stderr)
+
+
+def _connection(args: argparse.Namespace) -> Any:
+    from segflow.kfp_client import Connection
+
+    token = args.existing_token or os.environ.get("SEGFLOW_KFP_TOKEN") or None
+    return Connection(args.host, token, args.namespace, args.kube_context, args.ssl_ca_cert, args.ui_host)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from segflow.kfp_client import submit
+
+    config = _load(args)
+    _warn_cluster_only(config)
+    account = config.kubernetes.service_account if args.service_account is None else args.service_account
+    run = submit(config, _connection(args), args.experiment, args.run_name, args.resolve_paths, args.pipeline_root, account)
+    print(f"experiment: {run['experiment']}")
+    print(f"run: {run['name']} ({run['run_id']})")
+    print(f"url: {run['url'] or '(pass --host or --ui-host to print the run URL)'}")
+    return 0
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    from segflow.kfp_client import schedule
+
+    config = _load(args)
+    _warn_cluster_only(config)
+    account = config.kubernetes.service_account if args.service_account is None else args.service_account
+    recurring = schedule(
+        config, _connection(args), args.cron, args.max_concurrency, args.no_catchup, args.experiment, args.run_name,
+        args.resolve_paths, args.pipeline_root, account,
+    )
+    catchup = "no catch-up" if args.no_catchup else "missed runs caught up"
+    print(f"experiment: {recurring['experiment']}")
+    print(f"recurring run: {recurring['name']} ({recurring['recurring_run_id']}), cron {recurring['cron']!r}, "
+          f"at most {args.max_concurrency} at a time, {catchup}")
+    print(f"url: {recurring['url'] or '(pass --host or --ui-host to print the URL)'}")
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from segflow.kfp_client import list_runs
+
+    rows = list_runs(_connection(args), args.limit, args.experiment)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        print(f"{row['state']:<10} {row['created_at'] or '':<26} {row['run_id']}  {row['name']}")
+    if not rows:
+        print("no runs")
     return 0
 
 
@@ -76,6 +142,19 @@ def _list(args: argparse.Namespace) -> int:
         for name, description in entries.items():
             print(f"{name:<{width}}  {description}")
     return 0
+
+
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """What kfp.Client takes to reach and authenticate to Kubeflow Pipelines."""
+    parser.add_argument(
+        "--host", metavar="URL", help="Kubeflow Pipelines API endpoint, e.g. http://localhost:8080 (default: KF_PIPELINES_ENDPOINT, "
+        "else the in-cluster service or the current kubeconfig context's cluster)"
+    )
+    parser.add_argument("--existing-token", metavar="TOKEN", help="bearer token sent to --host (default: SEGFLOW_KFP_TOKEN)")
+    parser.add_argument("--namespace", metavar="NAME", help="your profile namespace on a multi-user Kubeflow")
+    parser.add_argument("--kube-context", metavar="NAME", help="kubeconfig context to use when there is no --host")
+    parser.add_argument("--ssl-ca-cert", metavar="FILE", help="CA certificate of an HTTPS --host")
+    parser.add_argument("--ui-host", metavar="URL", help="the Kubeflow Pipelines UI, for printed links (default: --host)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +191,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compile_.set_defaults(handler=_compile)
 
+    submit = commands.add_parser("submit", help="compile the pipeline and start a run on Kubeflow Pipelines")
+    schedule = commands.add_parser("schedule", help="compile the pipeline and create a recurring run on Kubeflow Pipelines")
+    for parser_ in (submit, schedule):
+        _add_config_arguments(parser_)
+        _add_connection_arguments(parser_)
+        parser_.add_argument("--experiment", metavar="NAME", help="KFP experiment, created when missing (default: the config's name)")
+        parser_.add_argument("--run-name", metavar="NAME", help="the run's (recurring run's) display name")
+        parser_.add_argument("--resolve-paths", action="store_true", help="as in compile: make relative paths absolute against the current directory")
+        parser_.add_argument("--pipeline-root", metavar="URI", help="as in compile: overrides kubernetes.pipeline_root")
+        parser_.add_argument(
+            "--service-account", metavar="NAME", help="Kubernetes service account of the run's pods (default kubernetes.service_account; '' for KFP's default)"
+        )
+    submit.set_defaults(handler=_submit)
+    schedule.add_argument("--cron", required=True, help='when to run: "0 3 * * 1" (minute hour day month weekday) or six fields, seconds first')
+    schedule.add_argument("--max-concurrency", type=int, default=1, metavar="N", help="runs of this schedule at the same time (default 1)")
+    schedule.add_argument("--no-catchup", action="store_true", help="after a pause, run once instead of once per missed interval")
+    schedule.set_defaults(handler=_schedule)
+
+    runs = commands.add_parser("runs", help="recent runs on Kubeflow Pipelines and their states")
+    _add_connection_arguments(runs)
+    runs.add_argument("--limit", type=int, default=10, metavar="N", help="how many runs, newest first (default 10)")
+    runs.add_argument("--experiment", metavar="NAME", help="only this experiment's runs")
+    runs.add_argument("--json", action="store_true")
+    runs.set_defaults(handler=_runs)
+
     demo = commands.add_parser("demo-data", help="write the built-in synthetic dataset")
     demo.add_argument("directory")
     demo.add_argument("--count", type=int, default=64)
@@ -133,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileExistsError) as error:
         print(f"segflow: error: {error}", file=sys.stderr)
         return 2
+    except KubeflowError as error:
+        print(f"segflow: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

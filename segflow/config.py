@@ -68,6 +68,20 @@ class BeamConfig(_Strict):
 
     running_mode: Literal["multi_processing", "multi_threading", "in_memory"] = "multi_threading"
     num_workers: int = Field(0, ge=0, description="0 means one worker per available core")
+    runner: Literal["DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner"] = Field(
+        "DirectRunner", description="DirectRunner runs inside the step's process (pod); the others submit the step's Beam job to that service"
+    )
+    options: dict[str, str | int | float | bool | list[str]] = Field(
+        default_factory=dict, description="Beam pipeline options (flag names without --), e.g. {project: p, region: europe-west1}"
+    )
+
+    @model_validator(mode="after")
+    def _beam_options(self) -> "BeamConfig":
+        if self.runner != "DirectRunner" or self.options:
+            from segflow.beam_runners import check_options
+
+            check_options(self.runner, self.options)  # ValueError naming each bad option
+        return self
 
 
 class ValidationConfig(_Strict):
@@ -117,8 +131,16 @@ class NodePool(_Strict):
 
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
-    accelerator_type: str | None = Field(None, description="e.g. nvidia.com/gpu resource's node label value, such as nvidia-tesla-t4")
+    accelerator_type: str | None = Field(
+        None, description="the accelerator resource requested, e.g. nvidia.com/gpu (default when accelerator_count > 0); pick the GPU model with node_selector"
+    )
     accelerator_count: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _accelerators(self) -> "NodePool":
+        if self.accelerator_type is not None and self.accelerator_count == 0:
+            raise ValueError(f"accelerator_type {self.accelerator_type!r} needs accelerator_count >= 1")
+        return self
 
 
 class Resources(_Strict):
@@ -146,9 +168,10 @@ class KubernetesConfig(_Strict):
     namespace: str = "segflow"
     service_account: str = "segflow-launcher"
     pipeline_root: str | None = Field(None, description="gs://, s3:// or minio:// URI, or a PVC path, for KFP artifacts")
-    pvc: str | None = Field(None, description="a PersistentVolumeClaim mounted at /mnt/segflow in every step")
-    trainer_pool: NodePool = NodePool()
-    data_pool: NodePool = NodePool()
+    pvc: str | None = Field(None, description="a PersistentVolumeClaim mounted at pvc_mount_path in every step")
+    pvc_mount_path: str = Field("/mnt/segflow", pattern=r"^/", description="where the PVC is mounted (an absolute path)")
+    trainer_pool: NodePool = Field(default_factory=NodePool, description="where the trainer step runs (the GPU node pool)")
+    data_pool: NodePool = Field(default_factory=NodePool, description="where every other step runs (a CPU node pool)")
     resources: dict[str, Resources] = Field(default_factory=dict, description="per component name, or 'default'")
     retries: int = Field(0, ge=0, le=10)
     caching: bool = True

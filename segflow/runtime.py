@@ -46,15 +46,9 @@ def read_record(record_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     return read_json(path) if path.exists() else None
 
 
-def beam_options(running_mode: str, num_workers: int, temp_dir: str | os.PathLike[str]) -> Any:
-    """DirectRunner options; `num_workers` 0 means one worker per available core."""
-    from apache_beam.options.pipeline_options import PipelineOptions
+def beam_options(beam: Any, temp_dir: str | os.PathLike[str]) -> Any:
+    """PipelineOptions from the config's `beam` section (segflow.config.BeamConfig): the
+    runner (DirectRunner by default, inside this process) and its options."""
+    from segflow.beam_runners import pipeline_options
 
-    workers = 1 if running_mode == "in_memory" else num_workers or len(os.sched_getaffinity(0))
-    return PipelineOptions(
-        flags=[],  # not sys.argv: the KFP executor's arguments are not Beam flags
-        runner="DirectRunner",
-        direct_running_mode=running_mode,
-        direct_num_workers=workers,
-        temp_location=str(temp_dir),
-    )
+    return pipeline_options(beam.running_mode, beam.num_workers, temp_dir, beam.runner, dict(beam.options))

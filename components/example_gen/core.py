@@ -224,7 +224,7 @@ def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str]) -> dict[
     keyed, shard_counts = plan_shards(pairs, splits)
     with atomic_dir(examples_dir) as out:
         scratch = out / BEAM_SCRATCH  # inside the artifact, so that every worker of any runner can reach it
-        with beam.Pipeline(options=beam_options(config.beam.running_mode, config.beam.num_workers, scratch / "tmp")) as pipeline:
+        with beam.Pipeline(options=beam_options(config.beam, scratch / "tmp")) as pipeline:
             processed = (
                 pipeline
                 | "Pairs" >> beam.Create(keyed, reshuffle=True)

@@ -148,7 +148,7 @@ def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str], statisti
     scratch = Path(tempfile.mkdtemp(prefix="segflow-beam-"))
     combine = SplitStatisticsFn(config.num_labels, config.shape[2], config.ignore_index)
     try:
-        with beam.Pipeline(options=beam_options(config.beam.running_mode, config.beam.num_workers, scratch)) as pipeline:
+        with beam.Pipeline(options=beam_options(config.beam, scratch)) as pipeline:
             for split in SPLITS:
                 (
                     pipeline

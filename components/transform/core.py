@@ -86,7 +86,7 @@ def analyze(config: ExperimentConfig, pixels: PixelSpec, examples_dir: str | os.
     )
     scratch = Path(tempfile.mkdtemp(prefix="segflow-tft-"))
     try:
-        options = beam_options(config.beam.running_mode, config.beam.num_workers, scratch)
+        options = beam_options(config.beam, scratch)
         with beam.Pipeline(options=options) as pipeline, tft_beam.Context(temp_dir=str(scratch)):
             images = (
                 pipeline
