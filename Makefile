@@ -28,9 +28,9 @@ test: install
 test-slow: install
 	$(BIN)/pytest -m slow
 
-## golden: rewrite tests/golden/pipeline.yaml after an intended change of the compiled pipeline
+## golden: rewrite tests/golden/pipeline.yaml and pipeline-cluster.yaml after an intended change of the compiled pipeline
 golden: install
-	SEGFLOW_UPDATE_GOLDEN=1 $(BIN)/pytest tests/test_pipeline.py -k golden
+	SEGFLOW_UPDATE_GOLDEN=1 $(BIN)/pytest tests/test_pipeline.py tests/test_cluster.py -k golden
 
 clean:
 	rm -rf $(VENV) runs data model-registry
