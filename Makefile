@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install demo test test-slow golden clean
+.PHONY: install demo test test-slow test-containers golden clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,17 @@ test: install
 ## test-slow: full runs on the real datasets in ../shared/datasets (skipped when absent)
 test-slow: install
 	$(BIN)/pytest -m slow
+
+## test-containers: build the CPU image from a fresh Debian base (containers/build.sh: podman or Docker, root
+## for debootstrap), run the demo DAG in containers and in-process, compare the summaries; prints its duration
+CONTAINER_BUILD_FLAGS ?= --fresh-base
+test-containers: install
+	@start=$$(date +%s); \
+	if command -v podman >/dev/null || command -v docker >/dev/null; then \
+	  containers/build.sh $(CONTAINER_BUILD_FLAGS) || exit 1; \
+	else echo "test-containers: neither podman nor docker is installed; the image is not built"; fi; \
+	$(BIN)/pytest -m containers -rs tests/test_containers.py; status=$$?; \
+	echo "test-containers: $$(( $$(date +%s) - start )) s"; exit $$status
 
 ## golden: rewrite tests/golden/pipeline.yaml and pipeline-cluster.yaml after an intended change of the compiled pipeline
 golden: install

@@ -89,30 +89,35 @@ def default_output(config: ExperimentConfig) -> Path:
     return Path("runs") / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run_local(config: ExperimentConfig, output: str | os.PathLike[str], kind: str = "train", verbose: bool = False) -> dict[str, Any]:
+def run_local(
+    config: ExperimentConfig, output: str | os.PathLike[str], kind: str = "train", verbose: bool = False, image: str | None = None
+) -> dict[str, Any]:
     """Execute the DAG with kfp.local and write `summary.json`; returns the summary.
+
+    Components run in this environment (SubprocessRunner), or with `image` each in a container
+    of that image (DockerRunner against Docker or podman; segflow.containers).
 
     `output` is a local folder, or a gs:// / s3:// URI: kfp.local needs a local pipeline
     root, so the run then happens in a local temporary folder that is uploaded when the run
     ends, `summary.json` last (its artifact paths rewritten to URIs), and removed."""
     location = os.fspath(output)
     if not storage.is_local(location):
-        return _run_to_uri(config, location, kind, verbose)
+        return _run_to_uri(config, location, kind, verbose, image)
     output = Path(storage.local_path(location)).resolve()
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"{output}: run folder exists and is not empty; choose another --output")
-    summary = _execute(config, output, kind, verbose, shown=str(output))
+    summary = _execute(config, output, kind, verbose, shown=str(output), image=image)
     write_json(output / SUMMARY_FILE, summary)
     return summary
 
 
-def _run_to_uri(config: ExperimentConfig, location: str, kind: str, verbose: bool) -> dict[str, Any]:
+def _run_to_uri(config: ExperimentConfig, location: str, kind: str, verbose: bool, image: str | None = None) -> dict[str, Any]:
     summary_location = storage.join(location, SUMMARY_FILE)
     if storage.exists(summary_location):
         raise FileExistsError(f"{location}: run folder already has a {SUMMARY_FILE}; choose another --output")
     scratch = Path(tempfile.mkdtemp(prefix="segflow-run-"))
     try:
-        summary = relocate_summary(_execute(config, scratch, kind, verbose, shown=location), scratch, location)
+        summary = relocate_summary(_execute(config, scratch, kind, verbose, shown=location, image=image), scratch, location)
         log(f"uploading the run folder to {location}")
         storage.upload_folder(scratch, location)
         # Last, and only if no other run wrote one meanwhile: a reader never sees a summary
@@ -124,7 +129,7 @@ def _run_to_uri(config: ExperimentConfig, location: str, kind: str, verbose: boo
     return summary
 
 
-def _execute(config: ExperimentConfig, output: Path, kind: str, verbose: bool, shown: str) -> dict[str, Any]:
+def _execute(config: ExperimentConfig, output: Path, kind: str, verbose: bool, shown: str, image: str | None = None) -> dict[str, Any]:
     """Run the DAG into the local folder `output` (`shown` is what the progress calls it);
     returns the summary, written by the caller."""
     from kfp import local
@@ -137,11 +142,18 @@ def _execute(config: ExperimentConfig, output: Path, kind: str, verbose: bool, s
     kfp_root = output / ".kfp"
     started = time.perf_counter()
     log(f"run folder {shown}")
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(kfp_root), raise_on_error=False)
-    with warnings.catch_warnings(), _quiet(not verbose):
-        # The SubprocessRunner warns that it ignores base_image: intended, it runs this environment.
-        warnings.filterwarnings("ignore", category=RuntimeWarning, module="kfp.local.subprocess_task_handler")
-        build_pipeline(config, kind)(**location_arguments(config, PARAMETERS[kind]))
+    if image is None:
+        runner: contextlib.AbstractContextManager[Any] = contextlib.nullcontext(local.SubprocessRunner(use_venv=False))
+    else:
+        from segflow.containers import docker_runner
+
+        runner = docker_runner(config, image)
+    with runner as chosen:
+        local.init(runner=chosen, pipeline_root=str(kfp_root), raise_on_error=False)
+        with warnings.catch_warnings(), _quiet(not verbose):
+            # The SubprocessRunner warns that it ignores base_image: intended, it runs this environment.
+            warnings.filterwarnings("ignore", category=RuntimeWarning, module="kfp.local.subprocess_task_handler")
+            build_pipeline(config, kind)(**location_arguments(config, PARAMETERS[kind]))
     _collect_task_folders(kfp_root, output)
     return build_summary(output, config, kind, time.perf_counter() - started)
 

@@ -22,13 +22,22 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run(args: argparse.Namespace, kind: str) -> int:
+    from segflow.containers import DEFAULT_IMAGE, ContainerEngineError
     from segflow.pipelines.local import default_output, run_local
     from segflow.storage import is_uri
 
+    if args.image and not args.containers:
+        print("segflow: error: --image is an option of --containers", file=sys.stderr)
+        return 2
     config = _load(args)
     _warn_cluster_only(config, local_run=True)
     output = args.output or default_output(config)
-    summary = run_local(config, output, kind=kind, verbose=args.verbose)
+    image = (args.image or DEFAULT_IMAGE) if args.containers else None
+    try:
+        summary = run_local(config, output, kind=kind, verbose=args.verbose, image=image)
+    except ContainerEngineError as error:
+        print(f"segflow: error: {error}", file=sys.stderr)
+        return 2
     _report(summary, output if is_uri(str(output)) else Path(output).resolve())
     return 0 if summary["status"] == "succeeded" else 1
 
@@ -171,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_arguments(local_run)
         local_run.add_argument("--output", "-o", help="run folder: a path or a gs:// / s3:// URI, uploaded when the run ends (default runs/<name>-<timestamp>)")
         local_run.add_argument("--verbose", "-v", action="store_true", help="show all subprocess output, TensorFlow and KFP logs included")
+        local_run.add_argument(
+            "--containers",
+            action="store_true",
+            help="run every component in a container of the segflow image (kfp.local DockerRunner; a Docker daemon, "
+            "or podman's API service, started when needed); build the image with containers/build.sh",
+        )
+        local_run.add_argument("--image", metavar="NAME", help="the image for --containers (default segflow:<version>, what containers/build.sh tags)")
         local_run.set_defaults(handler=lambda args, kind=kind: _run(args, kind))
 
     compile_ = commands.add_parser("compile", help="write the KFP v2 pipeline YAML for Kubeflow")
