@@ -91,6 +91,22 @@ def scaled_learning_rate(learning_rate: float, replicas: int, scale: bool) -> fl
     return learning_rate * replicas if scale else learning_rate
 
 
+def evaluation_batch(examples: int, replicas: int, per_replica: int) -> tuple[int, bool]:
+    """(global batch, drop_remainder) for a split evaluated under `replicas` replicas.
+
+    A global batch is cut into per-replica batches of `per_replica`; a short last batch
+    that leaves a replica with nothing breaks convolutions (oneDNN rejects empty batches).
+    So pick a per-replica size near the training one (up to twice it, else smaller) whose
+    last batch reaches every replica; failing that, drop the last batch."""
+    if replicas == 1:
+        return per_replica, False
+    for size in [*range(per_replica, 2 * per_replica + 1), *range(per_replica - 1, 0, -1)]:
+        rest = examples % (size * replicas)
+        if rest == 0 or rest > (replicas - 1) * size:
+            return size * replicas, False
+    return per_replica * replicas, True
+
+
 @dataclass
 class Plan:
     """A strategy and the facts the trainer needs about it."""

@@ -34,7 +34,7 @@ import tf_keras as keras
 
 from segflow.augment import apply_policy, build_policy, example_seed
 from segflow.config import ExperimentConfig
-from segflow.distribute import Plan, make_plan, scaled_learning_rate, shard_by_data
+from segflow.distribute import Plan, evaluation_batch, make_plan, scaled_learning_rate, shard_by_data
 from segflow.examples import split_files
 from segflow.io import atomic_dir, write_json
 from segflow.launcher import LaunchRequest, launch, worker_scratch
@@ -111,12 +111,14 @@ def make_dataset(
     pixels: PixelSpec,
     epochs: tuple[int, int] | None = None,
     batch: int | None = None,
+    drop_remainder: bool = False,
 ) -> tf.data.Dataset:
     """Batches of (normalised image, mask). With `epochs` (first, end) it is the training
     stream for those epochs: shuffled and augmented per epoch from seeds, so that the
     same data and config give the same batches whatever the thread scheduling. `batch` is
     the global batch (default: config `batch`); under several workers the stream is sharded
-    by element (policy DATA), so each worker keeps its replicas' part of every batch."""
+    by element (policy DATA), so each worker keeps its replicas' part of every batch;
+    `drop_remainder` drops a short last batch (per epoch), which would leave a replica empty."""
     from segflow.components.example_gen.core import read_counts
     from segflow.components.transform.core import RAW_FEATURE, TRANSFORMED_FEATURE
 
@@ -129,7 +131,7 @@ def make_dataset(
     else:  # decoding every epoch is slower than RAM, but never runs the machine out of memory
         log(f"trainer: {split} split needs {needed / 1024**3:.1f} GiB decoded; not caching it in RAM")
     if epochs is None:
-        batches = decoded.map(lambda image, mask, _: (image, mask)).batch(batch)
+        batches = decoded.map(lambda image, mask, _: (image, mask)).batch(batch, drop_remainder=drop_remainder)
     else:
         augment = _augmenter(config)
 
@@ -141,7 +143,7 @@ def make_dataset(
                 examples = shuffled.map(lambda image, mask, _: (image, mask))
             else:
                 examples = shuffled.map(lambda image, mask, name: augment(image, mask, name, tf.constant(epoch, tf.int64)), num_parallel_calls=tf.data.AUTOTUNE)
-            return examples.batch(batch)
+            return examples.batch(batch, drop_remainder=drop_remainder)
 
         batches = functools.reduce(tf.data.Dataset.concatenate, (one_epoch(epoch) for epoch in range(*epochs)))
     normalized = batches.map(
@@ -349,8 +351,19 @@ def _train(
     pixels = PixelSpec.load(transform_dir)
     tft_layer = transform_layer(transform_dir)
     global_batch = plan.global_batch(config.batch)
-    steps_per_epoch = math.ceil(read_counts(examples_dir)["train_examples"] / global_batch)
-    validation = make_dataset(config, examples_dir, "eval", tft_layer, pixels, batch=global_batch)
+    counts = read_counts(examples_dir)
+    if plan.replicas == 1:
+        steps_per_epoch = math.ceil(counts["train_examples"] / global_batch)
+        eval_batch, eval_drop = global_batch, False
+    else:  # a short last batch could leave a replica empty: drop it (another one each epoch)
+        if counts["train_examples"] < global_batch:
+            raise ValueError(
+                f"trainer: {counts['train_examples']} training examples are fewer than one global batch of {global_batch} "
+                f"({config.batch} per replica x {plan.replicas} replicas); lower `batch`"
+            )
+        steps_per_epoch = counts["train_examples"] // global_batch
+        eval_batch, eval_drop = evaluation_batch(counts["eval_examples"], plan.replicas, config.batch)
+    validation = make_dataset(config, examples_dir, "eval", tft_layer, pixels, batch=eval_batch, drop_remainder=eval_drop)
     with plan.strategy.scope():
         network = build_network(config)
     log(f"trainer: {config.architecture}/{config.backbone}, {network.count_params():,} parameters, {config.total_epochs} epochs")
@@ -387,7 +400,7 @@ def _train(
                 *_fault_callbacks(plan),
             ]
             end_epoch = first_epoch + stage.epochs
-            train = make_dataset(config, examples_dir, "train", tft_layer, pixels, epochs=(first_epoch, end_epoch), batch=global_batch)
+            train = make_dataset(config, examples_dir, "train", tft_layer, pixels, epochs=(first_epoch, end_epoch), batch=global_batch, drop_remainder=plan.replicas > 1)
             fit = network.fit(
                 train,
                 validation_data=validation,
