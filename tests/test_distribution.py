@@ -285,10 +285,10 @@ def test_segflow_run_with_two_workers_is_blessed(tiny_data: Path, tmp_path: Path
     raw = tiny_raw_config(
         tiny_data,
         batch=2,
-        stages=[{"epochs": 10, "learning_rate": 0.01}],
+        stages=[{"epochs": 16, "learning_rate": 0.01}],  # eval mean IoU about 0.33 (0.26 after 10 epochs)
         trainer={"workers": 2},
         export=["saved_model"],
-        evaluation={"min_mean_iou": 0.25},
+        evaluation={"min_mean_iou": 0.2},  # untrained: about 0.1
     )
     path = tmp_path / "two-workers.yaml"
     path.write_text(yaml.safe_dump(raw))
