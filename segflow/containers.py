@@ -132,10 +132,9 @@ def _run_container(client: Any, image: str, command: list[str], volumes: dict[st
             client.images.pull(run_image)
         except docker.errors.APIError as error:
             raise ContainerEngineError(f"image {run_image} is not available ({error}); build it with containers/build.sh") from error
-    container = client.containers.run(
-        image=run_image, command=command, volumes=volumes, detach=True, stdout=True, stderr=True, auto_remove=False, **run_args
-    )
-    try:
+    container = client.containers.create(image=run_image, command=command, volumes=volumes, auto_remove=False, **run_args)
+    try:  # created, then started here: a container that fails to start is removed too
+        container.start()
         for chunk in container.logs(stream=True, follow=True):
             print(chunk.decode(errors="replace"), end="")
         return int(container.wait()["StatusCode"])

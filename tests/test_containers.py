@@ -71,7 +71,10 @@ def test_gpu_dockerfile_pins_tensorflow_and_cuda_and_tensorrt() -> None:
 
 class _FakeContainer:
     def __init__(self, status: int) -> None:
-        self.status, self.removed = status, False
+        self.status, self.started, self.removed = status, False, False
+
+    def start(self) -> None:
+        self.started = True
 
     def logs(self, stream: bool, follow: bool) -> Any:
         assert stream and follow
@@ -94,7 +97,7 @@ class _FakeClient:
     def get(self, name: str) -> object:
         return object()
 
-    def run(self, **kwargs: Any) -> _FakeContainer:
+    def create(self, **kwargs: Any) -> _FakeContainer:
         self.run_args = kwargs
         return self.container
 
@@ -132,7 +135,7 @@ def test_adapter_runs_without_auto_remove_and_reports_the_real_status(status: in
     assert result == (kfp_status.Status.SUCCESS if status == 0 else kfp_status.Status.FAILURE)
     assert client.run_args["image"] == "segflow:test" and client.run_args["auto_remove"] is False
     assert client.run_args["user"] == "1:1" and str(tmp_path) in client.run_args["volumes"]
-    assert client.container.removed
+    assert client.container.started and client.container.removed
     assert "line one\nline two\n" in capsys.readouterr().out
 
 
