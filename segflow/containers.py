@@ -10,10 +10,11 @@ as the invoking user's uid:gid, so the run folder's files belong to that user as
 an in-process run; the image's own user (uid 1000, non-root) is what clusters run.
 
 Auto-remove: kfp.local's `run_docker_container` starts every container with `auto_remove=True`
-and reads its logs and exit status afterwards. When the container has exited and been removed
-before those calls, Docker answers 404 (which kfp.local catches, assuming exit status 0 even
-for a failed task), but podman answers HTTP 500, which the docker SDK raises as a plain
-APIError and breaks the run. `_run_container` replaces that one function for the duration of a
+and reads its logs and exit status afterwards. A short task is often gone by then. A 404 is
+caught by kfp.local, which then assumes exit status 0: with podman 4.3 here a component that
+exits with status 3 was reported SUCCESS. While the removal is under way podman answers HTTP
+500 ("container ... does not exist in database") instead of 404, which the docker SDK raises
+as a plain APIError and which breaks the run. `_run_container` replaces that one function for the duration of a
 containerized run (`_kfp_runs_containers_with`): it starts the container without auto-remove,
 streams its logs, waits for the real exit status and then removes the container itself. So a
 task's status is never guessed, and nothing depends on how the engine reports a missing
