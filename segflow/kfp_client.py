@@ -17,7 +17,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from segflow.config import ConfigError, ExperimentConfig
 
@@ -112,6 +112,18 @@ def _experiment_id(client: Any, connection: Connection, name: str) -> str:
     return experiment.experiment_id
 
 
+@contextlib.contextmanager
+def _prepared(
+    config: ExperimentConfig, connection: Connection, experiment: str, resolve_paths: bool, pipeline_root: str | None
+) -> Iterator[tuple[Any, str, str]]:
+    """What submit and schedule both need: the compiled package (in a temporary folder that
+    lives as long as the block), a client, and the experiment's id (created if missing)."""
+    with tempfile.TemporaryDirectory(prefix="segflow-kfp-") as directory:
+        package = _compile(config, directory, resolve_paths, pipeline_root)
+        client = connection.client()
+        yield client, package, _experiment_id(client, connection, experiment)
+
+
 def submit(
     config: ExperimentConfig,
     connection: Connection,
@@ -123,22 +135,18 @@ def submit(
 ) -> dict[str, Any]:
     """Compile the training pipeline and create a run of it; returns run_id, name,
     experiment and url. The compiled spec goes inline with the run (no upload needed)."""
-    with tempfile.TemporaryDirectory(prefix="segflow-submit-") as directory:
-        package = _compile(config, directory, resolve_paths, pipeline_root)
-        client = connection.client()
-        experiment = experiment or config.name
-        experiment_id = _experiment_id(client, connection, experiment)
-        run_name = run_name or f"segflow-{config.name} {time.strftime('%Y-%m-%d %H:%M:%S')}"
-        with _kfp_prints():
-            result = _call(
-                client.create_run_from_pipeline_package,
-                connection,
-                pipeline_file=package,
-                arguments=run_parameters(config, resolve_paths),
-                run_name=run_name,
-                experiment_id=experiment_id,
-                service_account=service_account or None,
-            )
+    experiment = experiment or config.name
+    run_name = run_name or f"segflow-{config.name} {time.strftime('%Y-%m-%d %H:%M:%S')}"
+    with _prepared(config, connection, experiment, resolve_paths, pipeline_root) as (client, package, experiment_id), _kfp_prints():
+        result = _call(
+            client.create_run_from_pipeline_package,
+            connection,
+            pipeline_file=package,
+            arguments=run_parameters(config, resolve_paths),
+            run_name=run_name,
+            experiment_id=experiment_id,
+            service_account=service_account or None,
+        )
     return {"run_id": result.run_id, "name": run_name, "experiment": experiment, "url": connection.url("runs", result.run_id)}
 
 
@@ -159,27 +167,23 @@ def schedule(
     if max_concurrency < 1:
         raise ConfigError(f"--max-concurrency {max_concurrency}: at least 1")
     expression = cron_expression(cron)
-    with tempfile.TemporaryDirectory(prefix="segflow-schedule-") as directory:
-        package = _compile(config, directory, resolve_paths, pipeline_root)
-        client = connection.client()
-        experiment = experiment or config.name
-        experiment_id = _experiment_id(client, connection, experiment)
-        name = name or f"segflow-{config.name} retraining"
-        with _kfp_prints():
-            recurring = _call(
-                client.create_recurring_run,
-                connection,
-                experiment_id=experiment_id,
-                job_name=name,
-                description=f"segflow {config.name}: scheduled retraining ({cron})",
-                cron_expression=expression,
-                max_concurrency=max_concurrency,
-                no_catchup=no_catchup,
-                params=run_parameters(config, resolve_paths),
-                pipeline_package_path=package,
-                enabled=True,
-                service_account=service_account or None,
-            )
+    experiment = experiment or config.name
+    name = name or f"segflow-{config.name} retraining"
+    with _prepared(config, connection, experiment, resolve_paths, pipeline_root) as (client, package, experiment_id), _kfp_prints():
+        recurring = _call(
+            client.create_recurring_run,
+            connection,
+            experiment_id=experiment_id,
+            job_name=name,
+            description=f"segflow {config.name}: scheduled retraining ({cron})",
+            cron_expression=expression,
+            max_concurrency=max_concurrency,
+            no_catchup=no_catchup,
+            params=run_parameters(config, resolve_paths),
+            pipeline_package_path=package,
+            enabled=True,
+            service_account=service_account or None,
+        )
     identifier = recurring.recurring_run_id
     return {"recurring_run_id": identifier, "name": name, "cron": expression, "experiment": experiment, "url": connection.url("recurringrun", identifier)}
 
