@@ -258,7 +258,7 @@ def test_example_gen_expands_pages_and_checks_page_counts(tmp_path: Path) -> Non
     for example, image, mask in zip(examples, images, masks):
         np.testing.assert_array_equal(example.image[:, :, 0], image)
         np.testing.assert_array_equal(example.mask, mask)
-    kind, entry = process_pair(("a", str(tmp_path / "a.tif"), str(tmp_path / "b_mask.tif")), expand, table)
+    [(kind, entry)] = process_pair(("a", str(tmp_path / "a.tif"), str(tmp_path / "b_mask.tif")), expand, table)
     assert kind == "quarantine" and entry["reason"] == f"image has 3 pages but mask {tmp_path / 'b_mask.tif'} has 2"
-    kind, entry = process_pair(("a", str(tmp_path / "a.tif"), str(tmp_path / "a_mask.tif")), config("quarantine"), table)
+    [(kind, entry)] = process_pair(("a", str(tmp_path / "a.tif"), str(tmp_path / "a_mask.tif")), config("quarantine"), table)
     assert kind == "quarantine" and entry == {"file": str(tmp_path / "a.tif"), "reason": "multi-page TIFF (3 pages); set dataset.multipage: expand to use every page"}

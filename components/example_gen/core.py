@@ -62,7 +62,7 @@ class AccountingError(RuntimeError):
     """examples_in != examples_written + quarantined: an example was lost or written twice."""
 
 
-def _listing(folder: str | os.PathLike[str], skipped: list[dict[str, Any]] | None = None) -> dict[str, list[str]]:
+def _listing(folder: str | os.PathLike[str], skipped: list[dict[str, Any]]) -> dict[str, list[str]]:
     """File locations (paths or URIs) by stem; hidden entries and subfolders are appended to
     `skipped` with a reason."""
     try:
@@ -78,8 +78,7 @@ def _listing(folder: str | os.PathLike[str], skipped: list[dict[str, Any]] | Non
         else:
             stems.setdefault(Path(entry.name).stem, []).append(entry.location)
             continue
-        if skipped is not None:
-            skipped.append({"file": entry.location, "reason": reason, "skipped": True})
+        skipped.append({"file": entry.location, "reason": reason, "skipped": True})
     return stems
 
 
@@ -87,11 +86,14 @@ def _suffix(location: str) -> str:
     return Path(storage.basename(location)).suffix
 
 
-def pair_files(images_dir: str | os.PathLike[str], masks_dir: str | os.PathLike[str]) -> tuple[list[tuple[str, str, str]], list[dict[str, Any]]]:
-    """(stem, image, mask) pairs, and quarantine entries for files that cannot be paired;
-    entries with `"skipped": True` are hidden files and subfolders (not examples)."""
+def pair_files(
+    images_dir: str | os.PathLike[str], masks_dir: str | os.PathLike[str]
+) -> tuple[list[tuple[str, str, str]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """(stem, image, mask) pairs, quarantine entries for files that cannot be paired, and the
+    skipped entries (hidden files and subfolders: not examples)."""
     quarantined: list[dict[str, Any]] = []
-    images, masks = _listing(images_dir, quarantined), _listing(masks_dir, quarantined)
+    skipped: list[dict[str, Any]] = []
+    images, masks = _listing(images_dir, skipped), _listing(masks_dir, skipped)
     pairs = []
 
     def usable(stem: str, paths: list[str], role: str) -> str | None:
@@ -116,7 +118,7 @@ def pair_files(images_dir: str | os.PathLike[str], masks_dir: str | os.PathLike[
             quarantined.append({"file": str(mask), "reason": f"no image with stem {stem!r} in {images_dir}"})
         elif image or mask:  # the partner exists but was quarantined above
             quarantined.append({"file": str(image or mask), "reason": f"its partner file for stem {stem!r} is unusable"})
-    return pairs, quarantined
+    return pairs, quarantined, skipped
 
 
 def label_lookup(config: ExperimentConfig) -> np.ndarray:
@@ -131,22 +133,22 @@ def label_lookup(config: ExperimentConfig) -> np.ndarray:
     return table
 
 
-def process_pair(pair: tuple[str, str, str], config: ExperimentConfig, table: np.ndarray) -> tuple[str, Any] | list[tuple[str, Any]]:
-    """('example', serialized example) or ('quarantine', entry). With `dataset.multipage: expand`
-    a pair of multi-page TIFFs gives a list of those, one per page, named `<file>#page<k>`
+def process_pair(pair: tuple[str, str, str], config: ExperimentConfig, table: np.ndarray) -> list[tuple[str, Any]]:
+    """[('example', serialized example)] or [('quarantine', entry)]. With `dataset.multipage:
+    expand` a pair of multi-page TIFFs gives one of those per page, named `<file>#page<k>`
     (k from 1); image and mask must have the same page count."""
     stem, image_path, mask_path = pair
     expand = config.dataset.multipage == "expand"
     try:
         images = decode_pages(storage.read_bytes(image_path), image_path) if expand else [decode_image(storage.read_bytes(image_path), image_path)]
     except (ImageReadError, OSError) as error:
-        return "quarantine", {"file": image_path, "reason": str(error).removeprefix(f"{image_path}: ")}
+        return [("quarantine", {"file": image_path, "reason": str(error).removeprefix(f"{image_path}: ")})]
     try:
         masks = decode_mask_pages(storage.read_bytes(mask_path), mask_path) if expand else [decode_mask(storage.read_bytes(mask_path), mask_path)]
     except (ImageReadError, OSError) as error:
-        return "quarantine", {"file": mask_path, "reason": str(error).removeprefix(f"{mask_path}: ")}
+        return [("quarantine", {"file": mask_path, "reason": str(error).removeprefix(f"{mask_path}: ")})]
     if len(images) != len(masks):
-        return "quarantine", {"file": image_path, "reason": f"image has {len(images)} pages but mask {mask_path} has {len(masks)}"}
+        return [("quarantine", {"file": image_path, "reason": f"image has {len(images)} pages but mask {mask_path} has {len(masks)}"})]
 
     def one(image_path: str, mask_path: str, image: np.ndarray, raw_mask: np.ndarray) -> tuple[str, Any]:
         if raw_mask.shape != image.shape[:2]:
@@ -164,7 +166,7 @@ def process_pair(pair: tuple[str, str, str], config: ExperimentConfig, table: np
         return "example", serialize(example)
 
     if len(images) == 1:
-        return one(image_path, mask_path, images[0], masks[0])
+        return [one(image_path, mask_path, images[0], masks[0])]
     return [one(f"{image_path}#page{k}", f"{mask_path}#page{k}", image, mask) for k, (image, mask) in enumerate(zip(images, masks), 1)]
 
 
@@ -184,8 +186,7 @@ class DecodeCheckSerialize:
         if self.table is None:
             self.table = label_lookup(self.config)
         shard, pair = item
-        result = process_pair(pair, self.config, self.table)
-        results = result if isinstance(result, list) else [result]
+        results = process_pair(pair, self.config, self.table)
         if len(results) > 1:
             yield pvalue.TaggedOutput(PAGES, len(results) - 1)
         for page, (kind, value) in enumerate(results):
@@ -212,9 +213,8 @@ def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str]) -> dict[
     """Write the Examples artifact to `examples_dir`; return the counts for summary.json."""
     import apache_beam as beam
 
-    pairs, listed = pair_files(config.dataset.images, config.dataset.masks)
-    skipped = _sorted_entries([entry for entry in listed if entry.get("skipped")])
-    unpaired = [entry for entry in listed if not entry.get("skipped")]
+    pairs, unpaired, skipped = pair_files(config.dataset.images, config.dataset.masks)
+    skipped = _sorted_entries(skipped)
     log(f"example_gen: {len(pairs)} image/mask pairs, {len(unpaired)} unpairable files, {len(skipped)} skipped entries")
     try:
         splits = assign_splits([stem for stem, _, _ in pairs], config.dataset.eval_split, config.dataset.group_by)
