@@ -36,7 +36,7 @@ def find_anomalies(
 ) -> list[dict[str, str]]:
     """Anomalies of this run's statistics on their own, against the schema (which may be an
     earlier run's), and, given the statistics of an earlier run, against those (drift)."""
-    from segflow.components.schema_gen.core import PIXEL_VALUE, value_max
+    from segflow.components.schema_gen.core import PIXEL_VALUE, int_domains, value_max
 
     names = config.class_names
     train, evaluation = statistics["train"], statistics["eval"]
@@ -57,7 +57,7 @@ def find_anomalies(
             "eval",
             f"eval class frequencies differ from train by {shift:.3f} (L-infinity) > validation.max_class_shift {config.validation.max_class_shift}",
         )
-    domains = {feature.name: feature.int_domain for feature in schema.feature if feature.HasField("int_domain")}
+    domains = int_domains(schema)
     scale = value_max(schema)
     for split, stats in (("train", train), ("eval", evaluation)):
         if stats["empty_mask_share"] == 1.0:

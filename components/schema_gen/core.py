@@ -60,10 +60,15 @@ def infer_schema(statistics: dict[str, Any], config: ExperimentConfig) -> Any:
     return schema
 
 
+def int_domains(schema: Any) -> dict[str, Any]:
+    """Feature name -> IntDomain, for the features that have one."""
+    return {feature.name: feature.int_domain for feature in schema.feature if feature.HasField("int_domain")}
+
+
 def value_max(schema: Any) -> int:
     """The raw pixel value that maps to 1.0: the schema's `pixel_value` maximum; for a schema
     written before that feature existed, the largest value of its largest bit depth."""
-    domains = {feature.name: feature.int_domain for feature in schema.feature if feature.HasField("int_domain")}
+    domains = int_domains(schema)
     if PIXEL_VALUE in domains and domains[PIXEL_VALUE].HasField("max"):
         return int(domains[PIXEL_VALUE].max)
     if "bit_depth" in domains and domains["bit_depth"].HasField("max"):
