@@ -385,11 +385,7 @@ def _train(
             learning_rate = scaled_learning_rate(stage.learning_rate, plan.replicas, config.trainer.scale_learning_rate)
             log(f"trainer: stage {number}/{len(config.stages)}: {stage.epochs} epochs at learning rate {learning_rate:g}")
             with plan.strategy.scope():
-                network.compile(
-                    optimizer=keras.optimizers.Adam(learning_rate),
-                    loss=build_loss(config.loss, labels),
-                    metrics=[StreamingMeanIoU(labels)],
-                )
+                _compile(network, config, labels, keras.optimizers.Adam(learning_rate))
             callbacks = [
                 # Every worker gives the shared folder: tf_keras reads the chief's backup on all
                 # of them and has the others write to temporary sub-folders it removes.
@@ -424,7 +420,7 @@ def _train(
             # A plain copy outside any strategy: saving it needs no other worker, and it loads anywhere.
             served = build_network(config)
             served.set_weights(weights)
-            served.compile(optimizer=keras.optimizers.Adam(), loss=build_loss(config.loss, labels), metrics=[StreamingMeanIoU(labels)])
+            _compile(served, config, labels, keras.optimizers.Adam())
         with atomic_dir(model_dir) as model_out:
             (model_out / KERAS_FILE).parent.mkdir()
             served.save(str(model_out / KERAS_FILE))
@@ -437,6 +433,11 @@ def _train(
         shutil.rmtree(own_backup, ignore_errors=True)
     log(f"trainer: final loss {final.get('loss', float('nan')):.4f}, validation mean IoU {final.get('val_mean_iou', float('nan')):.4f}")
     return final, _weights_digest(weights)
+
+
+def _compile(network: keras.Model, config: ExperimentConfig, labels: LabelSpec, optimizer: Any) -> None:
+    """The loss and metrics of every compile: training stages and the chief's served copy."""
+    network.compile(optimizer=optimizer, loss=build_loss(config.loss, labels), metrics=[StreamingMeanIoU(labels)])
 
 
 def _save_weights_atomically(network: keras.Model, target: Path) -> None:
