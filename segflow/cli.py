@@ -1,4 +1,4 @@
-"""`segflow` command line: run, validate, compile, submit, schedule, runs, demo-data, list."""
+"""`segflow` command line: run, validate, compile, submit, schedule, runs, predict, demo-data, list."""
 from __future__ import annotations
 
 import argparse
@@ -127,6 +127,28 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from segflow.predict import PredictError, PredictOptions, list_inputs, load_model, predict_files
+
+    try:
+        defaults_replaced = {name: getattr(args, name) for name in ("overlap", "batch") if getattr(args, name) is not None}
+        options = PredictOptions(tta=args.tta, threshold=args.threshold, min_object=args.min_object, min_hole=args.min_hole, **defaults_replaced)
+        inputs = list_inputs(args.input)
+        model = load_model(args.model, args.spec)
+        print(f"model: {model.path} ({model.note}), spec {model.spec_path}", file=sys.stderr)
+        report = predict_files(model, inputs, args.output, args.format or ["png"], options)
+    except PredictError as error:
+        print(f"segflow: error: {error}", file=sys.stderr)
+        return 2
+    print(f"predicted {report['written']} of {report['images']} images in {report['seconds']:.1f} s; wrote {Path(args.output).resolve()}")
+    if report["skipped"]:
+        print(f"skipped {len(report['skipped'])} (listed in {Path(args.output) / 'predict.json'}):", file=sys.stderr)
+        for entry in report["skipped"]:
+            print(f"  {entry['reason']}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     from segflow.demo_data import CLASS_NAMES, write_demo_dataset
 
@@ -231,6 +253,26 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--experiment", metavar="NAME", help="only this experiment's runs")
     runs.add_argument("--json", action="store_true")
     runs.set_defaults(handler=_runs)
+
+    predict = commands.add_parser("predict", help="segment images of any size with a trained model (tiles with overlap, blended)")
+    predict.add_argument(
+        "model", help="a SavedModel folder, a run folder (its served model), an exports folder or pushed version (its saved_model), or a .tflite file"
+    )
+    predict.add_argument("input", help="an image file or a folder of images (PNG, JPEG, TIFF, BMP; 8 or 16 bit; 1, 3 or 4 channels; any size)")
+    predict.add_argument("--output", "-o", required=True, help="output folder (created; files of the same name are replaced)")
+    predict.add_argument(
+        "--format", action="append", choices=["png", "overlay", "rle"],
+        help="png: <stem>.png class ids (default); overlay: <stem>_overlay.png coloured; rle: rle.csv (filename,class,rle; Kaggle "
+        "run-length, column-major, 1-based). Repeatable",
+    )
+    predict.add_argument("--spec", metavar="PATH", help="serving_spec.json (or its folder) for a .tflite file without one beside it or in its run")
+    predict.add_argument("--overlap", type=float, metavar="SHARE", help="share of the model size that neighbouring tiles overlap (default 0.25)")
+    predict.add_argument("--tta", action="store_true", help="average each tile over its four flips (4x slower)")
+    predict.add_argument("--threshold", type=float, metavar="P", help="sigmoid models: foreground where p > P (default 0.5)")
+    predict.add_argument("--min-object", type=int, default=0, metavar="N", help="relabel regions of classes other than 0 smaller than N pixels")
+    predict.add_argument("--min-hole", type=int, default=0, metavar="N", help="fill regions of class 0 smaller than N pixels from their surroundings")
+    predict.add_argument("--batch", type=int, metavar="N", help="tiles per model call (default 4)")
+    predict.set_defaults(handler=_predict)
 
     demo = commands.add_parser("demo-data", help="write the built-in synthetic dataset")
     demo.add_argument("directory")
