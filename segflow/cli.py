@@ -128,14 +128,19 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from segflow.predict import PredictError, PredictOptions, list_inputs, load_model, predict_files
+    from segflow.predict import NATIVE_SCALE, PredictError, PredictOptions, list_inputs, load_model, parse_scale, predict_files
 
     try:
         defaults_replaced = {name: getattr(args, name) for name in ("overlap", "batch") if getattr(args, name) is not None}
-        options = PredictOptions(tta=args.tta, threshold=args.threshold, min_object=args.min_object, min_hole=args.min_hole, **defaults_replaced)
+        options = PredictOptions(
+            tta=args.tta, threshold=args.threshold, min_object=args.min_object, min_hole=args.min_hole, scale=parse_scale(args.scale), **defaults_replaced
+        )
         inputs = list_inputs(args.input)
         model = load_model(args.model, args.spec)
         print(f"model: {model.path} ({model.note}), spec {model.spec_path}", file=sys.stderr)
+        if options.scale is None:
+            scale = model.training_scale or NATIVE_SCALE
+            print(f"scale: {scale[0]:g} x {scale[1]:g} ({model.scale_note}; --scale to change)", file=sys.stderr)
         report = predict_files(model, inputs, args.output, args.format or ["png"], options)
     except PredictError as error:
         print(f"segflow: error: {error}", file=sys.stderr)
@@ -267,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--spec", metavar="PATH", help="serving_spec.json (or its folder) for a .tflite file without one beside it or in its run")
     predict.add_argument("--overlap", type=float, metavar="SHARE", help="share of the model size that neighbouring tiles overlap (default 0.25)")
+    predict.add_argument(
+        "--scale", default="auto", metavar="auto|F|FY,FX",
+        help="resize images by F before tiling (masks come back at full size): the model sees objects at the size it was "
+        "trained on. auto (default): the run's training scale (model size / train image size) when the model is in a run "
+        "folder whose train images had one size, else 1 (the file's resolution)",
+    )
     predict.add_argument("--tta", action="store_true", help="average each tile over its four flips (4x slower)")
     predict.add_argument("--threshold", type=float, metavar="P", help="sigmoid models: foreground where p > P (default 0.5)")
     predict.add_argument("--min-object", type=int, default=0, metavar="N", help="relabel regions of classes other than 0 smaller than N pixels")

@@ -35,12 +35,13 @@ import numpy as np
 import tensorflow as tf
 
 from segflow.io import IMAGE_SUFFIXES, ImageReadError, encode_png, read_image, write_json
-from segflow.preprocessing import model_pixels, scale_pixels, to_model_channels
+from segflow.preprocessing import model_pixels, resize_back, scale_pixels, to_model_channels
 from segflow.serving import SERVING_SUBDIR, SPEC_FILE, FixedSizePredictor, ServingSpec, saved_model_predictor
 from segflow.storage import write_bytes
 
 DEFAULT_OVERLAP = 0.25  # share of the tile that neighbouring tiles share
 DEFAULT_BATCH = 4  # tiles per model call
+NATIVE_SCALE = (1.0, 1.0)  # resize factor (model pixels per image pixel) per axis: 1 = the file's own resolution
 BLEND_DEAD_SHARE = 4  # the outer 1/4 of each overlap weighs 0 (see blend_ramp)
 FORMATS = ("png", "overlay", "rle")
 RLE_FILE = "rle.csv"
@@ -55,6 +56,7 @@ PALETTE = np.array(
 # Where a run folder keeps its served model and its exports (pipelines/local.py lays it out).
 RUN_SERVED_MODEL = Path("trainer", "model", SERVING_SUBDIR)
 RUN_EXPORTS = Path("exporter", "exports")
+RUN_STATISTICS = Path("statistics_gen", "statistics")
 SAVED_MODEL_EXPORT = "saved_model"  # the saved_model export's folder inside an exports folder
 
 
@@ -72,6 +74,8 @@ class LoadedModel:
     path: Path
     spec_path: Path
     note: str  # why this model and spec were chosen, for the user
+    training_scale: tuple[float, float] | None  # model size / train image size, when the run says
+    scale_note: str  # where training_scale came from, or why it is unknown
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,7 @@ class PredictOptions:
     min_object: int = 0
     min_hole: int = 0
     batch: int = DEFAULT_BATCH
+    scale: tuple[float, float] | None = None  # None: the model's training scale when known, else native
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:
@@ -92,6 +97,8 @@ class PredictOptions:
             raise PredictError("min_object and min_hole are pixel counts and cannot be negative")
         if self.batch < 1:
             raise PredictError(f"batch must be at least 1, not {self.batch}")
+        if self.scale is not None and min(self.scale) <= 0:
+            raise PredictError(f"scale must be positive, not {self.scale}")
 
 
 # --- tiling and blending ---------------------------------------------------------------
@@ -177,18 +184,11 @@ def _batches(items: Sequence[tuple[int, int]], size: int) -> Iterator[Sequence[t
         yield items[first:first + size]
 
 
-def predict_probabilities(
-    predict_fixed: FixedSizePredictor,
-    image: np.ndarray,
-    spec: ServingSpec,
-    overlap: float = DEFAULT_OVERLAP,
-    tta: bool = False,
-    batch: int = DEFAULT_BATCH,
-) -> np.ndarray:
-    """Class probabilities [H,W,K] for a raw HxWxC image of any size, blended over tiles."""
-    height, width = image.shape[:2]
+def _tiled_probabilities(predict_fixed: FixedSizePredictor, pixels: np.ndarray, spec: ServingSpec, overlap: float, tta: bool, batch: int) -> np.ndarray:
+    """Probabilities [H,W,K] of raw pixels [H,W,C] (any dtype), blended over model-size tiles."""
+    height, width = pixels.shape[:2]
     tile = spec.shape[:2]
-    canvas = pad_to_tile(image, tile)
+    canvas = pad_to_tile(pixels, tile)
     size = canvas.shape[:2]
     margins = (overlap_pixels(overlap, tile[0]), overlap_pixels(overlap, tile[1]))
     starts = [(y, x) for y in tile_positions(size[0], tile[0], margins[0]) for x in tile_positions(size[1], tile[1], margins[1])]
@@ -202,6 +202,28 @@ def predict_probabilities(
             total[y:y + tile[0], x:x + tile[1]] += tile_probabilities * window[..., None]
             weights[y:y + tile[0], x:x + tile[1]] += window
     return (total / weights[..., None])[:height, :width]
+
+
+def predict_probabilities(
+    predict_fixed: FixedSizePredictor,
+    image: np.ndarray,
+    spec: ServingSpec,
+    overlap: float = DEFAULT_OVERLAP,
+    tta: bool = False,
+    batch: int = DEFAULT_BATCH,
+    scale: tuple[float, float] = NATIVE_SCALE,
+) -> np.ndarray:
+    """Class probabilities [H,W,K] for a raw HxWxC image of any size, blended over tiles.
+    With a `scale` other than 1 (the training scale of a model trained on images resized
+    to its size), the image is resampled by it first, with the training resize, and the
+    probabilities are resized back to the image's own size, as `serving_default` does."""
+    if scale == NATIVE_SCALE:
+        return _tiled_probabilities(predict_fixed, image, spec, overlap, tta, batch)
+    height, width = image.shape[:2]
+    scaled = (max(1, round(height * scale[0])), max(1, round(width * scale[1])), spec.shape[2])
+    pixels = model_pixels(tf.constant(image[None]), scaled).numpy()[0]
+    probabilities = _tiled_probabilities(predict_fixed, pixels, spec, overlap, tta, batch)
+    return resize_back(tf.constant(probabilities[None]), (height, width)).numpy()[0]
 
 
 def probabilities_to_mask(probabilities: np.ndarray, spec: ServingSpec, threshold: float | None = None) -> np.ndarray:
@@ -222,9 +244,10 @@ def predict_large_image(
     tta: bool = False,
     threshold: float | None = None,
     batch: int = DEFAULT_BATCH,
+    scale: tuple[float, float] = NATIVE_SCALE,
 ) -> np.ndarray:
     """Class ids [H,W] for a raw HxWxC image of any size (see the module docstring)."""
-    return probabilities_to_mask(predict_probabilities(predict_fixed, image, spec, overlap, tta, batch), spec, threshold)
+    return probabilities_to_mask(predict_probabilities(predict_fixed, image, spec, overlap, tta, batch, scale), spec, threshold)
 
 
 # --- post-processing and output formats ------------------------------------------------------
@@ -359,7 +382,28 @@ def load_model(model: str | os.PathLike[str], spec: str | os.PathLike[str] | Non
     serving_spec = _load_spec(spec_path)
     predict_fixed = _predictor(kind, path)
     _check(predict_fixed, serving_spec, path, spec_path)
-    return LoadedModel(predict_fixed, serving_spec, kind, path, spec_path, note)
+    return LoadedModel(predict_fixed, serving_spec, kind, path, spec_path, note, *training_scale(path, serving_spec))
+
+
+def training_scale(model: Path, spec: ServingSpec) -> tuple[tuple[float, float] | None, str]:
+    """The factor by which training resized its images to the model size, from the run's
+    statistics when the model sits in a run folder (its served model or an export) and every
+    train image had one size. A model trained on 512x512 images at 256x256 has learnt
+    objects at half their size in the files, so predicting at the files' own resolution
+    would show it objects twice too large."""
+    from segflow.components.statistics_gen.core import read_statistics
+
+    statistics = model.parents[2] / RUN_STATISTICS if len(model.parents) > 2 else None
+    if statistics is None or not statistics.is_dir():
+        return None, "training image size unknown outside a run folder"
+    try:
+        sizes = list(read_statistics(statistics)["train"]["image_sizes"])
+    except (OSError, ValueError, KeyError) as error:  # a damaged run: predict at native resolution, and say why
+        return None, f"cannot read the training image size ({error})"
+    if len(sizes) != 1:
+        return None, f"train images had {len(sizes)} sizes ({', '.join(sizes[:3])}{', ...' if len(sizes) > 3 else ''})"
+    height, width = map(int, sizes[0].split("x"))
+    return (spec.shape[0] / height, spec.shape[1] / width), f"train images were {height}x{width}, resized to {spec.shape[0]}x{spec.shape[1]}"
 
 
 def _predictor(kind: str, path: Path) -> FixedSizePredictor:
@@ -382,6 +426,19 @@ def _check(predict_fixed: FixedSizePredictor, spec: ServingSpec, path: Path, spe
         raise PredictError(f"{path}: does not run on {list(spec.shape)} input as {spec_path} says ({type(error).__name__}: {error})") from None
     if tuple(shape) != (1, *spec.shape[:2], classes):
         raise PredictError(f"{path}: gives probabilities of shape {list(shape)}, but {spec_path} says {list(spec.shape[:2])} and {classes} classes")
+
+
+def parse_scale(text: str) -> tuple[float, float] | None:
+    """`auto` (None: the training scale when known), a factor, or `FY,FX` per axis."""
+    if text == "auto":
+        return None
+    try:
+        factors = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        factors = ()
+    if len(factors) not in (1, 2) or min(factors) <= 0:
+        raise PredictError(f"scale must be auto, a positive factor or two (FY,FX), not {text!r}")
+    return (factors[0], factors[-1])
 
 
 def list_inputs(source: str | os.PathLike[str]) -> list[Path]:
@@ -449,6 +506,7 @@ def predict_files(
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise PredictError(f"unknown output format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
+    scale = options.scale or model.training_scale or NATIVE_SCALE
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     files = list(inputs)
@@ -466,7 +524,7 @@ def predict_files(
             continue
         if image.max() > model.spec.value_max:
             _warn(bar, f"predict: warning: {path}: pixel values up to {int(image.max())} exceed the model's value range (value_max {model.spec.value_max:g})")
-        mask = predict_large_image(model.predict_fixed, image, model.spec, options.overlap, options.tta, options.threshold, options.batch)
+        mask = predict_large_image(model.predict_fixed, image, model.spec, options.overlap, options.tta, options.threshold, options.batch, scale)
         mask = remove_small_regions(mask, options.min_object, options.min_hole)
         if "png" in formats:
             write_bytes(out / f"{path.stem}.png", encode_png(mask[..., None]))
@@ -488,6 +546,8 @@ def predict_files(
         "class_names": list(model.spec.class_names),
         "formats": list(formats),
         "options": asdict(options),
+        "scale": list(scale),
+        "scale_source": "--scale" if options.scale else model.scale_note,
         "images": len(files),
         "written": len(written),
         "skipped": skipped,

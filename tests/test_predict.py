@@ -34,7 +34,8 @@ from segflow.predict import (
 )
 from segflow.preprocessing import model_pixels
 from segflow.registry import EXPORT_FORMATS
-from segflow.serving import SPEC_FILE, SegmentationServer, ServingSpec
+from segflow.serving import SERVING_SUBDIR, SPEC_FILE, SegmentationServer, ServingSpec, serving_mask_predictor
+from segflow.io import write_json
 
 MODEL_SIZE = 256
 CLASSES = ("background", "cell", "border")
@@ -166,6 +167,26 @@ def test_a_tflite_file_without_a_spec_names_the_file_and_the_option(models: dict
     with pytest.raises(PredictError, match=r"model\.tflite: no serving_spec\.json found .* --spec"):
         load_model(alone)
     assert load_model(alone, spec=models["serving"] / SPEC_FILE).spec == spec_at(MODEL_SIZE)
+
+
+def test_at_the_training_scale_a_model_size_image_is_served_as_serving_default_serves_it(models: dict[str, Any]) -> None:
+    """A 512x512 image at scale 0.5 is one 256x256 tile: the same resize, model and resize
+    back as `serving_default`, so the masks agree."""
+    image = textured_image(512, 512, seed=6)
+    loaded = load_model(models["serving"])
+    tiled = predict_large_image(loaded.predict_fixed, image, loaded.spec, scale=(0.5, 0.5))
+    assert np.mean(tiled == serving_mask_predictor(models["serving"])(image)) >= 0.999
+
+
+@pytest.mark.parametrize(("sizes", "expected"), [({"512x1024": 5}, (0.5, 0.25)), ({"512x512": 3, "300x300": 1}, None)])
+def test_training_scale_comes_from_the_run_statistics(models: dict[str, Any], tmp_path: Path, sizes: dict[str, int], expected: tuple[float, float] | None) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(models["serving"], run / "trainer" / "model" / SERVING_SUBDIR)
+    write_json(run / "statistics_gen" / "statistics" / "statistics.json", {"train": {"image_sizes": sizes}, "eval": {"image_sizes": sizes}})
+    loaded = load_model(run)
+    assert loaded.path == run / "trainer" / "model" / SERVING_SUBDIR
+    assert loaded.training_scale == expected
+    assert load_model(models["serving"]).training_scale is None  # no run around it: native resolution
 
 
 def test_folder_with_a_corrupt_file_skips_it_and_writes_the_rest(models: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
