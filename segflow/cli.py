@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model", help="a SavedModel folder, a run folder (its served model), an exports folder or pushed version (its saved_model), or a .tflite file"
     )
     predict.add_argument("input", help="an image file or a folder of images (PNG, JPEG, TIFF, BMP; 8 or 16 bit; 1, 3 or 4 channels; any size)")
-    predict.add_argument("--output", "-o", required=True, help="output folder (created; files of the same name are replaced)")
+    predict.add_argument("--output", "-o", required=True, metavar="DIR", help="output folder (created; files of the same name are replaced)")
     predict.add_argument(
         "--format", action="append", choices=["png", "overlay", "rle"],
         help="png: <stem>.png class ids (default); overlay: <stem>_overlay.png coloured; rle: rle.csv (filename,class,rle; Kaggle "

@@ -3,10 +3,13 @@
 A model sees tiles of its own size: an image is cut into tiles that overlap by a share of
 the tile, each tile goes through the model's `fixed_size` path (the SavedModel signature,
 or a TFLite/ONNX export converted from it), and the class probabilities are blended with a
-raised-cosine window before the argmax. So a large image keeps its resolution (no resize
-of the whole image to 256x256), tile borders (where a convolution sees zero padding) weigh
-little, and there are no seams. An image smaller than the model is padded by reflection,
-never resized. Pixels go through `segflow.preprocessing.model_pixels` like in training and
+raised-cosine window before the argmax. So a large image is never squeezed into one model
+input, tile borders (where a convolution sees zero padding) weigh nothing or little, and
+there are no seams. An image smaller than the model is padded by reflection, never resized.
+A model trained on images resized to its size (512x512 files at 256x256) learnt objects at
+that scale, so the image is first resampled by the same factor (`scale`, read from the
+run's statistics when known) and the probabilities come back at the image's own size.
+Pixels go through `segflow.preprocessing` (model_pixels, resize_back) like in training and
 serving, so normalisation cannot drift.
 
 Outputs, in a folder:
@@ -70,7 +73,7 @@ class LoadedModel:
 
     predict_fixed: FixedSizePredictor
     spec: ServingSpec
-    kind: str  # saved_model, tflite or onnx
+    kind: str  # saved_model or tflite
     path: Path
     spec_path: Path
     note: str  # why this model and spec were chosen, for the user
@@ -80,6 +83,8 @@ class LoadedModel:
 
 @dataclass(frozen=True)
 class PredictOptions:
+    """How to predict, checked once before any image is read."""
+
     overlap: float = DEFAULT_OVERLAP
     tta: bool = False
     threshold: float | None = None  # sigmoid models only; None = 0.5, as serving_default
@@ -229,11 +234,15 @@ def predict_probabilities(
 def probabilities_to_mask(probabilities: np.ndarray, spec: ServingSpec, threshold: float | None = None) -> np.ndarray:
     """Class ids [H,W] uint8: the argmax, or for a sigmoid head foreground where p > threshold
     (0.5 by default, which is the argmax of the served [1-p, p])."""
+    check_threshold(spec, threshold)
     if spec.sigmoid:
         return (probabilities[..., 1] > (0.5 if threshold is None else threshold)).astype(np.uint8)
-    if threshold is not None:
-        raise PredictError("a threshold applies only to sigmoid (binary, `classes: 1`) models; this model has a softmax head")
     return probabilities.argmax(axis=-1).astype(np.uint8)
+
+
+def check_threshold(spec: ServingSpec, threshold: float | None) -> None:
+    if threshold is not None and not spec.sigmoid:
+        raise PredictError("a threshold applies only to sigmoid (binary, `classes: 1`) models; this model has a softmax head")
 
 
 def predict_large_image(
@@ -331,7 +340,7 @@ def resolve_saved_model(folder: Path) -> tuple[Path, str]:
     for path, note in candidates:
         if _is_saved_model(path):
             return path, note
-    exports = sorted(item.name for item in folder.iterdir() if item.suffix in (".tflite", ".onnx"))
+    exports = sorted(item.name for item in folder.iterdir() if item.suffix == ".tflite")
     hint = f"; model files here: {', '.join(exports)} (pass one of them)" if exports else ""
     raise PredictError(
         f"{folder}: no SavedModel found (looked for saved_model.pb in {', '.join(str(path) for path, _ in candidates)}){hint}"
@@ -339,7 +348,7 @@ def resolve_saved_model(folder: Path) -> tuple[Path, str]:
 
 
 def find_spec(model_file: Path) -> Path:
-    """The serving_spec.json for a TFLite/ONNX file: beside it, in the saved_model export
+    """The serving_spec.json for a TFLite file: beside it, in the saved_model export
     beside it (an exports folder or pushed version), or in the run's served model when the
     file sits in <run>/exporter/exports/."""
     run = model_file.parent.parent.parent if model_file.parent.parent.name == RUN_EXPORTS.parts[0] else None
@@ -366,8 +375,9 @@ def _load_spec(spec_path: Path) -> ServingSpec:
 
 
 def load_model(model: str | os.PathLike[str], spec: str | os.PathLike[str] | None = None) -> LoadedModel:
-    """A SavedModel (or a folder holding one), a .tflite file or an .onnx file, with its spec
-    (`spec` overrides the one found beside the model); checked with one model-size input."""
+    """A SavedModel (or a folder holding one: see resolve_saved_model) or a .tflite file, with
+    its spec (`spec` overrides the one found beside the model); checked with one model-size
+    input, so that a spec that does not fit fails before any image is read."""
     path = Path(model)
     if not path.exists():
         raise PredictError(f"{path}: no such model file or folder")
@@ -436,7 +446,7 @@ def parse_scale(text: str) -> tuple[float, float] | None:
         factors = tuple(float(part) for part in text.split(","))
     except ValueError:
         factors = ()
-    if len(factors) not in (1, 2) or min(factors) <= 0:
+    if len(factors) not in (1, 2) or not all(0 < factor < float("inf") for factor in factors):
         raise PredictError(f"scale must be auto, a positive factor or two (FY,FX), not {text!r}")
     return (factors[0], factors[-1])
 
@@ -506,6 +516,7 @@ def predict_files(
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown or not formats:
         raise PredictError(f"unknown output format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
+    check_threshold(model.spec, options.threshold)
     scale = options.scale or model.training_scale or NATIVE_SCALE
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
