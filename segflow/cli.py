@@ -128,7 +128,7 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from segflow.predict import NATIVE_SCALE, PredictError, PredictOptions, list_inputs, load_model, parse_scale, predict_files
+    from segflow.predict import PredictError, PredictOptions, list_inputs, load_model, parse_scale, predict_files, resolve_scale
 
     try:
         defaults_replaced = {name: getattr(args, name) for name in ("overlap", "batch") if getattr(args, name) is not None}
@@ -138,9 +138,8 @@ def _predict(args: argparse.Namespace) -> int:
         inputs = list_inputs(args.input)
         model = load_model(args.model, args.spec)
         print(f"model: {model.path} ({model.note}), spec {model.spec_path}", file=sys.stderr)
-        if options.scale is None:
-            scale = model.training_scale or NATIVE_SCALE
-            print(f"scale: {scale[0]:g} x {scale[1]:g} ({model.scale_note}; --scale to change)", file=sys.stderr)
+        scale, source = resolve_scale(options, model)
+        print(f"scale: {scale[0]:g} x {scale[1]:g} ({source}{'' if options.scale else '; --scale to change'})", file=sys.stderr)
         report = predict_files(model, inputs, args.output, args.format or ["png"], options)
     except PredictError as error:
         print(f"segflow: error: {error}", file=sys.stderr)

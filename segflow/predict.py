@@ -508,6 +508,13 @@ def _warn(bar: Any, line: str) -> None:
         bar.write(line, file=sys.stderr)
 
 
+def resolve_scale(options: PredictOptions, model: LoadedModel) -> tuple[tuple[float, float], str]:
+    """The scale to predict at and where it came from: the option, else the training scale."""
+    if options.scale is not None:
+        return options.scale, "--scale"
+    return model.training_scale or NATIVE_SCALE, model.scale_note
+
+
 def predict_files(
     model: LoadedModel, inputs: Iterable[Path], output: str | os.PathLike[str], formats: Sequence[str], options: PredictOptions
 ) -> dict[str, Any]:
@@ -517,7 +524,7 @@ def predict_files(
     if unknown or not formats:
         raise PredictError(f"unknown output format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
     check_threshold(model.spec, options.threshold)
-    scale = options.scale or model.training_scale or NATIVE_SCALE
+    scale, scale_source = resolve_scale(options, model)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     files = list(inputs)
@@ -558,7 +565,7 @@ def predict_files(
         "formats": list(formats),
         "options": asdict(options),
         "scale": list(scale),
-        "scale_source": "--scale" if options.scale else model.scale_note,
+        "scale_source": scale_source,
         "images": len(files),
         "written": len(written),
         "skipped": skipped,
