@@ -241,6 +241,7 @@ def probabilities_to_mask(probabilities: np.ndarray, spec: ServingSpec, threshol
 
 
 def check_threshold(spec: ServingSpec, threshold: float | None) -> None:
+    """A softmax model has no single foreground probability to threshold: refuse, don't ignore."""
     if threshold is not None and not spec.sigmoid:
         raise PredictError("a threshold applies only to sigmoid (binary, `classes: 1`) models; this model has a softmax head")
 
