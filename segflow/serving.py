@@ -61,11 +61,17 @@ class ServingSpec:
 
 
 class SegmentationServer(tf.Module):
-    """Keeps the Keras network and the TFT layer tracked so that both are saved."""
+    """What the SavedModel keeps: the network's weights, the TFT layer and the signatures.
+
+    The Keras network itself is kept off the save graph: tracked, a compiled network brings
+    its optimizer's slots (two per weight for Adam: 3x the bytes) and Keras's per-layer
+    traced functions into the SavedModel. Only its weights are tracked, which is all the
+    signatures read, so the SavedModel is the float32 weights plus the graphs."""
 
     def __init__(self, network: Any, transform_layer: Any, spec: ServingSpec) -> None:
         super().__init__()
-        self.network = network
+        object.__setattr__(self, "network", network)  # untracked: see the class docstring
+        self.network_weights = list(network.weights)
         self.transform_layer = transform_layer
         self.spec = spec
         height, width, channels = spec.shape
@@ -84,7 +90,8 @@ class SegmentationServer(tf.Module):
         return {"probabilities": probabilities(logits, self.spec.sigmoid)}
 
     def _serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-        probs = resize_back(self._fixed_size(model_pixels(images, self.spec.shape))["probabilities"], tf.shape(images)[1:3])
+        # A call of the `fixed_size` function, not a copy of its graph in every signature.
+        probs = resize_back(self.fixed_size(model_pixels(images, self.spec.shape))["probabilities"], tf.shape(images)[1:3])
         return {"mask": tf.cast(tf.argmax(probs, axis=-1), tf.uint8), "probabilities": probs}
 
     def save(self, model_dir: str | os.PathLike[str]) -> Path:
