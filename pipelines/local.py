@@ -176,7 +176,8 @@ def relocate_summary(summary: dict[str, Any], local_dir: str | os.PathLike[str],
     if "quarantine" in summary:
         summary["quarantine"] = moved(summary["quarantine"])
     for entry in summary.get("exports", {}).values():
-        entry["path"] = moved(entry["path"])
+        if "path" in entry:  # a skipped export has none
+            entry["path"] = moved(entry["path"])
     if "destination" in summary.get("push", {}):
         summary["push"]["destination"] = moved(summary["push"]["destination"])
     return summary
@@ -230,7 +231,8 @@ def build_summary(output: Path, config: ExperimentConfig, kind: str, seconds: fl
     if (exports_dir / EXPORTS_FILE).exists():
         exports = read_exports(exports_dir)
         for entry in exports.values():  # written under kfp.local's pipeline root, since moved here
-            entry["path"] = str(exports_dir / Path(entry["path"]).name)
+            if "path" in entry:  # a skipped export has none
+                entry["path"] = str(exports_dir / Path(entry["path"]).name)
         summary["exports"] = exports
     push_file = output / "pusher" / "pushed" / PUSH_FILE
     if push_file.exists():

@@ -104,6 +104,27 @@ class PushConfig(_Strict):
     registry: str = "model-registry"
 
 
+class ExportConfig(_Strict):
+    """What the Exporter builds and the parity gate each export must pass to be pushed.
+    `export: [a, b]` (a plain list) is short for `export: {formats: [a, b]}`."""
+
+    formats: list[str] = Field(default_factory=lambda: ["saved_model", "tflite_fp32", "tflite_int8"], description="rows of `segflow list exports`")
+    max_drop: float = Field(
+        0.02, ge=0.0, le=1.0, description="an export whose eval mean IoU is more than this below the float served model's fails and is not pushed"
+    )
+    onnx_opset: int = Field(17, ge=13, le=18, description="ONNX opset of the onnx and TensorRT exports (tf2onnx 1.17 writes 13..18)")
+    calibration_examples: int = Field(64, ge=1, le=10000, description="train examples that calibrate int8 and int16x8 quantization")
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, value: list[str]) -> list[str]:
+        for name in value:
+            _registered(EXPORT_FORMATS, name)
+        if len(set(value)) != len(value):
+            raise ValueError("export formats must be unique")
+        return value
+
+
 class TrainerConfig(_Strict):
     """How training is distributed. `workers` > 1 turns the trainer step into a launcher of
     that many worker processes (local) or pods (Kubernetes Indexed Job or Kubeflow TFJob)."""
@@ -211,7 +232,7 @@ class ExperimentConfig(_Strict):
     loss: str = "crossentropy"
     batch: int = Field(8, ge=1)
     stages: list[StageConfig] = Field(default_factory=lambda: [StageConfig()], min_length=1)
-    export: list[str] = Field(default_factory=lambda: ["saved_model", "tflite_fp32", "tflite_int8"])
+    export: ExportConfig = ExportConfig()
     seed: int = 0
     deterministic: bool = Field(False, description="TensorFlow op determinism: identical runs give identical metrics (slower)")
     beam: BeamConfig = BeamConfig()
@@ -266,14 +287,10 @@ class ExperimentConfig(_Strict):
         parse_loss(value)
         return value
 
-    @field_validator("export")
+    @field_validator("export", mode="before")
     @classmethod
-    def _export(cls, value: list[str]) -> list[str]:
-        for name in value:
-            _registered(EXPORT_FORMATS, name)
-        if len(set(value)) != len(value):
-            raise ValueError("export formats must be unique")
-        return value
+    def _export(cls, value: Any) -> Any:
+        return {"formats": value} if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _labels(self) -> "ExperimentConfig":

@@ -77,7 +77,7 @@ def test_overrides_parse_yaml_values(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(minimal(stages=[{"epochs": 3}])))
     config = load_config(path, ["stages.0.epochs=7", "model.depth=2", "export=[saved_model]", "dataset.eval_split=0.5"])
-    assert config.stages[0].epochs == 7 and config.model.depth == 2 and config.export == ["saved_model"]
+    assert config.stages[0].epochs == 7 and config.model.depth == 2 and config.export.formats == ["saved_model"]
     assert config.dataset.eval_split == 0.5
 
 

@@ -194,7 +194,7 @@ def test_kfp_local_full_run_writes_the_summary_contract(tiny_data: Path, tmp_pat
     for name in ("saved_model", "tflite_int8"):
         assert Path(summary["exports"][name]["path"]).exists() and summary["exports"][name]["bytes"] > 0
     assert summary["push"]["pushed"] and Path(summary["push"]["destination"]).is_dir()
-    assert load_config(run / "config.yaml").export == ["saved_model", "tflite_int8"]
+    assert load_config(run / "config.yaml").export.formats == ["saved_model", "tflite_int8"]
     assert (run / "trainer" / "model_run" / "history.csv").exists() and not (run / ".kfp").exists()
     # A second run into the same folder is refused rather than mixing artifacts.
     assert main(["run", str(config), "-o", str(run)]) == 2
