@@ -1,8 +1,7 @@
-"""Transform, Trainer, Evaluator, Exporter (every registered format, round trip) and Pusher
-on the session's tiny trained model."""
+"""Transform, Trainer and Evaluator on the session's tiny trained model (the Exporter's
+round trips and the Pusher are in tests/test_exporters.py)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +10,12 @@ import tensorflow as tf
 
 from segflow.components.evaluator import core as evaluator
 from segflow.components.exporter import core as exporter
-from segflow.components.pusher import core as pusher
 from segflow.components.trainer.core import BACKUP_FOLDER, HISTORY_FILE
 from segflow.components.transform.core import NORMALIZATION_FILE, RAW_FEATURE, TRANSFORMED_FEATURE, transform_layer
 from segflow.config import ExperimentConfig
 from segflow.examples import iter_split
-from segflow.exporters import capability_table
 from segflow.io import read_json
 from segflow.preprocessing import PixelSpec
-from segflow.registry import EXPORT_FORMATS
 from segflow.serving import SERVING_SUBDIR, ServingSpec, predict_image, saved_model_predictor
 
 
@@ -63,60 +59,6 @@ def test_evaluator_metrics_and_blessing(trained: dict, tmp_path: Path) -> None:
     strict = config.model_copy(update={"evaluation": config.evaluation.model_copy(update={"min_mean_iou": 1.0})})
     evaluator.run(strict, trained["examples"], trained["model"], tmp_path / "metrics2", tmp_path / "blessing2")
     assert (tmp_path / "blessing2" / "NOT_BLESSED").exists()
-
-
-def test_capability_table_lists_every_format() -> None:
-    assert [row["format"] for row in capability_table()] == EXPORT_FORMATS.names()
-
-
-@pytest.fixture(scope="module")
-def all_exports(trained: dict, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
-    config: ExperimentConfig = trained["config"]
-    every = config.model_copy(update={"export": EXPORT_FORMATS.names()})
-    out = tmp_path_factory.mktemp("exports") / "exports"
-    return exporter.run(every, trained["examples"], trained["model"], out), out
-
-
-@pytest.mark.parametrize("name", EXPORT_FORMATS.names())
-def test_every_export_format_round_trips(name: str, all_exports: tuple[dict, Path], trained: dict) -> None:
-    results, out = all_exports
-    entry = results[name]
-    export = EXPORT_FORMATS.get(name)
-    assert Path(entry["path"]).exists() and entry["bytes"] > 0
-    spec = ServingSpec.load(Path(trained["model"]) / SERVING_SUBDIR)
-    predict = export.load(out / export.file_name, spec)
-    mask = predict(np.random.default_rng(0).integers(0, 255, (37, 29, 3)).astype(np.uint8))
-    assert mask.shape == (37, 29) and mask.max() < len(spec.class_names)
-    assert 0.0 <= entry["agreement_with_serving"] <= 1.0
-    reference = results["tflite_fp32"]["mean_iou"]
-    tolerance = 0.0005 if export.quantization in ("float32", "float16") else 0.1
-    assert abs(entry["mean_iou"] - reference) <= tolerance
-
-
-def test_int8_export_is_full_integer(all_exports: tuple[dict, Path]) -> None:
-    from ai_edge_litert.interpreter import Interpreter
-
-    _, out = all_exports
-    interpreter = Interpreter(model_path=str(out / EXPORT_FORMATS.get("tflite_int8").file_name))
-    assert interpreter.get_input_details()[0]["dtype"] == np.uint8
-    assert interpreter.get_output_details()[0]["dtype"] == np.uint8
-
-
-def test_pusher_versions_never_overwrite(all_exports: tuple[dict, Path], trained: dict, tmp_path: Path) -> None:
-    _, out = all_exports
-    config: ExperimentConfig = trained["config"]
-    config = config.model_copy(update={"push": config.push.model_copy(update={"registry": str(tmp_path / "registry")})})
-    blessing = tmp_path / "blessing"
-    blessing.mkdir()
-    (blessing / "BLESSED").write_text("")
-    first = pusher.run(config, out, blessing, tmp_path / "push1")
-    second = pusher.run(config, out, blessing, tmp_path / "push2")
-    assert (first["version"], second["version"]) == (1, 2)
-    assert sorted(os.listdir(tmp_path / "registry" / "tiny")) == ["1", "2"]
-    (blessing / "BLESSED").unlink()
-    (blessing / "NOT_BLESSED").write_text("")
-    assert pusher.run(config, out, blessing, tmp_path / "push3")["pushed"] is False
-    assert sorted(os.listdir(tmp_path / "registry" / "tiny")) == ["1", "2"]
 
 
 def test_sigmoid_head_on_16bit_grayscale_with_minmax(tmp_path: Path) -> None:

@@ -11,6 +11,9 @@ or a `gs://` / `s3://` URI. A version exists for readers only once its commit ma
   payload is uploaded under `<version>/`, and `_COMMITTED` is written last. A push that
   stops half-way leaves a folder without the marker: readers ignore it, and its number is
   never given out again (its leftovers are never mixed into a later version).
+
+Only exports that passed the Exporter's parity gate are published; failed and skipped ones
+are listed in push.json under `withheld` with their reasons.
 """
 from __future__ import annotations
 
@@ -67,7 +70,7 @@ def _record(name: str, version: int, files: list[str], source: str) -> bytes:
     return (json.dumps(record, indent=2) + "\n").encode()
 
 
-def _publish_local(source: str, registry: str, name: str) -> str:
+def _publish_local(source: str, registry: str, name: str, origin: str) -> str:
     model_root = Path(storage.local_path(storage.join(registry, name)))
     model_root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".push-", dir=model_root))
@@ -77,7 +80,7 @@ def _publish_local(source: str, registry: str, name: str) -> str:
         payload.chmod(0o755)
         while True:
             version = next_version(registry, name)
-            storage.write_bytes(str(payload / COMMIT_FILE), _record(name, version, files, source))
+            storage.write_bytes(str(payload / COMMIT_FILE), _record(name, version, files, origin))
             try:
                 os.rename(payload, model_root / str(version))
                 return version_location(registry, name, version)
@@ -88,27 +91,48 @@ def _publish_local(source: str, registry: str, name: str) -> str:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _publish_object_store(source: str, registry: str, name: str) -> str:
+def _publish_object_store(source: str, registry: str, name: str, origin: str) -> str:
     while True:
         version = next_version(registry, name)
         target = version_location(registry, name, version)
-        claim = json.dumps({"host": os.uname().nodename, "pid": os.getpid(), "source": source}).encode()
+        claim = json.dumps({"host": os.uname().nodename, "pid": os.getpid(), "source": origin}).encode()
         try:
             storage.write_bytes(storage.join(target, CLAIM_FILE), claim, exclusive=True)
             break
         except FileExistsError:  # another pusher claimed this number first
             continue
     files = storage.upload_folder(source, target)
-    storage.write_bytes(storage.join(target, COMMIT_FILE), _record(name, version, files, source))
+    storage.write_bytes(storage.join(target, COMMIT_FILE), _record(name, version, files, origin))
     return target
 
 
-def publish(source: str | os.PathLike[str], registry: str, name: str) -> str:
-    """Publish the local folder `source` as the next version of `name`; return its location."""
+def publish(source: str | os.PathLike[str], registry: str, name: str, origin: str | None = None) -> str:
+    """Publish the local folder `source` as the next version of `name`; return its location.
+    `origin` is the folder the record names as the source (default `source`), for a
+    `source` that is a staging copy of it."""
     source = os.fspath(source)
+    origin = origin if origin is not None else source
     if storage.is_local(registry):
-        return _publish_local(source, registry, name)
-    return _publish_object_store(source, registry, name)
+        return _publish_local(source, registry, name, origin)
+    return _publish_object_store(source, registry, name, origin)
+
+
+def stage_passed_exports(exports_dir: str | os.PathLike[str], staging: Path) -> tuple[list[str], dict[str, str]]:
+    """Copy into `staging` the exports that passed the parity gate and an exports.json of
+    only them; return (their names, {withheld name: reason})."""
+    from segflow.components.exporter.core import EXPORTS_FILE, read_exports
+
+    exports = read_exports(exports_dir)
+    passed = {name: entry for name, entry in exports.items() if entry["status"] == "passed"}
+    for entry in passed.values():
+        source = Path(exports_dir) / entry["file"]
+        if source.is_dir():
+            shutil.copytree(source, staging / entry["file"])
+        else:
+            shutil.copy2(source, staging / entry["file"])
+    write_json(staging / EXPORTS_FILE, passed)
+    withheld = {name: f"{entry['status']}: {entry['reason']}" for name, entry in exports.items() if name not in passed}
+    return list(passed), withheld
 
 
 def run(
@@ -119,13 +143,22 @@ def run(
 ) -> dict[str, Any]:
     from segflow.components.evaluator.core import is_blessed
 
-    if is_blessed(blessing_dir):
-        target = publish(exports_dir, config.push.registry, config.name)
-        version = int(storage.basename(target))
-        record = {"pushed": True, "destination": target, "version": version}
-        log(f"pusher: published version {version} to {target}")
-    else:
+    record: dict[str, Any]
+    if not is_blessed(blessing_dir):
         record = {"pushed": False, "reason": f"model not blessed (eval mean IoU below evaluation.min_mean_iou {config.evaluation.min_mean_iou})"}
+    else:
+        with tempfile.TemporaryDirectory(prefix="segflow-push-") as staging:
+            passed, withheld = stage_passed_exports(exports_dir, Path(staging))
+            for export, reason in withheld.items():
+                log(f"pusher: {export} withheld: {reason}")
+            if not passed:
+                record = {"pushed": False, "reason": "no export passed the parity gate", "withheld": withheld}
+            else:
+                target = publish(staging, config.push.registry, config.name, origin=os.fspath(exports_dir))
+                record = {"pushed": True, "destination": target, "version": int(storage.basename(target)), "exports": passed, "withheld": withheld}
+    if record["pushed"]:
+        log(f"pusher: published version {record['version']} ({', '.join(record['exports'])}) to {record['destination']}")
+    else:
         log(f"pusher: nothing pushed: {record['reason']}")
     with atomic_dir(push_dir) as out:
         write_json(out / PUSH_FILE, record)
