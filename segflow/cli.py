@@ -137,7 +137,7 @@ def _predict(args: argparse.Namespace) -> int:
         )
         inputs = list_inputs(args.input)
         model = load_model(args.model, args.spec)
-        print(f"model: {model.path} ({model.note}), spec {model.spec_path}", file=sys.stderr)
+        print(f"model: {model.path} ({model.note}), spec {model.spec_source}", file=sys.stderr)
         scale, source = resolve_scale(options, model)
         print(f"scale: {scale[0]:g} x {scale[1]:g} ({source}{'' if options.scale else '; --scale to change'})", file=sys.stderr)
         report = predict_files(model, inputs, args.output, args.format or ["png"], options)
@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = commands.add_parser("predict", help="segment images of any size with a trained model (tiles with overlap, blended)")
     predict.add_argument(
-        "model", help="a SavedModel folder, a run folder (its served model), an exports folder or pushed version (its saved_model), or a .tflite file"
+        "model", help="a SavedModel folder, a run folder (its served model), an exports folder or pushed version (its saved_model), or a .tflite or .onnx file"
     )
     predict.add_argument("input", help="an image file or a folder of images (PNG, JPEG, TIFF, BMP; 8 or 16 bit; 1, 3 or 4 channels; any size)")
     predict.add_argument("--output", "-o", required=True, metavar="DIR", help="output folder (created; files of the same name are replaced)")
@@ -269,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="png: <stem>.png class ids (default); overlay: <stem>_overlay.png coloured; rle: rle.csv (filename,class,rle; Kaggle "
         "run-length, column-major, 1-based). Repeatable",
     )
-    predict.add_argument("--spec", metavar="PATH", help="serving_spec.json (or its folder) for a .tflite file without one beside it or in its run")
+    predict.add_argument("--spec", metavar="PATH", help="serving_spec.json (or its folder) for a .tflite file without one beside it or in its run, "
+                         "or to override a model's own")
     predict.add_argument("--overlap", type=float, metavar="SHARE", help="share of the model size that neighbouring tiles overlap (default 0.25)")
     predict.add_argument(
         "--scale", default="auto", metavar="auto|F|FY,FX",

@@ -29,6 +29,7 @@ import csv
 import io
 import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,6 +62,7 @@ RUN_SERVED_MODEL = Path("trainer", "model", SERVING_SUBDIR)
 RUN_EXPORTS = Path("exporter", "exports")
 RUN_STATISTICS = Path("statistics_gen", "statistics")
 SAVED_MODEL_EXPORT = "saved_model"  # the saved_model export's folder inside an exports folder
+MODEL_FILES = {".tflite": ("tflite", "TFLite file"), ".onnx": ("onnx", "ONNX file")}  # suffix -> kind, note
 
 
 class PredictError(ValueError):
@@ -73,9 +75,9 @@ class LoadedModel:
 
     predict_fixed: FixedSizePredictor
     spec: ServingSpec
-    kind: str  # saved_model or tflite
+    kind: str  # saved_model, tflite or onnx
     path: Path
-    spec_path: Path
+    spec_source: str  # the serving_spec.json used, or the ONNX metadata it came from
     note: str  # why this model and spec were chosen, for the user
     training_scale: tuple[float, float] | None  # model size / train image size, when the run says
     scale_note: str  # where training_scale came from, or why it is unknown
@@ -341,7 +343,7 @@ def resolve_saved_model(folder: Path) -> tuple[Path, str]:
     for path, note in candidates:
         if _is_saved_model(path):
             return path, note
-    exports = sorted(item.name for item in folder.iterdir() if item.suffix == ".tflite")
+    exports = sorted(item.name for item in folder.iterdir() if item.suffix in MODEL_FILES)
     hint = f"; model files here: {', '.join(exports)} (pass one of them)" if exports else ""
     raise PredictError(
         f"{folder}: no SavedModel found (looked for saved_model.pb in {', '.join(str(path) for path, _ in candidates)}){hint}"
@@ -349,7 +351,7 @@ def resolve_saved_model(folder: Path) -> tuple[Path, str]:
 
 
 def find_spec(model_file: Path) -> Path:
-    """The serving_spec.json for a TFLite file: beside it, in the saved_model export
+    """The serving_spec.json for a TFLite or ONNX file: beside it, in the saved_model export
     beside it (an exports folder or pushed version), or in the run's served model when the
     file sits in <run>/exporter/exports/."""
     run = model_file.parent.parent.parent if model_file.parent.parent.name == RUN_EXPORTS.parts[0] else None
@@ -376,24 +378,59 @@ def _load_spec(spec_path: Path) -> ServingSpec:
 
 
 def load_model(model: str | os.PathLike[str], spec: str | os.PathLike[str] | None = None) -> LoadedModel:
-    """A SavedModel (or a folder holding one: see resolve_saved_model) or a .tflite file, with
-    its spec (`spec` overrides the one found beside the model); checked with one model-size
-    input, so that a spec that does not fit fails before any image is read."""
+    """A SavedModel (or a folder holding one: see resolve_saved_model), a .tflite or an .onnx
+    file, with its spec (`spec` overrides the one found with the model); checked with one
+    model-size input, so that a spec that does not fit fails before any image is read."""
     path = Path(model)
     if not path.exists():
         raise PredictError(f"{path}: no such model file or folder")
     if path.is_dir():
         path, note = resolve_saved_model(path)
         kind = "saved_model"
-    elif path.suffix == ".tflite":
-        kind, note = "tflite", "TFLite file"
+    elif path.suffix in MODEL_FILES:
+        kind, note = MODEL_FILES[path.suffix]
     else:
-        raise PredictError(f"{path}: not a model (expected a SavedModel folder, a run or exports folder, or a .tflite file)")
-    spec_path = Path(spec) if spec is not None else (path / SPEC_FILE if kind == "saved_model" else find_spec(path))
-    serving_spec = _load_spec(spec_path)
+        raise PredictError(f"{path}: not a model (expected a SavedModel folder, a run or exports folder, or a .tflite or .onnx file)")
+    serving_spec, spec_source = _spec_for(kind, path, spec)
     predict_fixed = _predictor(kind, path)
-    _check(predict_fixed, serving_spec, path, spec_path)
-    return LoadedModel(predict_fixed, serving_spec, kind, path, spec_path, note, *training_scale(path, serving_spec))
+    _check(predict_fixed, serving_spec, path, spec_source)
+    return LoadedModel(predict_fixed, serving_spec, kind, path, spec_source, note, *training_scale(path, serving_spec))
+
+
+def _spec_for(kind: str, path: Path, spec: str | os.PathLike[str] | None) -> tuple[ServingSpec, str]:
+    """The spec and where it came from: `spec`, else the SavedModel's own, else the one an
+    ONNX export carries in its metadata, else a serving_spec.json found with the file."""
+    if spec is not None:
+        return _load_spec(Path(spec)), str(spec)
+    if kind == "saved_model":
+        return _load_spec(path / SPEC_FILE), str(path / SPEC_FILE)
+    if kind == "onnx":
+        embedded = _onnx_spec(path)
+        if embedded is not None:
+            return embedded
+    found = find_spec(path)
+    return _load_spec(found), str(found)
+
+
+def _onnx_spec(path: Path) -> tuple[ServingSpec, str] | None:
+    """The spec the onnx export stores in the model's metadata, so that the file alone suffices."""
+    import onnx
+
+    from segflow.exporters import ONNX_SPEC_PROPERTY
+
+    try:
+        properties = {entry.key: entry.value for entry in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception as error:  # protobuf and onnx raise several types for a damaged file
+        raise PredictError(f"{path}: cannot read the ONNX model ({type(error).__name__}: {error})") from None
+    if ONNX_SPEC_PROPERTY not in properties:
+        return None
+    source = f"{path} (metadata {ONNX_SPEC_PROPERTY})"
+    with tempfile.TemporaryDirectory() as folder:  # ServingSpec.load stays the one parser of a spec
+        (Path(folder) / SPEC_FILE).write_text(properties[ONNX_SPEC_PROPERTY])
+        try:
+            return ServingSpec.load(folder), source
+        except (KeyError, TypeError, ValueError) as error:
+            raise PredictError(f"{source}: not a valid serving spec ({type(error).__name__}: {error})") from None
 
 
 def training_scale(model: Path, spec: ServingSpec) -> tuple[tuple[float, float] | None, str]:
@@ -418,25 +455,24 @@ def training_scale(model: Path, spec: ServingSpec) -> tuple[tuple[float, float] 
 
 
 def _predictor(kind: str, path: Path) -> FixedSizePredictor:
-    try:
-        if kind == "saved_model":
-            return saved_model_predictor(path)
-        from segflow.exporters import tflite_predictor
+    """The model-size predictor of each runtime (the tflite and onnx exports' own loaders)."""
+    from segflow.exporters import onnx_predictor, tflite_predictor
 
-        return tflite_predictor(path)
+    try:
+        return {"saved_model": saved_model_predictor, "tflite": tflite_predictor, "onnx": onnx_predictor}[kind](path)
     except Exception as error:  # each runtime raises its own types for a broken model
         raise PredictError(f"{path}: cannot load the {kind} model ({type(error).__name__}: {error})") from None
 
 
-def _check(predict_fixed: FixedSizePredictor, spec: ServingSpec, path: Path, spec_path: Path) -> None:
+def _check(predict_fixed: FixedSizePredictor, spec: ServingSpec, path: Path, spec_source: str) -> None:
     """One blank model-size input: a spec that does not match the model fails here, by name."""
     classes = output_classes(spec)
     try:
         shape = predict_fixed(np.zeros((1, *spec.shape), np.float32)).shape
     except Exception as error:  # runtimes raise their own types for a wrong input shape
-        raise PredictError(f"{path}: does not run on {list(spec.shape)} input as {spec_path} says ({type(error).__name__}: {error})") from None
+        raise PredictError(f"{path}: does not run on {list(spec.shape)} input as {spec_source} says ({type(error).__name__}: {error})") from None
     if tuple(shape) != (1, *spec.shape[:2], classes):
-        raise PredictError(f"{path}: gives probabilities of shape {list(shape)}, but {spec_path} says {list(spec.shape[:2])} and {classes} classes")
+        raise PredictError(f"{path}: gives probabilities of shape {list(shape)}, but {spec_source} says {list(spec.shape[:2])} and {classes} classes")
 
 
 def parse_scale(text: str) -> tuple[float, float] | None:
@@ -561,7 +597,7 @@ def predict_files(
     report = {
         "model": str(model.path),
         "model_kind": model.kind,
-        "spec": str(model.spec_path),
+        "spec": model.spec_source,
         "class_names": list(model.spec.class_names),
         "formats": list(formats),
         "options": asdict(options),

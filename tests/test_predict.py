@@ -73,17 +73,19 @@ def textured_image(height: int, width: int, seed: int, channels: int = 1, dtype:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A served model at 256x256 and an exports folder (saved_model, tflite_fp32) built from
-    it by the registry's own builders, the layout the exporter writes."""
+    """A served model at 256x256 and an exports folder (saved_model, tflite_fp32, onnx) built
+    from it by the registry's own builders, the layout the exporter writes."""
     root = tmp_path_factory.mktemp("predict_models")
     server = server_at(MODEL_SIZE)
     serving = server.save(root / "model")
     exports = root / "exports"
     exports.mkdir()
-    for name in ("saved_model", "tflite_fp32"):
+    files = {}
+    for name in ("saved_model", "tflite_fp32", "onnx"):
         export = EXPORT_FORMATS.get(name)
         export.build(serving, exports / export.file_name, None)
-    return {"server": server, "serving": serving, "exports": exports, "tflite": exports / EXPORT_FORMATS.get("tflite_fp32").file_name}
+        files[name] = exports / export.file_name
+    return {"server": server, "serving": serving, "exports": exports, "tflite": files["tflite_fp32"], "onnx": files["onnx"]}
 
 
 def whole_image_mask(server: SegmentationServer, image: np.ndarray) -> np.ndarray:
@@ -151,7 +153,7 @@ def test_cli_on_1024_image_with_256_model_has_no_seams(models: dict[str, Any], t
 
 def test_tflite_export_with_its_spec_from_the_exports_folder(models: dict[str, Any], tmp_path: Path) -> None:
     loaded = load_model(models["tflite"])
-    assert loaded.kind == "tflite" and loaded.spec_path == models["exports"] / "saved_model" / SPEC_FILE
+    assert loaded.kind == "tflite" and loaded.spec_source == str(models["exports"] / "saved_model" / SPEC_FILE)
     image = textured_image(300, 520, seed=2, channels=3)  # colour into a grey model: the one channel conversion
     served = load_model(models["exports"])
     assert served.path == models["exports"] / "saved_model"
@@ -159,6 +161,17 @@ def test_tflite_export_with_its_spec_from_the_exports_folder(models: dict[str, A
     from_saved_model = predict_large_image(served.predict_fixed, image, served.spec)
     assert from_tflite.shape == (300, 520)
     assert np.mean(from_tflite == from_saved_model) >= 0.995
+
+
+def test_onnx_export_alone_carries_its_spec(models: dict[str, Any], tmp_path: Path) -> None:
+    alone = tmp_path / "model.onnx"
+    shutil.copy(models["onnx"], alone)
+    loaded = load_model(alone)
+    assert loaded.kind == "onnx" and loaded.spec == spec_at(MODEL_SIZE) and "metadata" in loaded.spec_source
+    image = textured_image(600, 400, seed=7)
+    served = load_model(models["serving"])
+    from_onnx = predict_large_image(loaded.predict_fixed, image, loaded.spec)
+    assert np.mean(from_onnx == predict_large_image(served.predict_fixed, image, served.spec)) >= 0.999
 
 
 def test_a_tflite_file_without_a_spec_names_the_file_and_the_option(models: dict[str, Any], tmp_path: Path) -> None:
