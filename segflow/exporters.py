@@ -248,7 +248,6 @@ class _DeviceBuffer:
 
     def __init__(self, cuda: ctypes.CDLL, nbytes: int) -> None:
         self._cuda = cuda
-        self.nbytes = nbytes
         self.pointer = ctypes.c_void_p()
         self._check(cuda.cudaMalloc(ctypes.byref(self.pointer), ctypes.c_size_t(nbytes)), f"cudaMalloc of {nbytes} bytes")
 

@@ -19,7 +19,7 @@ from segflow.components.pusher import core as pusher
 from segflow.config import ConfigError, ExperimentConfig, validate_config
 from segflow.evaluation import evaluate
 from segflow.examples import iter_split
-from segflow.exporters import ONNX_SPEC_PROPERTY, ExportFormat, capability_table, parity_gate
+from segflow.exporters import ONNX_SPEC_PROPERTY, ExportError, ExportFormat, capability_table, parity_gate
 from segflow.io import read_json, write_json
 from segflow.registry import EXPORT_FORMATS
 from segflow.serving import SERVING_SUBDIR, SPEC_FILE, ServingSpec, serving_mask_predictor
@@ -107,6 +107,16 @@ def test_integer_tflite_exports_have_integer_tensors(all_exports: tuple[dict, Pa
     int16x8 = Interpreter(model_path=str(out / EXPORT_FORMATS.get("tflite_int16x8").file_name))
     assert int16x8.get_input_details()[0]["dtype"] == np.float32  # float in/out, quantized inside
     assert np.int16 in {detail["dtype"] for detail in int16x8.get_tensor_details()}
+
+
+@pytest.mark.parametrize("name", [name for name in EXPORT_FORMATS.names() if EXPORT_FORMATS.get(name).needs_representative_data])
+def test_calibrated_formats_refuse_to_build_without_calibration_data(name: str, trained: dict, tmp_path: Path) -> None:
+    export: ExportFormat = EXPORT_FORMATS.get(name)
+    if export.unavailable() is not None:
+        pytest.skip(f"{name}: {export.unavailable()}")
+    with pytest.raises(ExportError, match=r"needs representative \(calibration\) data"):
+        export.build(Path(trained["model"]) / SERVING_SUBDIR, tmp_path / export.file_name, None)
+    assert not (tmp_path / export.file_name).exists()
 
 
 # --- saved_model: weights and serving signatures only ---
