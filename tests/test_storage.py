@@ -185,7 +185,9 @@ def test_trainer_reads_its_inputs_from_s3(s3_root: str, trained: dict, tmp_path:
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_pusher_versions_and_uncommitted_folders(where: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     from segflow.components.evaluator.core import BLESSED
+    from segflow.components.exporter.core import EXPORTS_FILE
     from segflow.components.pusher import core as pusher
+    from segflow.io import write_json
 
     registry = storage.join(request.getfixturevalue("s3_root"), "registry") if where == "s3" else str(tmp_path / "registry")
     config = validate_config(tiny_raw_config(tmp_path, push={"registry": registry}))
@@ -193,6 +195,8 @@ def test_pusher_versions_and_uncommitted_folders(where: str, request: pytest.Fix
     (exports / "saved_model").mkdir(parents=True)
     (exports / "saved_model" / "saved_model.pb").write_bytes(b"graph")
     (exports / "model_int8.tflite").write_bytes(b"tflite")
+    passed = {"saved_model": {"file": "saved_model", "status": "passed"}, "tflite_int8": {"file": "model_int8.tflite", "status": "passed"}}
+    write_json(exports / EXPORTS_FILE, passed)  # as the Exporter writes it: the Pusher publishes what passed its gate
     blessing = tmp_path / "blessing"
     blessing.mkdir()
     (blessing / BLESSED).write_text("")
@@ -209,7 +213,7 @@ def test_pusher_versions_and_uncommitted_folders(where: str, request: pytest.Fix
     commit = json.loads(published.pop(pusher.COMMIT_FILE))
     published.pop(pusher.CLAIM_FILE, None)  # object stores: the claim of the version number
     assert published == _tree(exports)
-    assert (commit["name"], commit["version"], commit["files"]) == ("tiny", 2, ["model_int8.tflite", "saved_model/saved_model.pb"])
+    assert (commit["name"], commit["version"], commit["files"]) == ("tiny", 2, ["exports.json", "model_int8.tflite", "saved_model/saved_model.pb"])
 
     # A push that stopped half-way: part of the payload, no commit marker.
     storage.write_bytes(storage.join(registry, "tiny", "3", "model_int8.tflite"), b"partial")
