@@ -241,13 +241,18 @@ def headless_service(config: ExperimentConfig, run_id: str) -> dict[str, Any]:
     }
 
 
-def indexed_job(config: ExperimentConfig, run_id: str, command: Sequence[str]) -> dict[str, Any]:
-    """An Indexed Job of `trainer.workers` pods that run `command` with their own TF_CONFIG."""
+def _plain_env(env: Mapping[str, str]) -> list[dict[str, Any]]:
+    return [{"name": name, "value": value} for name, value in env.items()]
+
+
+def indexed_job(config: ExperimentConfig, run_id: str, command: Sequence[str], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """An Indexed Job of `trainer.workers` pods that run `command` with their own TF_CONFIG
+    (and `env`, the same in every pod)."""
     workers = _check_workers(config)
     name = job_name(config, run_id)
     cluster = {"worker": worker_hosts(name, name, workers)}
     wrapped = ["python3", "-m", "segflow.k8s_objects", "exec", "--", *command]
-    container = _container(config, WORKER_CONTAINER, wrapped, [{"name": CLUSTER_ENV, "value": json.dumps(cluster)}])
+    container = _container(config, WORKER_CONTAINER, wrapped, [{"name": CLUSTER_ENV, "value": json.dumps(cluster)}, *_plain_env(env or {})])
     pod_spec = _pod_spec(config, container)
     pod_spec["subdomain"] = name  # with the headless Service of that name: <job>-<index>.<service>
     return {
@@ -266,11 +271,11 @@ def indexed_job(config: ExperimentConfig, run_id: str, command: Sequence[str]) -
     }
 
 
-def tfjob(config: ExperimentConfig, run_id: str, command: Sequence[str]) -> dict[str, Any]:
-    """A kubeflow.org/v1 TFJob: one Chief and `trainer.workers - 1` Workers running `command`;
-    the training operator sets TF_CONFIG (cluster {chief, worker}) in each pod."""
+def tfjob(config: ExperimentConfig, run_id: str, command: Sequence[str], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """A kubeflow.org/v1 TFJob: one Chief and `trainer.workers - 1` Workers running `command`
+    (with `env`); the training operator sets TF_CONFIG (cluster {chief, worker}) in each pod."""
     workers = _check_workers(config)
-    container = _container(config, TFJOB_CONTAINER, command, [])
+    container = _container(config, TFJOB_CONTAINER, command, _plain_env(env or {}))
 
     def replica(count: int) -> dict[str, Any]:
         return {
@@ -290,17 +295,21 @@ def tfjob(config: ExperimentConfig, run_id: str, command: Sequence[str]) -> dict
                 "activeDeadlineSeconds": config.trainer.timeout_seconds,
                 "ttlSecondsAfterFinished": TTL_SECONDS,
             },
+            # The launcher reads every worker's result: succeed when all are done, not the chief alone.
+            "successPolicy": "AllWorkers",
             "tfReplicaSpecs": {"Chief": replica(1), "Worker": replica(workers - 1)},
         },
     }
 
 
-def launch_objects(config: ExperimentConfig, run_id: str, command: Sequence[str], launcher: str = "indexed_job") -> list[dict[str, Any]]:
+def launch_objects(
+    config: ExperimentConfig, run_id: str, command: Sequence[str], launcher: str = "indexed_job", env: Mapping[str, str] | None = None
+) -> list[dict[str, Any]]:
     """What a cluster launch creates, in creation order: [Service, Job] or [TFJob]."""
     if launcher == "tfjob":
-        return [tfjob(config, run_id, command)]
+        return [tfjob(config, run_id, command, env)]
     if launcher == "indexed_job":
-        return [headless_service(config, run_id), indexed_job(config, run_id, command)]
+        return [headless_service(config, run_id), indexed_job(config, run_id, command, env)]
     raise ValueError(f"no Kubernetes objects for launcher {launcher!r}; expected indexed_job or tfjob")
 
 

@@ -9,16 +9,16 @@ timeout) and hands it to a backend:
   output with a `[worker 0]` prefix, and when a worker fails or the timeout passes it stops
   the others and raises `WorkerFailed` naming the worker, its exit code and its last lines.
   Processes and the launch folder are always cleaned up.
-- Kubernetes (`indexed_job`, `tfjob`): to be added beside it as another entry of
-  `BACKENDS`, a function `(LaunchRequest) -> list[dict]` with the same contract. Its pods
-  run the same command (`worker_command`); `tf_config_from_index` derives each pod's
-  TF_CONFIG from the Indexed Job's completion index and the headless Service's host names,
-  so the worker side needs nothing new.
+- Kubernetes (`indexed_job`, `tfjob`; segflow/k8s_launcher.py): an Indexed Job plus a
+  headless Service, or a Kubeflow TFJob, whose pods run the same command (`worker_command`)
+  with the same contract: wait, stream the chief's log, fail naming the worker, clean up.
+  There `workdir` must be on storage every pod mounts (the PVC).
 
 A worker's entry returns a JSON-able dict (written to its scratch folder as `result.json`);
 the launcher returns these, one per worker, in index order. Each worker has a private
-scratch folder (`SEGFLOW_WORKER_SCRATCH`) for what only the chief may keep: TensorFlow's
-multi-worker guide has the other workers write to temporary paths and remove them.
+scratch folder (`SEGFLOW_WORKER_SCRATCH`, `<workdir>/worker-{index}` where a pod learns its
+index only from TF_CONFIG) for what only the chief may keep: TensorFlow's multi-worker
+guide has the other workers write to temporary paths and remove them.
 """
 from __future__ import annotations
 
@@ -37,9 +37,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from segflow.distribute import parse_tf_config, task_index
 from segflow.runtime import log
+
+if TYPE_CHECKING:
+    from segflow.config import ExperimentConfig
 
 SCRATCH_ENV = "SEGFLOW_WORKER_SCRATCH"
 INDEX_ENV = "SEGFLOW_WORKER_INDEX"
@@ -62,6 +66,8 @@ class LaunchRequest:
     timeout_seconds: float
     workdir: Path  # the local backend's launch folder goes here (and is removed)
     env: dict[str, str] = field(default_factory=dict)  # extra environment of every worker
+    config: ExperimentConfig | None = None  # the cluster backends build their pods from config.kubernetes
+    run_id: str = ""  # names the cluster backends' objects; the same id finds a retried launch's backup
 
 
 def backend_name(launcher: str, environ: Mapping[str, str] | None = None) -> str:
@@ -91,12 +97,6 @@ def tf_config(hosts: list[str], index: int) -> str:
     return json.dumps({"cluster": {"worker": list(hosts)}, "task": {"type": "worker", "index": index}})
 
 
-def tf_config_from_index(pattern: str, workers: int, index: int) -> str:
-    """TF_CONFIG from an index and a host pattern such as `job-{index}.svc:2222` (an Indexed
-    Job's pods behind a headless Service; the index is JOB_COMPLETION_INDEX)."""
-    return tf_config([pattern.format(index=i) for i in range(workers)], index)
-
-
 def free_ports(count: int) -> list[int]:
     """Ports the kernel reports free on localhost (held open together so they differ)."""
     sockets = []
@@ -111,8 +111,17 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def worker_command(request: LaunchRequest) -> list[str]:
-    return [sys.executable, "-m", "segflow.launcher", "worker", "--entry", request.entry, "--arguments", json.dumps(request.arguments)]
+def worker_command(request: LaunchRequest, python: str = sys.executable) -> list[str]:
+    return [python, "-m", "segflow.launcher", "worker", "--entry", request.entry, "--arguments", json.dumps(request.arguments)]
+
+
+def read_results(root: Path, workers: int) -> list[dict[str, Any]]:
+    """Each worker's `result.json` under `root/worker-<index>/` ({} for one that wrote none)."""
+    results = []
+    for index in range(workers):
+        path = root / f"worker-{index}" / RESULT_FILE
+        results.append(json.loads(path.read_text()) if path.exists() else {})
+    return results
 
 
 # ---------------------------------------------------------------- local backend
@@ -227,10 +236,7 @@ def launch_local(request: LaunchRequest) -> list[dict[str, Any]]:
             time.sleep(0.2)
         for worker in workers:
             worker.reader.join(timeout=5)
-        results = []
-        for worker in workers:
-            path = worker.scratch / RESULT_FILE
-            results.append(json.loads(path.read_text()) if path.exists() else {})
+        results = read_results(root, request.workers)
         log(f"{request.name}: all {request.workers} workers finished")
         return results
     finally:
@@ -239,16 +245,37 @@ def launch_local(request: LaunchRequest) -> list[dict[str, Any]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-BACKENDS: dict[str, Callable[[LaunchRequest], list[dict[str, Any]]]] = {"local": launch_local}
+def _launch_indexed_job(request: LaunchRequest) -> list[dict[str, Any]]:
+    from segflow.k8s_launcher import launch_on_kubernetes  # the kubernetes client only where it is used
+
+    return launch_on_kubernetes(request, "indexed_job")
+
+
+def _launch_tfjob(request: LaunchRequest) -> list[dict[str, Any]]:
+    from segflow.k8s_launcher import launch_on_kubernetes
+
+    return launch_on_kubernetes(request, "tfjob")
+
+
+BACKENDS: dict[str, Callable[[LaunchRequest], list[dict[str, Any]]]] = {
+    "local": launch_local,
+    "indexed_job": _launch_indexed_job,
+    "tfjob": _launch_tfjob,
+}
 
 
 # ---------------------------------------------------------------- worker side
 
 
 def worker_scratch() -> Path | None:
-    """This worker's private temporary folder (None outside a launched worker)."""
+    """This worker's private temporary folder (None outside a launched worker). In a pod the
+    variable holds `{index}`, filled in from TF_CONFIG (chief 0, then the workers)."""
     value = os.environ.get(SCRATCH_ENV)
-    return Path(value) if value else None
+    if not value:
+        return None
+    scratch = Path(value.replace("{index}", str(task_index(parse_tf_config(os.environ.get("TF_CONFIG"))))))
+    scratch.mkdir(parents=True, exist_ok=True)
+    return scratch
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -278,16 +305,11 @@ def run_worker(entry: str, arguments: dict[str, Any]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m segflow.launcher", description="one worker of a launched multi-worker job")
     commands = parser.add_subparsers(dest="command", required=True)
+    # In an Indexed Job pod `python3 -m segflow.k8s_objects exec` sets TF_CONFIG before this runs.
     worker = commands.add_parser("worker", help="run one worker (TF_CONFIG from the environment)")
     worker.add_argument("--entry", required=True, help="module:function every worker calls")
     worker.add_argument("--arguments", default="{}", help="JSON object of keyword arguments")
-    worker.add_argument("--tf-config-from-index", metavar="PATTERN", help="derive TF_CONFIG from JOB_COMPLETION_INDEX and a host pattern with {index}")
-    worker.add_argument("--workers", type=int, help="cluster size, with --tf-config-from-index")
     args = parser.parse_args(argv)
-    if args.tf_config_from_index:
-        if not args.workers:
-            parser.error("--tf-config-from-index needs --workers")
-        os.environ["TF_CONFIG"] = tf_config_from_index(args.tf_config_from_index, args.workers, int(os.environ["JOB_COMPLETION_INDEX"]))
     if os.environ.get(PARENT_ENV):
         _exit_with_parent(int(os.environ[PARENT_ENV]))
     # Stopped by the launcher: unwind (atomic writes remove their temporary folders) when the

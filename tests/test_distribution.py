@@ -29,7 +29,7 @@ from segflow.distribute import (
     scaled_learning_rate,
     task_index,
 )
-from segflow.launcher import SCRATCH_ENV, LaunchRequest, WorkerFailed, backend_name, launch, tf_config, tf_config_from_index
+from segflow.launcher import SCRATCH_ENV, LaunchRequest, WorkerFailed, backend_name, launch, tf_config
 from tests.conftest import tiny_raw_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,6 @@ def test_global_batch_learning_rate_and_evaluation_batch() -> None:
 def test_tf_config_of_local_and_indexed_workers() -> None:
     config = json.loads(tf_config(["localhost:1", "localhost:2"], 1))
     assert config == {"cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": "worker", "index": 1}}
-    assert json.loads(tf_config_from_index("job-{index}.svc:2222", 3, 2))["cluster"]["worker"][2] == "job-2.svc:2222"
     assert backend_name("auto", {}) == "local"
     assert backend_name("auto", {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}) == "indexed_job"
     assert backend_name("tfjob", {}) == "tfjob"
@@ -267,8 +266,8 @@ def test_launcher_timeout_and_unknown_backend(tmp_path: Path) -> None:
         launch(sleeper, "local")
     assert time.monotonic() - started < 30
     assert not _worker_processes(tmp_path) and not list(tmp_path.iterdir())
-    with pytest.raises(WorkerFailed, match="tfjob"):
-        launch(sleeper, "tfjob")
+    with pytest.raises(WorkerFailed, match="'slurm' backend, which this installation does not have"):
+        launch(sleeper, "slurm")
     failing = LaunchRequest("failing", f"{__name__}:fail_with", {"message": "boom"}, workers=2, timeout_seconds=60, workdir=tmp_path)
     with pytest.raises(WorkerFailed, match=r"worker \d of 2 \(pid \d+\) exited with code 1") as failure:
         launch(failing, "local")
