@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import tensorflow as tf
 
 from segflow.components.evaluator import core as evaluator
