@@ -302,3 +302,30 @@ def test_segflow_run_with_two_workers_is_blessed(tiny_data: Path, tmp_path: Path
     assert (trainer / "model" / "Format-Serving" / "saved_model.pb").exists()
     assert not [name for name in _leftovers(tmp_path / "run") if "launch" in name or name.startswith("trainer/.")]
     assert not _worker_processes(tmp_path)
+
+
+def test_two_worker_pods_of_an_indexed_job_train_through_the_shared_volume(prepared: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """trainer.launcher indexed_job against the fake Kubernetes API (tests/k8s_fake.py): two
+    pods train under MultiWorkerMirroredStrategy, the chief's model comes back through the
+    staging folder on the PVC into the step's outputs, and the staging folder, the Job, the
+    Service and the pods are gone afterwards."""
+    from segflow.components.trainer.core import WORKERS_FILE
+    from tests.k8s_fake import FakeKubernetes
+
+    pvc = tmp_path / "pvc"
+    pvc.mkdir()
+    kubernetes = {"namespace": "team-a", "pvc": "segflow-artifacts", "pvc_mount_path": str(pvc)}
+    raw = tiny_raw_config(prepared["data"], batch=2, stages=[{"epochs": 2, "learning_rate": 0.01}], trainer={"workers": 2, "launcher": "indexed_job"}, kubernetes=kubernetes)
+    config = validate_config(raw)
+    with FakeKubernetes(tmp_path / "cluster") as fake:
+        monkeypatch.setenv("KUBECONFIG", str(fake.kubeconfig()))
+        out = tmp_path / "step"
+        final = _run_trainer(config, prepared, out)
+        assert not fake.objects and not fake.pods and not fake.running_processes()
+    assert final["loss"] > 0 and "val_mean_iou" in final
+    workers = json.loads((out / "model_run" / WORKERS_FILE).read_text())["workers"]
+    assert [(worker["index"], worker["chief"]) for worker in workers] == [(0, True), (1, False)]
+    assert workers[0]["weights_sha256"] == workers[1]["weights_sha256"] and workers[1]["removed"]
+    assert (out / "model" / "Format-Serving" / "saved_model.pb").exists()
+    assert len((out / "model_run" / "history.csv").read_text().splitlines()) == 3
+    assert list((pvc / ".segflow-launch").iterdir()) == []  # the staging folder went after the copy

@@ -37,13 +37,13 @@ from segflow.config import ExperimentConfig
 from segflow.distribute import Plan, evaluation_batch, make_plan, scaled_learning_rate, shard_by_data
 from segflow.examples import split_files
 from segflow.io import atomic_dir, write_json
-from segflow.launcher import LaunchRequest, launch, worker_scratch
+from segflow.launcher import LaunchRequest, backend_name, launch, worker_scratch
 from segflow.losses import LabelSpec, build_loss
 from segflow.models import ModelSpec, build_model
 from segflow.runtime import log
 from segflow.preprocessing import PixelSpec, model_pixels, scale_pixels
 from segflow.serving import SegmentationServer, ServingSpec
-from segflow.storage import localized
+from segflow.storage import is_uri, localized
 
 KERAS_FILE = "keras/model.keras"
 HISTORY_FILE = "history.csv"
@@ -224,33 +224,24 @@ def _launch(
     model_dir: str | os.PathLike[str],
     model_run_dir: str | os.PathLike[str],
 ) -> dict[str, Any]:
-    """Run `train_worker` in `trainer.workers` workers (segflow.launcher); the chief writes the
-    outputs in place. Adds `workers.json` (each worker's final-weights digest) to model_run/."""
+    """Run `train_worker` in `trainer.workers` workers (segflow.launcher) and check they agree.
+    Locally the chief writes the outputs in place; on Kubernetes (`_cluster_launch`) through
+    the shared volume. Adds `workers.json` (each worker's final-weights digest) to model_run/."""
     if config.trainer.distribution not in ("auto", "multi_worker"):
         raise ValueError(
             f"trainer.workers {config.trainer.workers} trains with MultiWorkerMirroredStrategy: "
             f"trainer.distribution must be auto or multi_worker, not {config.trainer.distribution}"
         )
-    arguments = {
-        "config_json": config.to_json(),
-        "examples_dir": str(examples_dir),
-        "transform_dir": str(transform_dir),
-        "model_dir": str(model_dir),
-        "model_run_dir": str(model_run_dir),
-    }
-    request = LaunchRequest(
-        name="trainer",
-        entry=WORKER_ENTRY,
-        arguments=arguments,
-        workers=config.trainer.workers,
-        timeout_seconds=config.trainer.timeout_seconds,
-        workdir=Path(model_run_dir).parent,
-    )
-    try:
-        results = launch(request, config.trainer.launcher)
-    except BaseException:
-        _remove_partial_outputs(Path(model_dir), Path(model_run_dir))
-        raise
+    backend = backend_name(config.trainer.launcher)
+    if backend == "local":
+        request = _launch_request(config, examples_dir, transform_dir, model_dir, model_run_dir, Path(model_run_dir).parent)
+        try:
+            results = launch(request, backend)
+        except BaseException:
+            _remove_partial_outputs(Path(model_dir), Path(model_run_dir))
+            raise
+    else:
+        results = _cluster_launch(config, backend, examples_dir, transform_dir, model_dir, model_run_dir)
     digests = {result.get("weights_sha256") for result in results}
     if len(digests) != 1 or None in digests:
         raise RuntimeError(f"trainer: the workers' final weights differ (sha256 per worker: {[r.get('weights_sha256') for r in results]})")
@@ -260,6 +251,82 @@ def _launch(
     write_json(Path(model_run_dir) / WORKERS_FILE, {"workers": [{key: value for key, value in r.items() if key != "final"} for r in results]})
     log(f"trainer: {len(results)} workers agree on the final weights (sha256 {digests.pop()[:12]}...)")
     return chiefs[0]["final"]
+
+
+def _launch_request(
+    config: ExperimentConfig,
+    examples_dir: str | os.PathLike[str],
+    transform_dir: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str],
+    model_run_dir: str | os.PathLike[str],
+    workdir: Path,
+    run_id: str = "",
+) -> LaunchRequest:
+    arguments = {
+        "config_json": config.to_json(),
+        "examples_dir": str(examples_dir),
+        "transform_dir": str(transform_dir),
+        "model_dir": str(model_dir),
+        "model_run_dir": str(model_run_dir),
+    }
+    return LaunchRequest(
+        name="trainer",
+        entry=WORKER_ENTRY,
+        arguments=arguments,
+        workers=config.trainer.workers,
+        timeout_seconds=config.trainer.timeout_seconds,
+        workdir=workdir,
+        config=config,
+        run_id=run_id,
+    )
+
+
+def _cluster_launch(
+    config: ExperimentConfig,
+    backend: str,
+    examples_dir: str | os.PathLike[str],
+    transform_dir: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str],
+    model_run_dir: str | os.PathLike[str],
+) -> list[dict[str, Any]]:
+    """Worker pods cannot see this step's local folders, so the run goes through a staging
+    folder on the PVC (`kubernetes.pvc`, mounted in this step and in every worker): local
+    inputs are copied there (URIs are read by the workers themselves), the chief writes the
+    model and model_run there, and they are copied into this step's outputs afterwards. The
+    folder is named after the config and the output path, so a retried step resumes from the
+    `backup/` a failed attempt left in it; a successful launch removes it."""
+    if not config.kubernetes.pvc:
+        raise ValueError(
+            f"trainer.workers {config.trainer.workers} with the {backend} launcher needs kubernetes.pvc: the worker pods "
+            "read the examples from that shared volume and the chief writes the model to it"
+        )
+    mount = Path(config.kubernetes.pvc_mount_path)
+    run_id = hashlib.sha256(f"{config.config_hash()}|{Path(model_dir).resolve()}".encode()).hexdigest()[:10]
+    staging = mount / ".segflow-launch" / run_id
+    shutil.rmtree(staging / "launch", ignore_errors=True)  # a failed attempt's results
+
+    def shared(location: str | os.PathLike[str], name: str) -> str:
+        if is_uri(str(location)) or Path(location).resolve().is_relative_to(mount.resolve()):
+            return str(location)
+        target = staging / "inputs" / name
+        if not target.exists():
+            with atomic_dir(target) as copy:
+                shutil.copytree(location, copy, dirs_exist_ok=True)
+        return str(target)
+
+    staged_model, staged_run = staging / "model", staging / "model_run"
+    request = _launch_request(
+        config, shared(examples_dir, "examples"), shared(transform_dir, "transform"), staged_model, staged_run, staging / "launch", run_id
+    )
+    results = launch(request, backend)
+    for staged, target in ((staged_model, model_dir), (staged_run, model_run_dir)):
+        with atomic_dir(target) as copy:
+            shutil.copytree(staged, copy, dirs_exist_ok=True)
+    shutil.rmtree(staging, ignore_errors=True)
+    for result in results:  # where the chief wrote, as this step's caller sees it
+        if result.get("chief"):
+            result["wrote"] = str(model_run_dir)
+    return results
 
 
 def _remove_partial_outputs(*targets: Path) -> None:
