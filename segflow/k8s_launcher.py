@@ -147,7 +147,7 @@ class _Cluster:
             status = self.custom.get_namespaced_custom_object(TFJOB_GROUP, TFJOB_VERSION, self.namespace, TFJOB_PLURAL, self.name, _request_timeout=REQUEST_TIMEOUT).get("status") or {}
             finished = {"Succeeded": "succeeded", "Failed": "failed"}
         else:
-            response = self.batch.read_namespaced_job_status(self.name, self.namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
+            response = self.batch.read_namespaced_job(self.name, self.namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
             status = json.loads(response.data).get("status") or {}
             finished = {"Complete": "succeeded", "Failed": "failed"}
         for condition in status.get("conditions") or []:
@@ -165,6 +165,17 @@ class _Cluster:
             return []
         return text.decode("utf-8", errors="replace").splitlines()
 
+    def _delete_pods(self) -> None:
+        """Pods the Job's deletion has not taken yet (it deletes them in the background)."""
+        from kubernetes.client.exceptions import ApiException
+
+        for pod in self.pods(all_retries=True):
+            try:
+                self.core.delete_namespaced_pod(pod.name, self.namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT)
+            except ApiException as error:
+                if error.status != 404:
+                    raise
+
     def delete(self) -> None:
         """The Job or TFJob with its pods, the Service and any pod left; a missing one is fine."""
         from kubernetes.client.exceptions import ApiException
@@ -175,7 +186,7 @@ class _Cluster:
         else:
             steps.append(("Job", lambda: self.batch.delete_namespaced_job(self.name, self.namespace, propagation_policy="Background", _preload_content=False, _request_timeout=REQUEST_TIMEOUT)))
             steps.append(("Service", lambda: self.core.delete_namespaced_service(self.name, self.namespace, _preload_content=False, _request_timeout=REQUEST_TIMEOUT)))
-        steps.append(("pods", lambda: self.core.delete_collection_namespaced_pod(self.namespace, label_selector=f"{JOB_LABEL}={self.name}", _preload_content=False, _request_timeout=REQUEST_TIMEOUT)))
+        steps.append(("pods", self._delete_pods))  # one by one: the Role grants delete, not deletecollection
         for what, step in steps:
             try:
                 step()

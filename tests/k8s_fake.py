@@ -186,6 +186,13 @@ class FakeKubernetes:
                     for pod in selected:
                         self._remove_pod(pod)
                     return 200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": []}, False
+            match = re.fullmatch(r"/api/v1/namespaces/[^/]+/pods/([^/]+)", path)
+            if match and method == "DELETE":
+                pod = self.pods.get(match.group(1))
+                if pod is None:
+                    return self._missing("Pod", match.group(1))
+                self._remove_pod(pod)
+                return 200, pod.body, False
             match = re.fullmatch(r"/api/v1/namespaces/[^/]+/pods/([^/]+)/log", path)
             if match and method == "GET":
                 pod = self.pods.get(match.group(1))

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import yaml
 
 from segflow.config import ExperimentConfig, validate_config
 from segflow.k8s_launcher import launch_on_kubernetes
@@ -73,6 +75,26 @@ def _request(tmp_path: Path, workers: int = 2, timeout: float = 120, retries: in
 def _assert_cleaned(fake: FakeKubernetes) -> None:
     assert not fake.objects, fake.objects.keys()
     assert not fake.pods and not fake.running_processes()
+    _assert_allowed_by_the_launchers_role(fake.requests)
+
+
+def _rbac_rules() -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) that k8s/base/rbac.yaml's Role segflow-launcher grants."""
+    documents = yaml.safe_load_all((ROOT / "k8s" / "base" / "rbac.yaml").read_text())
+    role = next(doc for doc in documents if doc["kind"] == "Role" and doc["metadata"]["name"] == "segflow-launcher")
+    return {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def _assert_allowed_by_the_launchers_role(requests: list[tuple[str, str]]) -> None:
+    """Every call the launcher made is one the least-privilege Role allows."""
+    rules = _rbac_rules()
+    for method, path in requests:
+        match = re.fullmatch(r"/(?:api/v1|apis/([^/]+)/[^/]+)/namespaces/[^/]+/([^/]+)(?:/([^/]+))?(?:/([^/]+))?", path)
+        assert match, path
+        group, resource, name, subresource = match.group(1) or "", match.group(2), match.group(3), match.group(4)
+        verb = {"POST": "create", "DELETE": "delete" if name else "deletecollection", "GET": "get" if name else "list"}[method]
+        wanted = (group, f"{resource}/{subresource}" if subresource else resource, verb)
+        assert wanted in rules, f"{method} {path} needs {wanted}, which k8s/base/rbac.yaml does not grant"
 
 
 def test_indexed_job_runs_every_worker_streams_the_chief_and_cleans_up(fake: FakeKubernetes, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
