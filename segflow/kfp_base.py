@@ -72,6 +72,13 @@ _RESOURCE_SETTERS = {
 }
 
 
+def placement(config: ExperimentConfig, task: str) -> str:
+    """The task name whose pool, image and resources a task gets. With trainer.workers > 1 the
+    trainer step only launches the worker pods, which get the trainer pool, image and
+    resources (segflow/k8s_objects.py): the step itself runs like a data step ("launcher")."""
+    return "launcher" if task in GPU_TASKS and config.trainer.workers > 1 else task
+
+
 def configure_task(task: dsl.PipelineTask, name: str, config: ExperimentConfig, cluster: bool) -> dsl.PipelineTask:
     """Lay the config's task settings over a pipeline task. Always: the image and caching
     (the fingerprint never cached). With `cluster`: node pool (node selector, tolerations,
@@ -79,11 +86,11 @@ def configure_task(task: dsl.PipelineTask, name: str, config: ExperimentConfig, 
     from kfp import kubernetes as k8s
 
     settings = config.kubernetes
-    task.set_container_image(image(settings, name))
+    task.set_container_image(image(settings, placement(config, name)))
     task.set_caching_options(False if name in UNCACHED else settings.caching)
     if not cluster:
         return task
-    key, node_pool = pool(settings, name)
+    key, node_pool = pool(settings, placement(config, name))
     for label, value in node_pool.node_selector.items():
         k8s.add_node_selector(task, label_key=label, label_value=value)
     for toleration in node_pool.tolerations:
@@ -91,7 +98,7 @@ def configure_task(task: dsl.PipelineTask, name: str, config: ExperimentConfig, 
     if node_pool.accelerator_count:
         task.set_accelerator_type(node_pool.accelerator_type or DEFAULT_ACCELERATOR)
         task.set_accelerator_limit(node_pool.accelerator_count)
-    for field, value in resources(settings, name).items():
+    for field, value in resources(settings, placement(config, name)).items():
         try:
             getattr(task, _RESOURCE_SETTERS[field])(value)
         except ValueError as error:

@@ -120,6 +120,17 @@ def test_accelerator_count_alone_requests_nvidia_gpus(tmp_path: Path) -> None:
     assert executors["exec-trainer"]["container"]["image"] == load_config(GOLDEN_CONFIG).kubernetes.image  # no gpu_image: the image
 
 
+def test_a_multi_worker_trainer_step_is_a_launcher_in_the_data_pool(tmp_path: Path) -> None:
+    """With trainer.workers 2 the GPUs, the trainer pool and the trainer's resources go to the
+    worker pods (k8s_objects), not to the step that launches them."""
+    config = load_config(CLUSTER_CONFIG, ["trainer.workers=2"])
+    documents = list(yaml.safe_load_all(compile_pipeline(config, tmp_path / "p.yaml").read_text()))
+    executor = documents[0]["deploymentSpec"]["executors"]["exec-trainer"]["container"]
+    platform = documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-trainer"]
+    assert "accelerator" not in executor.get("resources", {}) and executor["image"] == config.kubernetes.image
+    assert platform["nodeSelector"]["labels"] == {"segflow.dev/pool": "cpu"} and "tolerations" not in platform
+
+
 # ---------------------------------------------------------------- parity lint
 
 
