@@ -34,6 +34,7 @@ COMPONENT_KEYS: dict[str, tuple[str, ...]] = {
     "trainer": (
         "classes", "ignore_index", "shape", "architecture", "backbone", "model", "augmentation", "loss", "batch", "stages", "seed", "deterministic",
         "trainer",
+        "name", "kubernetes",  # the multi-worker launcher names and places its worker pods with them (segflow/k8s_objects.py)
     ),
     "evaluator": ("evaluation",),
     "exporter": ("export",),

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from segflow.config import ExperimentConfig
 from segflow.k8s_objects import JOB_LABEL, job_name, launch_objects
 from segflow.launcher import SCRATCH_ENV, TAIL_LINES, LaunchRequest, WorkerFailed, read_results, worker_command
 from segflow.runtime import log
@@ -212,9 +213,9 @@ def _failure(cluster: _Cluster, request: LaunchRequest, reason: str) -> WorkerFa
 def launch_on_kubernetes(request: LaunchRequest, kind: str, api: Any | None = None, poll_seconds: float = POLL_SECONDS) -> list[dict[str, Any]]:
     """Run the request as an Indexed Job (`kind` indexed_job) or a TFJob (tfjob); the workers'
     results in index order. Raises WorkerFailed naming the failed worker, or on timeout."""
-    if request.config is None or not request.run_id:
+    if not request.config_json or not request.run_id:
         raise ValueError("a Kubernetes launch needs the experiment config and a run id in the LaunchRequest")
-    config = request.config
+    config = ExperimentConfig.from_json(request.config_json)
     name = job_name(config, request.run_id)
     namespace = config.kubernetes.namespace
     env = {**request.env, SCRATCH_ENV: str(request.workdir / "worker-{index}")}

@@ -37,13 +37,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from segflow.distribute import parse_tf_config, task_index
 from segflow.runtime import log
-
-if TYPE_CHECKING:
-    from segflow.config import ExperimentConfig
 
 SCRATCH_ENV = "SEGFLOW_WORKER_SCRATCH"
 INDEX_ENV = "SEGFLOW_WORKER_INDEX"
@@ -66,7 +63,7 @@ class LaunchRequest:
     timeout_seconds: float
     workdir: Path  # the local backend's launch folder goes here (and is removed)
     env: dict[str, str] = field(default_factory=dict)  # extra environment of every worker
-    config: ExperimentConfig | None = None  # the cluster backends build their pods from config.kubernetes
+    config_json: str = ""  # the experiment (ExperimentConfig.to_json): the cluster backends build their pods from it
     run_id: str = ""  # names the cluster backends' objects; the same id finds a retried launch's backup
 
 

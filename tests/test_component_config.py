@@ -175,6 +175,14 @@ def test_every_config_key_a_core_reads_is_in_its_slice(component: str) -> None:
     assert not missing, f"components/{component}/core.py reads {missing}: add them to COMPONENT_KEYS[{component!r}]"
 
 
+def test_the_trainers_slice_has_what_the_multi_worker_launcher_reads() -> None:
+    """The trainer step hands its config to segflow/k8s_objects.py, which builds the worker pods."""
+    source = (Path(__file__).resolve().parents[1] / "segflow" / "k8s_objects.py").read_text()
+    reads, _ = config_reads(source)
+    assert {"name", "trainer.workers", "kubernetes.namespace", "kubernetes.pvc"} <= reads
+    assert not [key for key in reads if not _covered(key, COMPONENT_KEYS["trainer"])]
+
+
 def test_every_component_with_a_config_is_in_the_table() -> None:
     with_config = {path.parent.name for path in COMPONENTS_DIR.glob("*/core.py") if "ExperimentConfig" in path.read_text()}
     assert with_config == set(COMPONENT_KEYS)

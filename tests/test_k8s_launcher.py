@@ -67,7 +67,7 @@ def _request(tmp_path: Path, workers: int = 2, timeout: float = 120, retries: in
         timeout_seconds=timeout,
         workdir=tmp_path / "pvc" / "launch",
         env={"PYTHONPATH": str(ROOT)},
-        config=_config(tmp_path, workers, retries),
+        config_json=_config(tmp_path, workers, retries).to_json(),
         run_id="run-1",
     )
 

@@ -276,7 +276,7 @@ def _launch_request(
         workers=config.trainer.workers,
         timeout_seconds=config.trainer.timeout_seconds,
         workdir=workdir,
-        config=config,
+        config_json=arguments["config_json"],
         run_id=run_id,
     )
 
@@ -301,7 +301,7 @@ def _cluster_launch(
             "read the examples from that shared volume and the chief writes the model to it"
         )
     mount = Path(config.kubernetes.pvc_mount_path)
-    run_id = hashlib.sha256(f"{config.config_hash()}|{Path(model_dir).resolve()}".encode()).hexdigest()[:10]
+    run_id = hashlib.sha256(f"{config.to_json()}|{Path(model_dir).resolve()}".encode()).hexdigest()[:10]
     staging = mount / ".segflow-launch" / run_id
     shutil.rmtree(staging / "launch", ignore_errors=True)  # a failed attempt's results
 
