@@ -53,7 +53,11 @@ def _report(summary: dict, output: str | Path) -> None:
     if "metrics" in summary:
         print(f"mean IoU (eval): {summary['metrics']['eval']['mean_iou']:.4f}  blessed: {summary['blessed']}")
     for name, export in summary.get("exports", {}).items():
-        print(f"  export {name:<15} {export['bytes'] / 1e6:8.2f} MB  mean IoU {export['mean_iou']:.4f}")
+        if "bytes" not in export:  # skipped: no runtime or hardware for it here
+            print(f"  export {name:<15} {export.get('status', 'skipped')}: {export.get('reason', '')}")
+            continue
+        verdict = "" if export.get("status", "passed") == "passed" else f"  {export['status'].upper()}: {export.get('reason', '')}"
+        print(f"  export {name:<15} {export['bytes'] / 1e6:8.2f} MB  mean IoU {export['mean_iou']:.4f}{verdict}")
     print(f"status: {summary['status']}")
 
 

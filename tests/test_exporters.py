@@ -309,3 +309,21 @@ def test_export_config_errors_name_the_key(tiny_data: Path, export: Any, message
     with pytest.raises(ConfigError) as error:
         validate_config(tiny_raw_config(tiny_data, export=export))
     assert message in str(error.value)
+
+
+def test_the_run_report_shows_skipped_and_failed_exports(capsys: pytest.CaptureFixture[str]) -> None:
+    from segflow.cli import _report
+
+    summary = {
+        "components": {"exporter": {"status": "succeeded", "seconds": 3.0}},
+        "exports": {
+            "tflite_int8": {"status": "passed", "bytes": 2_000_000, "mean_iou": 0.75},
+            "tflite_dynamic": {"status": "failed", "reason": "mean IoU 0.70 is 0.05 below the float model", "bytes": 2_000_000, "mean_iou": 0.70},
+            "tensorrt_fp16": {"status": "skipped", "reason": "TensorRT is not installed"},
+        },
+        "status": "succeeded",
+    }
+    _report(summary, "runs/x")
+    out = capsys.readouterr().out
+    assert "tflite_int8" in out and "2.00 MB  mean IoU 0.7500\n" in out
+    assert "FAILED: mean IoU 0.70 is 0.05 below" in out and "tensorrt_fp16   skipped: TensorRT is not installed" in out
