@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -199,21 +199,55 @@ class KubernetesConfig(_Strict):
     secrets: list[SecretEnv] = Field(default_factory=list)
 
 
-LOSS_TERM = re.compile(r"^\s*(?:(?P<weight>\d+(?:\.\d*)?|\.\d+)\s*\*\s*)?(?P<name>[a-z_]+)\s*$")
+NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+LOSS_TERM = re.compile(rf"^\s*(?:(?P<weight>{NUMBER})\s*\*\s*)?(?P<name>[a-z][a-z0-9_]*)\s*(?:\((?P<params>[^()]*)\))?\s*$")
+LOSS_PARAMETER = re.compile(rf"^\s*(?P<key>[a-z][a-z0-9_]*)\s*=\s*(?P<value>{NUMBER})\s*$")
 
 
-def parse_loss(expression: str) -> list[tuple[float, str]]:
-    """Split `crossentropy+0.5*dice` into [(1.0, 'crossentropy'), (0.5, 'dice')]."""
+class LossTerm(NamedTuple):
+    """One term of a loss expression: `0.5*focal(gamma=1)` is (0.5, 'focal', {'gamma': 1.0})."""
+
+    weight: float
+    name: str
+    params: dict[str, float]
+
+
+def _split_terms(expression: str) -> list[str]:
+    """Split at the `+` signs outside parentheses."""
+    parts, depth, start = [], 0, 0
+    for index, char in enumerate(expression):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "+" and depth == 0:
+            parts.append(expression[start:index])
+            start = index + 1
+    return [*parts, expression[start:]]
+
+
+def parse_loss(expression: str) -> list[LossTerm]:
+    """Parse `crossentropy+0.5*dice` or `0.5*focal(gamma=1, alpha=0.25)+lovasz` into terms: a
+    weighted sum of registered losses, each with its own keyword parameters (numbers)."""
+    from segflow.losses import check_parameters
+
     terms = []
-    for part in expression.split("+"):
+    for part in _split_terms(expression):
         match = LOSS_TERM.match(part)
         if not match:
-            raise ValueError(f"cannot parse loss term {part.strip()!r} in {expression!r}; expected e.g. 'crossentropy+0.5*dice'")
-        weight = float(match.group("weight") or 1.0)
+            raise ValueError(
+                f"cannot parse loss term {part.strip()!r} in {expression!r}; expected e.g. 'crossentropy+0.5*dice' or 'focal(gamma=2)+dice'"
+            )
         name = match.group("name")
         if name not in LOSSES:
             raise ValueError(f"unknown loss {name!r}; registered: {', '.join(LOSSES.names())}")
-        terms.append((weight, name))
+        params: dict[str, float] = {}
+        for assignment in filter(str.strip, (match.group("params") or "").split(",")):
+            parameter = LOSS_PARAMETER.match(assignment)
+            if not parameter:
+                raise ValueError(f"cannot parse parameter {assignment.strip()!r} of loss {name!r}; expected e.g. {name}(gamma=2)")
+            if parameter.group("key") in params:
+                raise ValueError(f"parameter {parameter.group('key')!r} of loss {name!r} is given twice")
+            params[parameter.group("key")] = float(parameter.group("value"))
+        check_parameters(name, params)
+        terms.append(LossTerm(float(match.group("weight") or 1.0), name, params))
     return terms
 
 
@@ -230,6 +264,9 @@ class ExperimentConfig(_Strict):
     normalization: Literal["standard", "minmax"] = "standard"
     augmentation: dict[str, dict[str, Any]] = Field(default_factory=dict)
     loss: str = "crossentropy"
+    class_weights: Literal["auto"] | list[float] | None = Field(
+        None, description="per-class loss weights by label id, or auto: median-frequency weights from the train split"
+    )
     batch: int = Field(8, ge=1)
     stages: list[StageConfig] = Field(default_factory=lambda: [StageConfig()], min_length=1)
     export: ExportConfig = ExportConfig()
@@ -302,6 +339,14 @@ class ExperimentConfig(_Strict):
                 )
             if len(set(self.mask_values)) != len(self.mask_values):
                 raise ValueError("mask_values must be unique")
+        if isinstance(self.class_weights, list):
+            if len(self.class_weights) != self.num_labels:
+                raise ValueError(
+                    f"class_weights has {len(self.class_weights)} values but there are {self.num_labels} class labels "
+                    f"({', '.join(self.class_names)}); give one weight per label id, or auto"
+                )
+            if min(self.class_weights) < 0 or max(self.class_weights) <= 0:
+                raise ValueError("class_weights must be non-negative with at least one positive weight")
         if self.ignore_index is not None and 0 <= self.ignore_index < self.num_labels:
             raise ValueError(f"ignore_index {self.ignore_index} collides with a class id (0..{self.num_labels - 1})")
         if self.ignore_index is not None and self.mask_values is not None and self.ignore_index in self.mask_values:

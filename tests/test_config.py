@@ -104,7 +104,7 @@ def test_json_round_trip_and_absolute_paths(tmp_path: Path) -> None:
 
 
 def test_parse_loss_weights() -> None:
-    assert parse_loss("crossentropy+0.5*dice") == [(1.0, "crossentropy"), (0.5, "dice")]
+    assert [(term.weight, term.name) for term in parse_loss("crossentropy+0.5*dice")] == [(1.0, "crossentropy"), (0.5, "dice")]
     with pytest.raises(ValueError, match="cannot parse"):
         parse_loss("crossentropy+*dice")
 
