@@ -59,14 +59,16 @@ class ConfusionMatrix:
 
 
 def metric_key(prefix: str, class_name: str) -> str:
-    """`iou_<class>`: a history CSV column and TensorBoard tag (characters outside [A-Za-z0-9_.-] become _)."""
-    return f"{prefix}_{re.sub(r'[^A-Za-z0-9_.-]', '_', class_name)}"
+    """`per_class_iou_<class>`: a history CSV column and TensorBoard tag (characters outside
+    [A-Za-z0-9_.-] become _). CSVLogger sorts its columns: the prefix keeps `epoch, loss, mean_iou` first."""
+    return f"per_class_{prefix}_{re.sub(r'[^A-Za-z0-9_.-]', '_', class_name)}"
 
 
 class SegmentationMetrics(keras.metrics.Metric):
     """Confusion matrix accumulated over an epoch; `result()` is a dict (Keras logs each key):
-    mean_iou (over classes in labels or predictions), pixel_accuracy, and per class iou_, precision_,
-    recall_, dice_ (NaN where undefined). Labels outside 0..num_labels-1 (ignore_index) are skipped.
+    mean_iou (over classes in labels or predictions), pixel_accuracy, and each class's IoU, precision,
+    recall and Dice (`metric_key`: per_class_iou_<class>; NaN where undefined). Labels outside
+    0..num_labels-1 (ignore_index) are skipped.
     The matrix is a SUM-aggregated, on-read variable, so MirroredStrategy and
     MultiWorkerMirroredStrategy add the replicas' matrices before any ratio is taken."""
 

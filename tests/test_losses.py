@@ -230,9 +230,9 @@ def test_epoch_metrics_match_the_numpy_confusion_matrix(num_labels: int, sigmoid
         assert result[metric_key("precision", name)] == pytest.approx(report["per_class_precision"][name])
         assert result[metric_key("recall", name)] == pytest.approx(report["per_class_recall"][name])
         assert result[metric_key("dice", name)] == pytest.approx(dice[index])
-    assert metric_key("iou", "thing one") == "iou_thing_one"
+    assert metric_key("iou", "thing one") == "per_class_iou_thing_one"
     metric.reset_state()
-    assert np.isnan(float(metric.result()["iou_background"]))
+    assert np.isnan(float(metric.result()["per_class_iou_background"]))
 
 
 def test_epoch_metrics_sum_over_mirrored_replicas() -> None:
