@@ -38,8 +38,9 @@ from segflow.distribute import Plan, evaluation_batch, make_plan, scaled_learnin
 from segflow.examples import split_files
 from segflow.io import atomic_dir, write_json
 from segflow.launcher import LaunchRequest, backend_name, launch, worker_scratch
-from segflow.losses import LabelSpec, build_loss
-from segflow.models import ModelSpec, build_model
+from segflow.losses import LabelSpec, build_loss, resolve_class_weights
+from segflow.metrics import SegmentationMetrics
+from segflow.models import apply_stage_freeze, build_model, model_spec
 from segflow.runtime import log
 from segflow.preprocessing import PixelSpec, model_pixels, scale_pixels
 from segflow.serving import SegmentationServer, ServingSpec
@@ -152,49 +153,8 @@ def make_dataset(
     return shard_by_data(normalized.prefetch(tf.data.AUTOTUNE))
 
 
-class StreamingMeanIoU(keras.metrics.Metric):
-    """Mean IoU from a confusion matrix accumulated over the epoch, ignore_index excluded."""
-
-    def __init__(self, labels: LabelSpec, name: str = "mean_iou", **kwargs: Any) -> None:
-        super().__init__(name=name, **kwargs)
-        self.labels = labels
-        size = labels.num_labels
-        self.matrix = self.add_weight("confusion", shape=(size, size), initializer="zeros", dtype=tf.float64)
-
-    def update_state(self, y_true: tf.Tensor, y_pred: tf.Tensor, sample_weight: tf.Tensor | None = None) -> None:
-        labels = tf.reshape(tf.cast(y_true, tf.int32), [-1])
-        if self.labels.sigmoid:
-            logits = y_pred[..., 0] if y_pred.shape.rank == 4 else y_pred
-            predictions = tf.cast(logits > 0.0, tf.int32)
-        else:
-            predictions = tf.argmax(y_pred, axis=-1, output_type=tf.int32)
-        predictions = tf.reshape(predictions, [-1])
-        keep = labels < self.labels.num_labels
-        matrix = tf.math.confusion_matrix(
-            tf.boolean_mask(labels, keep), tf.boolean_mask(predictions, keep), num_classes=self.labels.num_labels, dtype=tf.float64
-        )
-        self.matrix.assign_add(matrix)
-
-    def result(self) -> tf.Tensor:
-        true_positive = tf.linalg.diag_part(self.matrix)
-        union = tf.reduce_sum(self.matrix, 0) + tf.reduce_sum(self.matrix, 1) - true_positive
-        present = union > 0
-        return tf.reduce_mean(tf.boolean_mask(true_positive, present) / tf.boolean_mask(union, present))
-
-    def reset_state(self) -> None:
-        self.matrix.assign(tf.zeros_like(self.matrix))
-
-
 def build_network(config: ExperimentConfig) -> keras.Model:
-    spec = ModelSpec(
-        shape=tuple(config.shape),
-        output_channels=1 if config.sigmoid_head else config.num_labels,
-        depth=config.model.depth,
-        base_filters=config.model.base_filters,
-        dropout=config.model.dropout,
-        backbone=config.backbone,
-    )
-    return build_model(config.architecture, spec)
+    return build_model(config.architecture, model_spec(config))
 
 
 def run(
@@ -414,7 +374,8 @@ def _train(
     keras.utils.set_random_seed(config.seed)
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
-    labels = LabelSpec(config.num_labels, config.sigmoid_head, config.ignore_index)
+    class_weights = resolve_class_weights(config.class_weights, examples_dir, config.class_names)
+    labels = LabelSpec(config.num_labels, config.sigmoid_head, config.ignore_index, class_weights)
     pixels = PixelSpec.load(transform_dir)
     tft_layer = transform_layer(transform_dir)
     global_batch = plan.global_batch(config.batch)
@@ -451,6 +412,8 @@ def _train(
                 continue
             learning_rate = scaled_learning_rate(stage.learning_rate, plan.replicas, config.trainer.scale_learning_rate)
             log(f"trainer: stage {number}/{len(config.stages)}: {stage.epochs} epochs at learning rate {learning_rate:g}")
+            if apply_stage_freeze(network, config, stage):  # before compiling: trainability is read at compile
+                log(f"trainer: stage {number}: encoder frozen (its BatchNorm in inference mode)")
             with plan.strategy.scope():
                 _compile(network, config, labels, keras.optimizers.Adam(learning_rate))
             callbacks = [
@@ -504,7 +467,8 @@ def _train(
 
 def _compile(network: keras.Model, config: ExperimentConfig, labels: LabelSpec, optimizer: Any) -> None:
     """The loss and metrics of every compile: training stages and the chief's served copy."""
-    network.compile(optimizer=optimizer, loss=build_loss(config.loss, labels), metrics=[StreamingMeanIoU(labels)])
+    metrics = SegmentationMetrics(labels.num_labels, labels.sigmoid, config.class_names)
+    network.compile(optimizer=optimizer, loss=build_loss(config.loss, labels), metrics=[metrics])
 
 
 def _save_weights_atomically(network: keras.Model, target: Path) -> None:
