@@ -212,8 +212,9 @@ def _lovasz_extension(errors: tf.Tensor, truth: tf.Tensor) -> tf.Tensor:
 
 @LOSSES.register("lovasz_hinge")
 def lovasz_hinge(labels: tf.Tensor, logits: tf.Tensor, spec: LabelSpec) -> tf.Tensor:
-    """Lovász hinge (Berman et al. 2018): a convex surrogate of the foreground IoU of a binary mask
-    (a two-class softmax scores foreground by its logit difference). With more classes, the mean over
+    """Lovász hinge (Berman et al. 2018): a convex surrogate of the foreground IoU of a binary mask.
+
+    A two-class softmax scores foreground by its logit difference. With more classes, the mean over
     the classes present of each class's hinge on its margin over the best other logit. Class weights
     scale each pixel's hinge error by its true class's weight."""
     labels, valid, logits = _prepare(labels, logits, spec)
@@ -235,8 +236,9 @@ def lovasz_hinge(labels: tf.Tensor, logits: tf.Tensor, spec: LabelSpec) -> tf.Te
 
 @LOSSES.register("lovasz_softmax")
 def lovasz_softmax(labels: tf.Tensor, logits: tf.Tensor, spec: LabelSpec) -> tf.Tensor:
-    """Lovász-Softmax (Berman et al. 2018): mean over the classes present in the labels of the
-    Lovász extension of each class's Jaccard loss at the errors |1[y = c] - p_c|."""
+    """Lovász-Softmax (Berman et al. 2018): per class present, the Lovász extension of its Jaccard loss.
+
+    The errors are |1[y = c] - p_c|; the mean is over the classes present in the labels."""
     labels, valid, logits = _prepare(labels, logits, spec)
     keep = valid > 0
     probs = tf.boolean_mask(probabilities(logits, spec.sigmoid), keep)  # [n, K]
@@ -287,8 +289,9 @@ def border_weights(labels: np.ndarray, num_labels: int, w0: float = 10.0, sigma:
 def distance_focal(
     labels: tf.Tensor, logits: tf.Tensor, spec: LabelSpec, *, gamma: float = 2.0, alpha: float | None = None, w0: float = 10.0, sigma: float = 5.0
 ) -> tf.Tensor:
-    """Focal loss with U-Net border weights w = w_c + w0 exp(-(d1+d2)^2 / 2 sigma^2) (sigma in pixels):
-    separates touching objects. The weight map comes from the labels inside the loss
+    """Focal loss with U-Net border weights: w = w_c + w0 exp(-(d1+d2)^2 / 2 sigma^2) separates touching objects.
+
+    sigma and the distances are in pixels. The weight map comes from the labels inside the loss
     (`border_weights` via tf.numpy_function: training only, never in a served graph)."""
     labels, valid, logits = _prepare(labels, logits, spec)
     border = tf.numpy_function(lambda array: border_weights(array, spec.num_labels, w0, sigma), [labels], tf.float32, stateful=False)

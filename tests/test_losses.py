@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from segflow.config import ConfigError, ExperimentConfig, parse_loss
 from segflow.examples import SegmentationExample, serialize, shard_name, split_dir, write_shard
-from segflow.losses import LabelSpec, border_weights, build_loss, loss_parameters, median_frequency_weights, resolve_class_weights
+from segflow.losses import PARAMETER_RANGES, LabelSpec, border_weights, build_loss, loss_parameters, median_frequency_weights, resolve_class_weights
 from segflow.metrics import ConfusionMatrix, SegmentationMetrics, metric_key
 from segflow.registry import LOSSES
 
@@ -173,6 +173,7 @@ def test_expressions_compose_with_weights_and_parameters() -> None:
     assert gamma_one != pytest.approx(build_loss("0.5*focal+lovasz", spec)(labels, logits).numpy())
     assert [tuple(term) for term in parse_loss("bce+0.1*dice")] == [(1.0, "bce", {}), (0.1, "dice", {})]
     assert loss_parameters("distance_focal") == {"gamma": 2.0, "alpha": None, "w0": 10.0, "sigma": 5.0}
+    assert all(set(loss_parameters(name)) <= set(PARAMETER_RANGES) for name in LOSS_NAMES)  # every parameter is range-checked
 
 
 @pytest.mark.parametrize(
