@@ -53,12 +53,19 @@ class StageConfig(_Strict):
 
     epochs: int = Field(10, ge=1)
     learning_rate: float = Field(1e-3, gt=0.0)
+    freeze_encoder: bool | None = Field(None, description="this stage's encoder freezing; null: model.freeze_encoder")
 
 
 class ModelConfig(_Strict):
-    depth: int = Field(4, ge=1, le=6, description="encoder levels (down-samplings)")
+    depth: int | None = Field(
+        None, ge=1, le=6, description="encoder levels (down-samplings; total stride 2**depth); null: the backbone's own (simple: 4, others: 5)"
+    )
     base_filters: int = Field(32, ge=4, le=256, description="filters of the first level; doubled per level")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    encoder_weights: str | None = Field(
+        None, min_length=1, description="imagenet (from the Keras cache, never downloaded), a weights file, or null: random initialisation"
+    )
+    freeze_encoder: bool = Field(False, description="train the decoder only (BatchNorm of the encoder in inference mode); stages may override")
 
 
 class BeamConfig(_Strict):
@@ -330,6 +337,14 @@ class ExperimentConfig(_Strict):
         return {"formats": value} if isinstance(value, list) else value
 
     @model_validator(mode="after")
+    def _network(self) -> "ExperimentConfig":
+        from segflow.models import check_spec, model_spec
+
+        spec = model_spec(self.shape, 1 if self.sigmoid_head else self.num_labels, self.backbone, self.model)
+        check_spec(self.architecture, spec)  # shape vs stride, channels vs weights
+        return self
+
+    @model_validator(mode="after")
     def _labels(self) -> "ExperimentConfig":
         if self.mask_values is not None:
             if len(self.mask_values) != self.num_labels:
@@ -408,7 +423,10 @@ class ExperimentConfig(_Strict):
         root = base or os.getcwd()
         dataset = self.dataset.model_copy(update={"images": absolute(self.dataset.images, root), "masks": absolute(self.dataset.masks, root)})
         push = self.push.model_copy(update={"registry": absolute(self.push.registry, root)})
-        return self.model_copy(update={"dataset": dataset, "push": push})
+        update: dict[str, Any] = {"dataset": dataset, "push": push}
+        if self.model.encoder_weights not in (None, "imagenet"):
+            update["model"] = self.model.model_copy(update={"encoder_weights": absolute(self.model.encoder_weights, root)})
+        return self.model_copy(update=update)
 
 
 def _registered(registry: Any, name: str) -> str:
