@@ -154,7 +154,8 @@ def make_dataset(
 
 
 def build_network(config: ExperimentConfig) -> keras.Model:
-    return build_model(config.architecture, model_spec(config))
+    outputs = 1 if config.sigmoid_head else config.num_labels
+    return build_model(config.architecture, model_spec(config.shape, outputs, config.backbone, config.model))
 
 
 def run(
@@ -412,7 +413,7 @@ def _train(
                 continue
             learning_rate = scaled_learning_rate(stage.learning_rate, plan.replicas, config.trainer.scale_learning_rate)
             log(f"trainer: stage {number}/{len(config.stages)}: {stage.epochs} epochs at learning rate {learning_rate:g}")
-            if apply_stage_freeze(network, config, stage):  # before compiling: trainability is read at compile
+            if apply_stage_freeze(network, config.model, stage):  # before compiling: trainability is read at compile
                 log(f"trainer: stage {number}: encoder frozen (its BatchNorm in inference mode)")
             with plan.strategy.scope():
                 _compile(network, config, labels, keras.optimizers.Adam(learning_rate))
