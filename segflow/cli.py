@@ -157,6 +157,14 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preview(args: argparse.Namespace) -> int:
+    from segflow.preview import write_preview
+
+    written = write_preview(_load(args), args.output, args.count)
+    print(f"wrote {written['grid']} ({written['examples']} examples) and the resolved policy {written['policy']}")
+    return 0
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     from segflow.demo_data import CLASS_NAMES, write_demo_dataset
 
@@ -288,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--min-hole", type=int, default=0, metavar="N", help="fill regions of class 0 smaller than N pixels from their surroundings")
     predict.add_argument("--batch", type=int, metavar="N", help="tiles per model call (default 4)")
     predict.set_defaults(handler=_predict)
+
+    preview = commands.add_parser("preview", help="a PNG grid of augmented train images and masks, as the trainer sees them, and the resolved policy")
+    _add_config_arguments(preview)
+    preview.add_argument("-n", "--count", type=int, default=8, metavar="N", help="cells in the grid (default 8)")
+    preview.add_argument("--output", "-o", required=True, metavar="PNG", help="the grid; the policy goes beside it as <name>.policy.json")
+    preview.set_defaults(handler=_preview)
 
     demo = commands.add_parser("demo-data", help="write the built-in synthetic dataset")
     demo.add_argument("directory")

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from segflow.registry import ARCHITECTURES, AUGMENTATIONS, BACKBONES, EXPORT_FORMATS, LOSSES
+from segflow.registry import ARCHITECTURES, BACKBONES, EXPORT_FORMATS, LOSSES
 
 
 class ConfigError(ValueError):
@@ -269,7 +269,10 @@ class ExperimentConfig(_Strict):
     backbone: str = "simple"
     model: ModelConfig = ModelConfig()
     normalization: Literal["standard", "minmax"] = "standard"
-    augmentation: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    augmentation: dict[str, Any] | list[Any] = Field(
+        default_factory=dict,
+        description="{Name: {parameters}} applied in order, or a list of one-key mappings with Compose/OneOf/SomeOf groups (segflow.augment)",
+    )
     loss: str = "crossentropy"
     class_weights: Literal["auto"] | list[float] | None = Field(
         None, description="per-class loss weights by label id, or auto: median-frequency weights from the train split"
@@ -317,12 +320,19 @@ class ExperimentConfig(_Strict):
 
     @field_validator("augmentation")
     @classmethod
-    def _augmentation(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    def _augmentation(cls, value: dict[str, Any] | list[Any], info: ValidationInfo) -> dict[str, Any] | list[Any]:
         from segflow.augment import build_policy
 
-        for name in value:
-            _registered(AUGMENTATIONS, name)
-        build_policy(value)  # parameters are checked now, not at the first training batch
+        # Names and parameters are checked now, not at the first training batch; ignore_index
+        # (validated before this field) is what geometric transforms write into new mask pixels.
+        build_policy(value, ignore_index=info.data.get("ignore_index"))
+        shape = info.data.get("shape")
+        if shape and shape[0] != shape[1]:
+            from segflow.augment import SQUARE_ONLY, entry_names
+
+            for key, name in entry_names(value).items():
+                if name in SQUARE_ONLY:
+                    raise ValueError(f"{key}: {name} swaps height and width, so it needs a square shape (shape is {shape[0]}x{shape[1]})")
         return value
 
     @field_validator("loss")

@@ -2,6 +2,8 @@
 over its registry: a new entry is tested the moment it is registered."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -81,17 +83,16 @@ def test_weighted_loss_sum() -> None:
     np.testing.assert_allclose(combined, expected, rtol=1e-5)
 
 
-AUGMENTATION_PARAMS = {"CoarseDropout": {"p": 1.0, "num_holes_range": (1, 2)}}
-
-
 @pytest.mark.parametrize("name", AUGMENTATIONS.names())
 @pytest.mark.parametrize("channels", [1, 3])
-def test_augmentations_keep_shapes_and_labels(name: str, channels: int) -> None:
+def test_augmentations_keep_shapes_and_labels(name: str, channels: int, tmp_path: Path) -> None:
+    from tests.test_augmentation import entry_params  # required parameters (crop sizes, a background folder)
+
     rng = np.random.default_rng(2)
     image = rng.random((32, 32, channels), np.float32)
     mask = rng.integers(0, 3, size=(32, 32)).astype(np.uint8)
     mask[:4, :4] = 255  # an ignored region must stay an allowed label value
-    policy = build_policy({name: AUGMENTATION_PARAMS.get(name, {"p": 1.0})}, seed=0)
+    policy = build_policy({name: entry_params(name, tmp_path)}, seed=0)
     out_image, out_mask = apply_policy(policy, image, mask)
     assert out_image.shape == image.shape and out_image.dtype == np.float32
     assert out_mask.shape == mask.shape and out_mask.dtype == np.uint8
