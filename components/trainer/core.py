@@ -40,7 +40,7 @@ from segflow.io import atomic_dir, write_json
 from segflow.launcher import LaunchRequest, backend_name, launch, worker_scratch
 from segflow.losses import LabelSpec, build_loss, resolve_class_weights
 from segflow.metrics import SegmentationMetrics
-from segflow.models import apply_stage_freeze, build_model, model_spec
+from segflow.models import ModelSpec, build_model
 from segflow.runtime import log
 from segflow.preprocessing import PixelSpec, model_pixels, scale_pixels
 from segflow.serving import SegmentationServer, ServingSpec
@@ -154,8 +154,15 @@ def make_dataset(
 
 
 def build_network(config: ExperimentConfig) -> keras.Model:
-    outputs = 1 if config.sigmoid_head else config.num_labels
-    return build_model(config.architecture, model_spec(config.shape, outputs, config.backbone, config.model))
+    spec = ModelSpec(
+        shape=tuple(config.shape),
+        output_channels=1 if config.sigmoid_head else config.num_labels,
+        depth=config.model.depth,
+        base_filters=config.model.base_filters,
+        dropout=config.model.dropout,
+        backbone=config.backbone,
+    )
+    return build_model(config.architecture, spec)
 
 
 def run(
@@ -413,8 +420,6 @@ def _train(
                 continue
             learning_rate = scaled_learning_rate(stage.learning_rate, plan.replicas, config.trainer.scale_learning_rate)
             log(f"trainer: stage {number}/{len(config.stages)}: {stage.epochs} epochs at learning rate {learning_rate:g}")
-            if apply_stage_freeze(network, config.model, stage):  # before compiling: trainability is read at compile
-                log(f"trainer: stage {number}: encoder frozen (its BatchNorm in inference mode)")
             with plan.strategy.scope():
                 _compile(network, config, labels, keras.optimizers.Adam(learning_rate))
             callbacks = [
