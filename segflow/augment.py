@@ -477,8 +477,8 @@ def _construct(factory: Callable[..., Any], kwargs: dict[str, Any], path: str) -
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             transform = factory(**kwargs)
-    except ConfigError:
-        raise
+    except ConfigError as error:  # from a nested policy (BackgroundReplacer's augmenters): prefix its path
+        raise ConfigError(f"{path}.{error}") from None
     except (TypeError, ValueError) as error:
         cause = error.__cause__ if error.__cause__ is not None else error
         details = getattr(cause, "errors", None)
@@ -515,9 +515,9 @@ def _build(name: str, params: dict[str, Any], path: str, ignore_index: int | Non
     kwargs = {**_BORDER_DEFAULTS.get(name, {}), **params}
     fill = 0 if ignore_index is None else ignore_index
     if "fill_mask" in signature and signature["fill_mask"].default is not None:
-        given = kwargs.setdefault("fill_mask", fill)
-        if given != fill:
-            raise ConfigError(f"{path}.fill_mask: new mask pixels get {fill} ({'ignore_index' if ignore_index is not None else 'background'}), never a class; leave it out")
+        if "fill_mask" in params:  # one rule everywhere, whoever builds the policy
+            raise ConfigError(f"{path}.fill_mask: new mask pixels get ignore_index (background 0 without one), never a class; leave it out")
+        kwargs["fill_mask"] = fill
     if "ignore_index" in signature:
         kwargs.setdefault("ignore_index", ignore_index)
     return _construct(factory, kwargs, path)

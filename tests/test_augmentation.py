@@ -96,8 +96,8 @@ def test_geometric_transforms_fill_new_mask_pixels_with_ignore_index(name: str, 
 def test_geometric_masks_use_nearest_and_reject_other_interpolation() -> None:
     with pytest.raises(ConfigError, match=r"augmentation.Affine.mask_interpolation"):
         build_policy({"Affine": {"mask_interpolation": cv2.INTER_LINEAR}})
-    with pytest.raises(ConfigError, match=r"augmentation.Rotate.fill_mask: new mask pixels get 255"):
-        build_policy({"Rotate": {"fill_mask": 1}}, ignore_index=255)
+    with pytest.raises(ConfigError, match=r"augmentation.Rotate.fill_mask: new mask pixels get ignore_index"):
+        build_policy({"Rotate": {"fill_mask": 255}}, ignore_index=255)
 
 
 def test_any_albumentations_transform_by_name_gets_the_mask_fill() -> None:
@@ -221,6 +221,8 @@ def test_background_replacer(tmp_path: Path) -> None:
     assert replaced == {(90, 200, 10), (233, 233, 233)}  # cv2 wrote BGR; 16-bit grey 60000/65535 as 8-bit RGB
     never = build_policy({"BackgroundReplacer": {"folder": str(folder), "rate": 0.0}})
     np.testing.assert_array_equal(apply_policy(never, image, mask, 0)[0], image)
+    with pytest.raises(ConfigError, match=r"augmentation.BackgroundReplacer.augmenters.Blurr: unknown augmentation 'Blurr'; did you mean Blur"):
+        build_policy({"BackgroundReplacer": {"folder": str(folder), "augmenters": {"Blurr": {}}}})
     # The folder is read at first use, not when the config is read: a cluster path still validates.
     assert build_policy({"BackgroundReplacer": {"folder": "/mnt/cluster-only/backgrounds"}}) is not None
 
