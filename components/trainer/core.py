@@ -40,7 +40,7 @@ from segflow.io import atomic_dir, write_json
 from segflow.launcher import LaunchRequest, backend_name, launch, worker_scratch
 from segflow.losses import LabelSpec, build_loss, resolve_class_weights
 from segflow.metrics import SegmentationMetrics
-from segflow.models import ModelSpec, build_model
+from segflow.models import apply_stage_freeze, build_model, model_spec
 from segflow.runtime import log
 from segflow.preprocessing import PixelSpec, model_pixels, scale_pixels
 from segflow.serving import SegmentationServer, ServingSpec
@@ -94,7 +94,7 @@ def _augmenter(config: ExperimentConfig) -> Callable[[tf.Tensor, tf.Tensor, tf.T
 
     def augment(image: np.ndarray, mask: np.ndarray, filename: bytes, epoch: np.int64) -> tuple[np.ndarray, np.ndarray]:
         if not hasattr(local, "policy"):
-            local.policy = build_policy(config.augmentation)
+            local.policy = build_policy(config.augmentation, ignore_index=config.ignore_index)
         return apply_policy(local.policy, image, mask, example_seed(config.seed, int(epoch), filename.decode()))
 
     def augment_tf(image: tf.Tensor, mask: tf.Tensor, filename: tf.Tensor, epoch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -154,15 +154,8 @@ def make_dataset(
 
 
 def build_network(config: ExperimentConfig) -> keras.Model:
-    spec = ModelSpec(
-        shape=tuple(config.shape),
-        output_channels=1 if config.sigmoid_head else config.num_labels,
-        depth=config.model.depth,
-        base_filters=config.model.base_filters,
-        dropout=config.model.dropout,
-        backbone=config.backbone,
-    )
-    return build_model(config.architecture, spec)
+    outputs = 1 if config.sigmoid_head else config.num_labels
+    return build_model(config.architecture, model_spec(config.shape, outputs, config.backbone, config.model))
 
 
 def run(
@@ -420,6 +413,8 @@ def _train(
                 continue
             learning_rate = scaled_learning_rate(stage.learning_rate, plan.replicas, config.trainer.scale_learning_rate)
             log(f"trainer: stage {number}/{len(config.stages)}: {stage.epochs} epochs at learning rate {learning_rate:g}")
+            if apply_stage_freeze(network, config.model, stage):  # before compiling: trainability is read at compile
+                log(f"trainer: stage {number}: encoder frozen (its BatchNorm in inference mode)")
             with plan.strategy.scope():
                 _compile(network, config, labels, keras.optimizers.Adam(learning_rate))
             callbacks = [
