@@ -109,10 +109,26 @@ def _copy_saved_model(serving_dir: Path, target: Path, _: ExportOptions | None) 
     shutil.copytree(serving_dir, target)
 
 
+def _batch_one_converter(serving_dir: Path) -> tf.lite.TFLiteConverter:
+    """A converter for the `fixed_size` signature traced with batch 1 (what LiteRT runs).
+
+    With the signature's free batch, every Conv2DTranspose computes its output shape at run
+    time (SHAPE, STRIDED_SLICE, PACK into TRANSPOSE_CONV). XNNPACK cannot delegate a
+    TRANSPOSE_CONV whose output shape is not a constant, and the builtin hybrid
+    (dynamic-range) TRANSPOSE_CONV then costs 30-38 ms per layer on one thread whatever its
+    size, against 0.5-11 ms with a constant shape: that made tflite_dynamic 2.3x slower than
+    fp32 on the ISBI U-Net (see segflow.benchmark). A static batch folds the shape ops away."""
+    loaded = tf.saved_model.load(str(serving_dir))
+    signature = loaded.signatures["fixed_size"]
+    (pixels,) = signature.structured_input_signature[1].values()
+    fixed = tf.function(lambda pixels: signature(pixels=pixels), input_signature=[tf.TensorSpec([1, *pixels.shape[1:]], tf.float32, name="pixels")])
+    return tf.lite.TFLiteConverter.from_concrete_functions([fixed.get_concrete_function()], loaded)
+
+
 def _tflite_builder(quantization: str) -> Callable[[Path, Path, ExportOptions | None], None]:
     def build(serving_dir: Path, target: Path, options: ExportOptions | None) -> None:
         representative = _options(options).representative
-        converter = tf.lite.TFLiteConverter.from_saved_model(str(serving_dir), signature_keys=["fixed_size"])
+        converter = _batch_one_converter(serving_dir)
         if quantization != "float32":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if quantization == "float16":
