@@ -165,6 +165,26 @@ def _preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark(args: argparse.Namespace) -> int:
+    from segflow.benchmark import BenchmarkError, BenchmarkSettings, benchmark, markdown
+    from segflow.io import write_json
+
+    try:
+        settings = BenchmarkSettings(
+            threads=tuple(range(1, args.max_threads + 1)) if args.max_threads else BenchmarkSettings().threads, runs=args.runs, warmup=args.warmup
+        )
+        table = benchmark(args.path, settings, args.format)
+    except BenchmarkError as error:
+        print(f"segflow: error: {error}", file=sys.stderr)
+        return 2
+    if args.output:
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.output) / "benchmark.json", table)
+        (Path(args.output) / "benchmark.md").write_text(markdown(table))
+    print(json.dumps(table, indent=2) if args.json else markdown(table), end="" if not args.json else "\n")
+    return 0
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     from segflow.demo_data import CLASS_NAMES, write_demo_dataset
 
@@ -302,6 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("-n", "--count", type=int, default=8, metavar="N", help="cells in the grid (default 8)")
     preview.add_argument("--output", "-o", required=True, metavar="PNG", help="the grid; the policy goes beside it as <name>.policy.json")
     preview.set_defaults(handler=_preview)
+
+    bench = commands.add_parser("benchmark", help="size, latency per image at 1..N threads and mean IoU of each built export")
+    bench.add_argument("path", metavar="RUN_DIR|EXPORTS_DIR", help="a run folder, its exporter/exports folder, or a pushed version")
+    bench.add_argument("--max-threads", type=int, metavar="N", help="measure at 1..N threads (default: 1 and all cores)")
+    bench.add_argument("--runs", type=int, default=15, metavar="K", help="interleaved rounds per thread count; the ratio compares medians (default 15)")
+    bench.add_argument("--warmup", type=int, default=2, metavar="K", help="untimed rounds first (default 2)")
+    bench.add_argument("--format", action="append", metavar="NAME", help="only this export (repeatable; default: every built one)")
+    bench.add_argument("--output", "-o", metavar="DIR", help="also write benchmark.json and benchmark.md there")
+    bench.add_argument("--json", action="store_true", help="print the JSON table instead of markdown")
+    bench.set_defaults(handler=_benchmark)
 
     demo = commands.add_parser("demo-data", help="write the built-in synthetic dataset")
     demo.add_argument("directory")
