@@ -55,11 +55,12 @@ def main() -> None:
     else:
         model_dir = args.model if args.model is not None else args.run_dir / "trainer" / "model"
         examples = args.examples if args.examples is not None else args.run_dir / "example_gen" / "examples"
-        config = _config(args.run_dir, ServingSpec.load(model_dir / SERVING_SUBDIR), args.formats.split(","))
+        spec = ServingSpec.load(model_dir / SERVING_SUBDIR)
+        config = _config(args.run_dir, spec, args.formats.split(","))
         scratch = Path(tempfile.mkdtemp(prefix="segflow-export-latency-"))
         try:
             exporter.run(config, examples, model_dir, scratch / "exports")
-            table = benchmark(scratch / "exports", settings)
+            table = benchmark(scratch / "exports", settings, spec=spec)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     table["source"] = os.fspath(args.run_dir or args.model)

@@ -67,9 +67,10 @@ class BenchmarkSettings:
             raise BenchmarkError(f"runs must be >= 1 and warmup >= 0, got runs={self.runs}, warmup={self.warmup}")
 
 
-def locate_exports(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], ServingSpec]:
+def locate_exports(path: str | os.PathLike[str], spec: ServingSpec | None = None) -> tuple[Path, dict[str, Any], ServingSpec]:
     """A run folder (its exporter/exports), an exports folder or a pushed version: the folder,
-    its exports.json and the served model's spec (input size and pixel range)."""
+    its exports.json and the served model's spec (input size and pixel range), found beside
+    the exports unless given."""
     from segflow.components.exporter.core import EXPORTS_FILE  # the Exporter's record (it imports this module)
 
     root = Path(path)
@@ -77,6 +78,8 @@ def locate_exports(path: str | os.PathLike[str]) -> tuple[Path, dict[str, Any], 
     if not (exports_dir / EXPORTS_FILE).exists():
         raise BenchmarkError(f"{root}: neither a run folder ({EXPORTS_SUBDIR}/{EXPORTS_FILE}) nor an exports folder ({EXPORTS_FILE}) is here")
     exports = read_json(exports_dir / EXPORTS_FILE)
+    if spec is not None:
+        return exports_dir, exports, spec
     for folder in (exports_dir / "saved_model", exports_dir.parent.parent / "trainer" / "model" / SERVING_SUBDIR):
         if (folder / SPEC_FILE).exists():
             return exports_dir, exports, ServingSpec.load(folder)
@@ -260,9 +263,11 @@ def markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def benchmark(path: str | os.PathLike[str], settings: BenchmarkSettings, formats: list[str] | None = None) -> dict[str, Any]:
+def benchmark(
+    path: str | os.PathLike[str], settings: BenchmarkSettings, formats: list[str] | None = None, spec: ServingSpec | None = None
+) -> dict[str, Any]:
     """`segflow benchmark`: the table for every present export (or the `formats` asked for)."""
-    exports_dir, exports, spec = locate_exports(path)
+    exports_dir, exports, spec = locate_exports(path, spec)
     present = present_formats(exports_dir, exports)
     names = present if formats is None else formats
     absent = [name for name in names if name not in present]
