@@ -39,6 +39,14 @@ def parse_tf_config(text: str | None) -> dict[str, Any]:
     return parsed
 
 
+def tf_config(cluster: Mapping[str, Any], index: int) -> dict[str, Any]:
+    """TF_CONFIG of worker `index` in `cluster` ({"worker": [host:port, ...]}); worker 0 is the chief."""
+    workers = list(cluster.get("worker", ()))
+    if not 0 <= index < len(workers):
+        raise ValueError(f"worker index {index} is outside the cluster's {len(workers)} workers")
+    return {"cluster": {kind: list(hosts) for kind, hosts in cluster.items()}, "task": {"type": "worker", "index": index}}
+
+
 def cluster_workers(tf_config: Mapping[str, Any]) -> int:
     """How many training tasks (chief plus workers) the cluster spec names."""
     cluster = tf_config.get("cluster") or {}

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from segflow.config import ExperimentConfig
+from segflow.distribute import tf_config
 
 PORT = 2222  # the workers' gRPC port; the training operator's default for TFJob too
 PORT_NAME = "tfjob-port"  # the port name the training operator looks for
@@ -77,14 +78,6 @@ def worker_hosts(job: str, service: str, workers: int, port: int = PORT) -> list
     """`<job>-<index>.<service>:<port>` for index 0..workers-1: the pods' stable DNS names, which
     resolve inside the Service's namespace."""
     return [f"{job}-{index}.{service}:{port}" for index in range(workers)]
-
-
-def tf_config(cluster: Mapping[str, Sequence[str]], index: int) -> dict[str, Any]:
-    """TF_CONFIG of worker `index` in `cluster` ({"worker": [...]})."""
-    workers = list(cluster.get("worker", ()))
-    if not 0 <= index < len(workers):
-        raise ValueError(f"worker index {index} is outside the cluster's {len(workers)} workers")
-    return {"cluster": {kind: list(hosts) for kind, hosts in cluster.items()}, "task": {"type": "worker", "index": index}}
 
 
 def tf_config_from_environment(environ: Mapping[str, str] | None = None) -> dict[str, Any]:

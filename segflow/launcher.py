@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from segflow.distribute import parse_tf_config, task_index
+from segflow.distribute import parse_tf_config, task_index, tf_config
 from segflow.runtime import log
 
 SCRATCH_ENV = "SEGFLOW_WORKER_SCRATCH"
@@ -84,14 +84,6 @@ def launch(request: LaunchRequest, launcher: str = "auto", environ: Mapping[str,
             f"(available: {', '.join(sorted(BACKENDS))}); outside Kubernetes use trainer.launcher: local"
         )
     return BACKENDS[name](request)
-
-
-# ---------------------------------------------------------------- TF_CONFIG
-
-
-def tf_config(hosts: list[str], index: int) -> str:
-    """TF_CONFIG of worker `index` in a cluster of `hosts` ("host:port"); worker 0 is the chief."""
-    return json.dumps({"cluster": {"worker": list(hosts)}, "task": {"type": "worker", "index": index}})
 
 
 def free_ports(count: int) -> list[int]:
@@ -197,7 +189,7 @@ def launch_local(request: LaunchRequest) -> list[dict[str, Any]]:
             env = {
                 **os.environ,
                 **request.env,
-                "TF_CONFIG": tf_config(hosts, index),
+                "TF_CONFIG": json.dumps(tf_config({"worker": hosts}, index)),
                 INDEX_ENV: str(index),
                 SCRATCH_ENV: str(scratch),
                 PARENT_ENV: str(os.getpid()),

@@ -28,8 +28,9 @@ from segflow.distribute import (
     parse_tf_config,
     scaled_learning_rate,
     task_index,
+    tf_config,
 )
-from segflow.launcher import SCRATCH_ENV, LaunchRequest, WorkerFailed, backend_name, launch, tf_config
+from segflow.launcher import SCRATCH_ENV, LaunchRequest, WorkerFailed, backend_name, launch
 from tests.conftest import tiny_raw_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,7 +92,7 @@ def test_global_batch_learning_rate_and_evaluation_batch() -> None:
 
 
 def test_tf_config_of_local_and_indexed_workers() -> None:
-    config = json.loads(tf_config(["localhost:1", "localhost:2"], 1))
+    config = tf_config({"worker": ["localhost:1", "localhost:2"]}, 1)
     assert config == {"cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": "worker", "index": 1}}
     assert backend_name("auto", {}) == "local"
     assert backend_name("auto", {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}) == "indexed_job"
