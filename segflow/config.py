@@ -103,8 +103,38 @@ class ValidationConfig(_Strict):
     )
 
 
+class SlicingSpec(_Strict):
+    """TFMA's SlicingSpec (tfma.SlicingSpec): `{}` is the whole split, `feature_keys: [a]` one slice
+    per value of a, `feature_values: {a: v}` only the examples whose a is v. Features: the
+    evaluator's derived `source`, `image_size`, `object_size`, `mask_empty`, and every scalar
+    feature the examples carry (`channels`, `bit_depth`, any metadata column)."""
+
+    feature_keys: list[str] = Field(default_factory=list, description="slice by every value of these features (crossed when several)")
+    feature_values: dict[str, str] = Field(default_factory=dict, description="keep only examples with these feature values")
+
+
 class EvaluationConfig(_Strict):
     min_mean_iou: float = Field(0.0, ge=0.0, le=1.0, description="blessing threshold on eval mean IoU")
+    slicing_specs: list[SlicingSpec] | None = Field(
+        None, description="TFMA slicing specs; null: overall, source (with dataset.group_by), image_size, object_size, mask_empty and each example metadata column"
+    )
+    boundary_tolerance: int = Field(2, ge=0, le=64, description="boundary F1: a boundary pixel matches one of the other mask within this many pixels")
+    image_size_buckets: list[int] = Field(
+        default_factory=lambda: [256, 512, 1024], min_length=1, description="image_size slice: edges on the longer side in pixels (ascending)"
+    )
+    object_size_buckets: list[float] = Field(
+        default_factory=lambda: [0.01, 0.1], min_length=1, description="object_size slice: edges on the non-background share of labelled pixels (ascending)"
+    )
+    threshold_steps: int = Field(20, ge=2, le=1000, description="binary tasks: foreground thresholds k/steps (k = 1..steps-1) swept for the best mean IoU")
+    flip_tta: bool = Field(False, description="average the probabilities of each image and its horizontal flip (test-time augmentation)")
+    batch: int = Field(8, ge=1, le=1024, description="examples per model call (same-size images are stacked)")
+
+    @field_validator("image_size_buckets", "object_size_buckets")
+    @classmethod
+    def _ascending(cls, value: list[Any]) -> list[Any]:
+        if any(low >= high for low, high in zip(value, value[1:])) or value[0] <= 0:
+            raise ValueError("bucket edges must be positive and strictly ascending")
+        return value
 
 
 class PushConfig(_Strict):
