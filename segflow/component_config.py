@@ -33,6 +33,7 @@ COMPONENT_KEYS: dict[str, tuple[str, ...]] = {
     "transform": ("shape", "normalization", "beam"),
     "trainer": (
         "classes", "ignore_index", "shape", "architecture", "backbone", "model", "augmentation", "loss", "class_weights", "batch", "stages", "seed", "deterministic",
+        "optimizer", "schedule", "callbacks",
         "trainer",
         "name", "kubernetes",  # the multi-worker launcher names and places its worker pods with them (segflow/k8s_objects.py)
     ),

@@ -13,7 +13,7 @@ from typing import Any, Literal, NamedTuple
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from segflow.registry import ARCHITECTURES, BACKBONES, EXPORT_FORMATS, LOSSES
+from segflow.registry import ARCHITECTURES, BACKBONES, EXPORT_FORMATS, LOSSES, OPTIMIZERS, SCHEDULES
 
 
 class ConfigError(ValueError):
@@ -48,12 +48,119 @@ class DatasetConfig(_Strict):
         return value
 
 
+class LookaheadConfig(_Strict):
+    """Lookahead (Zhang et al. 2019): slow weights that follow the optimizer's fast weights."""
+
+    sync_period: int = Field(6, ge=1, description="optimizer steps between two synchronisations (k)")
+    slow_step: float = Field(0.5, gt=0.0, le=1.0, description="share of the way the slow weights move towards the fast ones (alpha)")
+
+
+class OptimizerConfig(_Strict):
+    """The optimizer of a stage (top-level `optimizer`, or a stage's own, which replaces it whole)."""
+
+    name: str = Field("adam", description="a row of `segflow list optimizers`")
+    weight_decay: float | None = Field(None, ge=0.0, description="decoupled weight decay; null: the optimizer's own (adamw 0.004, others none)")
+    momentum: float = Field(0.0, ge=0.0, lt=1.0, description="sgd and rmsprop only")
+    nesterov: bool = Field(False, description="sgd only: Nesterov momentum")
+    clipnorm: float | None = Field(None, gt=0.0, description="clip each gradient to this L2 norm")
+    lookahead: LookaheadConfig | None = Field(None, description="wrap the optimizer in Lookahead (radam + lookahead is Ranger)")
+    swa_epochs: int = Field(
+        0, ge=0, description="stochastic weight averaging: the stage ends with the mean of the weights after each of its last N epochs (0: off)"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _registered(OPTIMIZERS, value)
+
+    @model_validator(mode="after")
+    def _parameters(self) -> "OptimizerConfig":
+        accepted = OPTIMIZERS.get(self.name).parameters
+        given = {"momentum": self.momentum != 0.0, "nesterov": self.nesterov}
+        for key in sorted(key for key, set_ in given.items() if set_ and key not in accepted):
+            raise ValueError(f"{key} is not a parameter of optimizer {self.name!r} (it takes {', '.join(sorted(accepted)) or 'none of momentum, nesterov'})")
+        return self
+
+
+class PlateauConfig(_Strict):
+    """ReduceLROnPlateau on the monitored metric, as a factor on the schedule (a cyclical peak goes down too)."""
+
+    factor: float = Field(0.5, gt=0.0, lt=1.0, description="the schedule's scale is multiplied by this")
+    patience: int = Field(3, ge=1, description="epochs without improvement before a reduction")
+    min_delta: float = Field(0.0, ge=0.0, description="smaller changes of the metric are no improvement")
+    cooldown: int = Field(0, ge=0, description="epochs after a reduction during which no other happens")
+    min_scale: float = Field(1e-3, gt=0.0, le=1.0, description="the scale never goes below this")
+
+
+class ScheduleConfig(_Strict):
+    """How the learning rate moves within a stage; lengths are in epochs (fractions allowed)."""
+
+    name: str = Field("constant", description="a row of `segflow list schedules`")
+    warmup_epochs: float = Field(0.0, ge=0.0, description="linear warmup from 0 to the schedule's start, before it")
+    min_learning_rate: float = Field(0.0, ge=0.0, description="polynomial and cosine end there; cyclical's low end")
+    decay_rate: float = Field(0.5, gt=0.0, le=1.0, description="exponential: factor per decay_epochs")
+    decay_epochs: float = Field(1.0, gt=0.0, description="exponential: epochs per decay_rate factor")
+    power: float = Field(1.0, gt=0.0, description="polynomial: exponent (1 is linear)")
+    cycle_epochs: float = Field(4.0, gt=0.0, description="cyclical: epochs of one low-high-low cycle")
+    mode: Literal["triangular", "triangular2", "exp_range"] = Field(
+        "triangular", description="cyclical: constant amplitude, halved every cycle, or times gamma per epoch"
+    )
+    gamma: float = Field(0.9, gt=0.0, le=1.0, description="cyclical exp_range: amplitude factor per epoch")
+    reduce_on_plateau: PlateauConfig | None = Field(None, description="lower the schedule when the monitored metric stalls")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _registered(SCHEDULES, value)
+
+
+class EarlyStoppingConfig(_Strict):
+    patience: int = Field(5, ge=1, description="epochs without improvement of the monitored metric before the stage stops")
+    min_delta: float = Field(0.0, ge=0.0, description="smaller changes are no improvement")
+
+
+class CallbacksConfig(_Strict):
+    """What watches a stage's epochs; `monitor` is the metric that decides (a val_ key of history.csv)."""
+
+    monitor: str = Field("val_mean_iou", pattern=r"^val_", description="the primary metric: maximised, or minimised when its name ends in loss")
+    early_stopping: EarlyStoppingConfig | None = Field(None, description="stop the stage when the monitored metric stalls")
+    keep_best: int = Field(0, ge=0, description="keep the N best checkpoints of the stage by the monitored metric in model_run/checkpoints/")
+    restore: Literal["best", "last"] = Field("last", description="weights the stage ends with: its best checkpoint (needs keep_best >= 1) or its last epoch")
+    predictions_every: int = Field(0, ge=0, description="every N epochs a PNG of predictions on a few eval images in model_run/predictions/ (0: off)")
+    prediction_images: int = Field(4, ge=1, le=64, description="eval images in each predictions PNG")
+
+    @model_validator(mode="after")
+    def _restore(self) -> "CallbacksConfig":
+        if self.restore == "best" and self.keep_best < 1:
+            raise ValueError("restore: best needs keep_best >= 1 (the best checkpoint is the file it loads)")
+        return self
+
+    @property
+    def monitor_mode(self) -> Literal["min", "max"]:
+        return "min" if self.monitor.endswith("loss") else "max"
+
+
 class StageConfig(_Strict):
-    """One training stage; several stages continue from each other's weights."""
+    """One training stage; several stages continue from each other's weights. A key left
+    null takes the top-level value (optimizer, schedule, callbacks, loss, model.freeze_encoder)."""
 
     epochs: int = Field(10, ge=1)
-    learning_rate: float = Field(1e-3, gt=0.0)
+    learning_rate: float = Field(1e-3, gt=0.0, description="the stage's rate: the schedule's peak")
     freeze_encoder: bool | None = Field(None, description="this stage's encoder freezing; null: model.freeze_encoder")
+    optimizer: OptimizerConfig | None = None
+    schedule: ScheduleConfig | None = None
+    callbacks: CallbacksConfig | None = None
+    loss: str | None = Field(None, description="a loss expression for this stage; null: the top-level loss")
+    initial_weights: str | None = Field(
+        None, min_length=1, description="a .weights.h5 file (of the same network) loaded before the stage, e.g. another run's backup/stage-1.weights.h5"
+    )
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_loss(value)
+        return value
 
 
 class ModelConfig(_Strict):
@@ -309,6 +416,9 @@ class ExperimentConfig(_Strict):
     )
     batch: int = Field(8, ge=1)
     stages: list[StageConfig] = Field(default_factory=lambda: [StageConfig()], min_length=1)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="every stage's optimizer unless the stage has its own")
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="every stage's learning-rate schedule unless the stage has its own")
+    callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig, description="every stage's callbacks unless the stage has its own")
     export: ExportConfig = ExportConfig()
     seed: int = 0
     deterministic: bool = Field(False, description="TensorFlow op determinism: identical runs give identical metrics (slower)")
@@ -414,6 +524,21 @@ class ExperimentConfig(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _stages(self) -> "ExperimentConfig":
+        for number, stage in enumerate(self.stages):
+            optimizer, schedule = stage.optimizer or self.optimizer, stage.schedule or self.schedule
+            if optimizer.swa_epochs > stage.epochs:
+                raise ValueError(f"stages.{number}: swa_epochs {optimizer.swa_epochs} is more than the stage's {stage.epochs} epochs")
+            if optimizer.swa_epochs and (stage.callbacks or self.callbacks).restore == "best":
+                raise ValueError(f"stages.{number}: swa_epochs and restore: best both choose the weights the stage ends with; keep one")
+            if schedule.name != "constant" and schedule.min_learning_rate >= stage.learning_rate:
+                raise ValueError(
+                    f"stages.{number}: schedule {schedule.name!r} needs min_learning_rate ({schedule.min_learning_rate:g}) "
+                    f"below the stage's learning_rate ({stage.learning_rate:g})"
+                )
+        return self
+
     @property
     def class_names(self) -> list[str]:
         """Label names by id; `classes: 1` means a binary foreground mask plus background."""
@@ -466,6 +591,10 @@ class ExperimentConfig(_Strict):
         update: dict[str, Any] = {"dataset": dataset, "push": push}
         if self.model.encoder_weights not in (None, "imagenet"):
             update["model"] = self.model.model_copy(update={"encoder_weights": absolute(self.model.encoder_weights, root)})
+        if any(stage.initial_weights for stage in self.stages):
+            update["stages"] = [
+                stage.model_copy(update={"initial_weights": absolute(stage.initial_weights, root)}) if stage.initial_weights else stage for stage in self.stages
+            ]
         return self.model_copy(update=update)
 
 

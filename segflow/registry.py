@@ -70,6 +70,8 @@ BACKBONES: Registry = Registry("backbone", "segflow.models")
 LOSSES: Registry = Registry("loss", "segflow.losses")
 AUGMENTATIONS: Registry = Registry("augmentation", "segflow.augment")
 EXPORT_FORMATS: Registry = Registry("export format", "segflow.exporters")
+OPTIMIZERS: Registry = Registry("optimizer", "segflow.optimizers")
+SCHEDULES: Registry = Registry("schedule", "segflow.schedules")
 
 REGISTRIES: dict[str, Registry] = {
     "architectures": ARCHITECTURES,
@@ -77,4 +79,6 @@ REGISTRIES: dict[str, Registry] = {
     "losses": LOSSES,
     "augmentations": AUGMENTATIONS,
     "exports": EXPORT_FORMATS,
+    "optimizers": OPTIMIZERS,
+    "schedules": SCHEDULES,
 }

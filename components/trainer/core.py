@@ -2,8 +2,8 @@
 
 Input pipeline (tf.data): GZIP TFRecords -> decode (any bit depth, model channels)
 -> resize -> cache -> shuffle -> albumentations policy -> batch -> TFT normalisation
--> prefetch. Stages run one after another on the same weights (each its own learning
-rate). Writes the served model (`Format-Serving/`, TFT graph inside) and a model-run
+-> prefetch. Stages run one after another on the same weights, each with its optimizer,
+schedule, loss and callbacks (the top-level ones unless it has its own). Writes the served model (`Format-Serving/`, TFT graph inside) and a model-run
 folder with TensorBoard logs, `history.csv` and checkpoints.
 
 Distribution (`trainer` config section, segflow/distribute.py): the model is built and
@@ -33,7 +33,8 @@ import tensorflow as tf
 import tf_keras as keras
 
 from segflow.augment import apply_policy, build_policy, example_seed
-from segflow.config import ExperimentConfig
+from segflow.callbacks import CHECKPOINTS_FOLDER, PREDICTIONS_FOLDER, KeepBest, early_stopping, live_predictions
+from segflow.config import ExperimentConfig, StageConfig
 from segflow.distribute import Plan, evaluation_batch, make_plan, scaled_learning_rate, shard_by_data
 from segflow.examples import split_files
 from segflow.io import atomic_dir, write_json
@@ -41,6 +42,8 @@ from segflow.launcher import LaunchRequest, backend_name, launch, worker_scratch
 from segflow.losses import LabelSpec, build_loss, resolve_class_weights
 from segflow.metrics import SegmentationMetrics
 from segflow.models import apply_stage_freeze, build_model, model_spec
+from segflow.optimizers import Lookahead, WeightAveraging, build_optimizer, recompute_batchnorm
+from segflow.schedules import LearningRateLogger, ReduceOnPlateau, build_schedule
 from segflow.runtime import log
 from segflow.preprocessing import PixelSpec, model_pixels, scale_pixels
 from segflow.serving import SegmentationServer, ServingSpec
@@ -411,22 +414,39 @@ def _train(
                 log(f"trainer: stage {number}/{len(config.stages)} finished before a restart; weights restored from {finished}")
                 first_epoch += stage.epochs
                 continue
+            # A stage's own optimizer, schedule and callbacks replace the top-level ones whole.
+            optimizer, schedule, watch = stage.optimizer or config.optimizer, stage.schedule or config.schedule, stage.callbacks or config.callbacks
             learning_rate = scaled_learning_rate(stage.learning_rate, plan.replicas, config.trainer.scale_learning_rate)
-            log(f"trainer: stage {number}/{len(config.stages)}: {stage.epochs} epochs at learning rate {learning_rate:g}")
+            log(
+                f"trainer: stage {number}/{len(config.stages)}: {stage.epochs} epochs, {optimizer.name}, "
+                f"{schedule.name} schedule at learning rate {learning_rate:g}, loss {stage.loss or config.loss}"
+            )
+            if stage.initial_weights:
+                network.load_weights(stage.initial_weights)
+                log(f"trainer: stage {number}: initial weights from {stage.initial_weights}")
             if apply_stage_freeze(network, config.model, stage):  # before compiling: trainability is read at compile
                 log(f"trainer: stage {number}: encoder frozen (its BatchNorm in inference mode)")
-            with plan.strategy.scope():
-                _compile(network, config, labels, keras.optimizers.Adam(learning_rate))
+            with plan.strategy.scope():  # the schedule's scale and the optimizer's slots are variables
+                rates = build_schedule(schedule, learning_rate, steps_per_epoch, stage.epochs)
+                _compile(network, config, labels, build_optimizer(optimizer, rates), stage.loss)
+            end_epoch = first_epoch + stage.epochs
+            averaging = WeightAveraging(optimizer.swa_epochs, end_epoch) if optimizer.swa_epochs else None
             callbacks = [
                 # Every worker gives the shared folder: tf_keras reads the chief's backup on all
                 # of them and has the others write to temporary sub-folders it removes.
                 keras.callbacks.BackupAndRestore(str(backup / f"stage-{number}"), delete_checkpoint=True),
+                *([Lookahead(optimizer.lookahead)] if optimizer.lookahead else []),
+                *([averaging] if averaging else []),
+                LearningRateLogger(),  # before the loggers: they write what it adds
+                *([ReduceOnPlateau(rates, schedule.reduce_on_plateau, watch.monitor, watch.monitor_mode)] if schedule.reduce_on_plateau else []),
+                *([KeepBest(run_out / CHECKPOINTS_FOLDER, number, watch)] if watch.keep_best else []),
+                *early_stopping(watch),
+                *live_predictions(watch, run_out / PREDICTIONS_FOLDER, validation, labels.num_labels, config.ignore_index),
                 keras.callbacks.CSVLogger(str(own_backup / HISTORY_FILE), append=True),
                 keras.callbacks.TensorBoard(log_dir=str(run_out / "logs"), profile_batch=0),
-                keras.callbacks.ModelCheckpoint(str(run_out / "checkpoints" / "last.weights.h5"), save_weights_only=True),
+                keras.callbacks.ModelCheckpoint(str(run_out / CHECKPOINTS_FOLDER / "last.weights.h5"), save_weights_only=True),
                 *_fault_callbacks(plan),
             ]
-            end_epoch = first_epoch + stage.epochs
             train = make_dataset(config, examples_dir, "train", tft_layer, pixels, epochs=(first_epoch, end_epoch), batch=global_batch, drop_remainder=plan.replicas > 1)
             fit = network.fit(
                 train,
@@ -437,6 +457,9 @@ def _train(
                 callbacks=callbacks,
                 verbose=2,
             )
+            if averaging and averaging.averaged:
+                used = _refresh_batchnorm(config, stage, network, examples_dir, tft_layer, pixels, end_epoch)
+                log(f"trainer: stage {number}: weights averaged over {averaging.averaged} epochs (SWA), BatchNorm statistics recomputed on {used} batches")
             _save_weights_atomically(network, own_backup / finished.name)
             first_epoch = end_epoch
             for key, values in fit.history.items():
@@ -466,10 +489,30 @@ def _train(
     return final, _weights_digest(weights)
 
 
-def _compile(network: keras.Model, config: ExperimentConfig, labels: LabelSpec, optimizer: Any) -> None:
-    """The loss and metrics of every compile: training stages and the chief's served copy."""
+def _compile(network: keras.Model, config: ExperimentConfig, labels: LabelSpec, optimizer: Any, loss: str | None = None) -> None:
+    """The loss (a stage's own, else the config's) and metrics of every compile: training stages and the chief's served copy."""
     metrics = SegmentationMetrics(labels.num_labels, labels.sigmoid, config.class_names)
-    network.compile(optimizer=optimizer, loss=build_loss(config.loss, labels), metrics=[metrics])
+    network.compile(optimizer=optimizer, loss=build_loss(loss or config.loss, labels), metrics=[metrics])
+
+
+def _refresh_batchnorm(
+    config: ExperimentConfig,
+    stage: StageConfig,
+    network: keras.Model,
+    examples_dir: str | os.PathLike[str],
+    tft_layer: Any,
+    pixels: PixelSpec,
+    end_epoch: int,
+) -> int:
+    """BatchNorm statistics of SWA's averaged weights, from the stage's last epoch of training
+    batches (per-replica size, as in training). It runs on a plain copy outside any strategy
+    over the unsharded stream, so every worker computes the same statistics; returns the batches used."""
+    copy = build_network(config)
+    apply_stage_freeze(copy, config.model, stage)
+    copy.set_weights(network.get_weights())
+    used = recompute_batchnorm(copy, make_dataset(config, examples_dir, "train", tft_layer, pixels, epochs=(end_epoch - 1, end_epoch)))
+    network.set_weights(copy.get_weights())
+    return used
 
 
 def _save_weights_atomically(network: keras.Model, target: Path) -> None:

@@ -1,0 +1,121 @@
+"""A stage's configured callbacks: early stopping, the N best checkpoints, the weights the
+stage ends with (best or last), and PNGs of predictions on a few eval images.
+
+All decisions read the epoch's logs, whose validation metrics every worker of a
+multi-worker run shares, so every worker keeps the same files and restores the same weights
+(each in its own folder: only the chief's are kept).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+from PIL import Image
+
+from segflow.config import CallbacksConfig
+
+CHECKPOINTS_FOLDER = "checkpoints"
+PREDICTIONS_FOLDER = "predictions"
+
+
+def early_stopping(settings: CallbacksConfig) -> list[keras.callbacks.Callback]:
+    if settings.early_stopping is None:
+        return []
+    return [
+        keras.callbacks.EarlyStopping(
+            monitor=settings.monitor, mode=settings.monitor_mode, patience=settings.early_stopping.patience, min_delta=settings.early_stopping.min_delta
+        )
+    ]
+
+
+class KeepBest(keras.callbacks.Callback):
+    """Keeps the `keep` best epochs' weights of a stage by the monitored metric as
+    `stage<S>-epoch<E>-<monitor><value>.weights.h5`, deleting those that drop out; with
+    `restore` the stage ends with the best of them loaded."""
+
+    def __init__(self, folder: Path, stage: int, settings: CallbacksConfig) -> None:
+        super().__init__()
+        self.folder = folder
+        self.stage = stage
+        self.settings = settings
+        self.sign = 1.0 if settings.monitor_mode == "max" else -1.0
+        self.kept: list[tuple[float, Path]] = []  # (signed score, file), best first
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        value = (logs or {}).get(self.settings.monitor)
+        if value is None:
+            raise KeyError(f"callbacks.monitor {self.settings.monitor!r} is not among this epoch's logs: {sorted(logs or {})}")
+        score = self.sign * float(value)
+        if not math.isfinite(score) or (len(self.kept) == self.settings.keep_best and score <= self.kept[-1][0]):
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"stage{self.stage}-epoch{epoch + 1:03d}-{self.settings.monitor}{float(value):.4f}.weights.h5"
+        self.model.save_weights(str(path))
+        self.kept = sorted([*self.kept, (score, path)], key=lambda entry: -entry[0])
+        for _, dropped in self.kept[self.settings.keep_best :]:
+            dropped.unlink(missing_ok=True)
+        self.kept = self.kept[: self.settings.keep_best]
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self.settings.restore == "best" and self.kept:
+            self.model.load_weights(str(self.kept[0][1]))
+
+
+def _display(image: np.ndarray) -> np.ndarray:
+    """A normalised model input stretched to uint8 RGB for viewing."""
+    low, high = float(image.min()), float(image.max())
+    scaled = (image - low) / (high - low) if high > low else np.zeros_like(image)
+    rgb = np.repeat(scaled, 3, axis=-1) if image.shape[-1] == 1 else scaled
+    return (rgb * 255).astype(np.uint8)
+
+
+def _colour(labels: np.ndarray, num_labels: int, ignore_index: int | None) -> np.ndarray:
+    """Class ids as colours (the preview palette, background black, ignored white)."""
+    from segflow.preview import IGNORED_COLOUR, PALETTE
+
+    rgb = np.zeros((*labels.shape, 3), np.float32)
+    for label in range(1, num_labels):
+        rgb[labels == label] = PALETTE[(label - 1) % len(PALETTE)]
+    if ignore_index is not None:
+        rgb[labels == ignore_index] = IGNORED_COLOUR
+    return rgb.astype(np.uint8)
+
+
+class LivePredictions(keras.callbacks.Callback):
+    """Every `every` epochs, `predictions/epoch<E>.png`: one row per eval image with the
+    image, its truth and the model's prediction, to watch the model learn."""
+
+    def __init__(self, folder: Path, every: int, images: tf.Tensor, masks: tf.Tensor, num_labels: int, ignore_index: int | None) -> None:
+        super().__init__()
+        self.folder = folder
+        self.every = every
+        self.images = images
+        self.masks = masks.numpy()
+        self.num_labels = num_labels
+        self.ignore_index = ignore_index
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if (epoch + 1) % self.every:
+            return
+        logits = self.model(self.images, training=False).numpy()
+        predicted = (logits[..., 0] > 0).astype(np.uint8) if logits.shape[-1] == 1 else logits.argmax(-1).astype(np.uint8)
+        rows = [
+            np.concatenate([_display(image), _colour(mask, self.num_labels, self.ignore_index), _colour(guess, self.num_labels, None)], axis=1)
+            for image, mask, guess in zip(self.images.numpy(), self.masks, predicted)
+        ]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.concatenate(rows, axis=0)).save(self.folder / f"epoch{epoch + 1:03d}.png")
+
+
+def live_predictions(
+    settings: CallbacksConfig, folder: Path, validation: tf.data.Dataset, num_labels: int, ignore_index: int | None
+) -> list[keras.callbacks.Callback]:
+    """The predictions callback on the first `prediction_images` of the eval stream, or none."""
+    if not settings.predictions_every:
+        return []
+    images, masks = next(iter(validation.unbatch().batch(settings.prediction_images).take(1)))
+    return [LivePredictions(folder, settings.predictions_every, images, masks, num_labels, ignore_index)]
