@@ -37,7 +37,7 @@ COMPONENT_KEYS: dict[str, tuple[str, ...]] = {
         "trainer",
         "name", "kubernetes",  # the multi-worker launcher names and places its worker pods with them (segflow/k8s_objects.py)
     ),
-    "evaluator": ("evaluation",),
+    "evaluator": ("evaluation", "dataset.group_by", "beam"),  # group_by: the `source` slice
     "exporter": ("export",),
     "pusher": ("name", "evaluation"),
 }

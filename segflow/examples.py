@@ -162,6 +162,26 @@ def deserialize(record: bytes) -> SegmentationExample:
     return SegmentationExample(filename=filename, image=image, mask=mask)
 
 
+# Features of every example that are pixels or identify one image, not facts to slice by.
+PIXEL_AND_ID_FEATURES = ("image", "mask", "filename")
+
+
+def scalar_features(record: bytes) -> dict[str, int | float | str]:
+    """The single-valued features of a serialized example other than its pixels and file name:
+    what `serialize` records (height, width, channels, bit_depth) and any metadata column a
+    dataset adds. The evaluator slices by them."""
+    import tensorflow as tf
+
+    found: dict[str, int | float | str] = {}
+    for name, feature in tf.train.Example.FromString(record).features.feature.items():
+        kind = feature.WhichOneof("kind")
+        values = getattr(feature, kind).value if kind else []
+        if name in PIXEL_AND_ID_FEATURES or len(values) != 1:
+            continue
+        found[name] = values[0].decode(errors="replace") if kind == "bytes_list" else values[0]
+    return found
+
+
 def split_files(examples_dir: str | os.PathLike[str], split: str) -> list[str]:
     files = sorted(str(path) for path in split_dir(examples_dir, split).glob(SHARD_PATTERN))
     if not files:

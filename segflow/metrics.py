@@ -36,26 +36,90 @@ class ConfusionMatrix:
         self.matrix += np.bincount(index, minlength=self.num_labels**2).reshape(self.num_labels, self.num_labels)
 
     def report(self, class_names: list[str] | None = None) -> dict:
-        """mean IoU over classes present in labels or predictions; absent classes get NaN (null in JSON)."""
-        names = class_names or [str(index) for index in range(self.num_labels)]
-        true_positive = np.diag(self.matrix).astype(np.float64)
-        actual = self.matrix.sum(axis=1).astype(np.float64)
-        predicted = self.matrix.sum(axis=0).astype(np.float64)
-        union = actual + predicted - true_positive
-        with np.errstate(divide="ignore", invalid="ignore"):
-            iou = np.where(union > 0, true_positive / union, np.nan)
-            precision = np.where(predicted > 0, true_positive / predicted, np.nan)
-            recall = np.where(actual > 0, true_positive / actual, np.nan)
-        total = self.matrix.sum()
-        return {
-            "mean_iou": float(np.nanmean(iou)) if np.any(union > 0) else float("nan"),
-            "pixel_accuracy": float(true_positive.sum() / total) if total else float("nan"),
-            "per_class_iou": dict(zip(names, iou.tolist())),
-            "per_class_precision": dict(zip(names, precision.tolist())),
-            "per_class_recall": dict(zip(names, recall.tolist())),
-            "pixels": int(total),
-            "confusion_matrix": self.matrix.tolist(),
-        }
+        return matrix_report(self.matrix, class_names)
+
+
+def matrix_report(matrix: np.ndarray, class_names: list[str] | None = None) -> dict[str, Any]:
+    """Every metric a confusion matrix (rows true, columns predicted) determines. mean IoU is over
+    classes present in labels or predictions; absent classes get NaN (null in JSON). Dice is the
+    pixel F1. Frequency-weighted IoU weighs each class's IoU by its share of labelled pixels."""
+    num_labels = matrix.shape[0]
+    names = class_names or [str(index) for index in range(num_labels)]
+    true_positive = np.diag(matrix).astype(np.float64)
+    actual = matrix.sum(axis=1).astype(np.float64)
+    predicted = matrix.sum(axis=0).astype(np.float64)
+    union = actual + predicted - true_positive
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(union > 0, true_positive / union, np.nan)
+        precision = np.where(predicted > 0, true_positive / predicted, np.nan)
+        recall = np.where(actual > 0, true_positive / actual, np.nan)
+        dice = np.where(actual + predicted > 0, 2.0 * true_positive / (actual + predicted), np.nan)
+    total = matrix.sum()
+    return {
+        "mean_iou": float(np.nanmean(iou)) if np.any(union > 0) else float("nan"),
+        "frequency_weighted_iou": float(np.nansum(actual * iou) / total) if total else float("nan"),
+        "pixel_accuracy": float(true_positive.sum() / total) if total else float("nan"),
+        "per_class_iou": dict(zip(names, iou.tolist())),
+        "per_class_precision": dict(zip(names, precision.tolist())),
+        "per_class_recall": dict(zip(names, recall.tolist())),
+        "per_class_dice": dict(zip(names, dice.tolist())),
+        "pixels": int(total),
+        "confusion_matrix": np.asarray(matrix).tolist(),
+    }
+
+
+# 4-connectivity: a pixel is on a region's boundary when one of its 4 neighbours is outside it.
+_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
+
+
+def _boundary(region: np.ndarray, neutral: np.ndarray | None = None) -> np.ndarray:
+    """Pixels of `region` with a 4-neighbour outside it; the image edge and `neutral` pixels
+    (ignore_index) count as inside, so neither makes a boundary."""
+    from scipy import ndimage
+
+    inside = region if neutral is None else region | neutral
+    return region & ~ndimage.binary_erosion(inside, _CROSS, border_value=1)
+
+
+def boundary_counts(labels: np.ndarray, predictions: np.ndarray, num_labels: int, tolerance: float, ignore_index: int | None = None) -> np.ndarray:
+    """Per class [matched predicted, predicted, matched true, true] boundary pixels ([num_labels, 4]):
+    a boundary pixel matches when one of the other mask's is within `tolerance` pixels (Euclidean),
+    the boundary F1 of Csurka et al. (BMVC 2013). Sums over images give the dataset's figures.
+    ignore_index pixels are excluded: no true boundary runs along them, predicted boundary
+    pixels on them are not counted (they still match true ones, since the true edge is unknown there)."""
+    from scipy import ndimage
+
+    labels = np.asarray(labels)
+    predictions = np.asarray(predictions)
+    ignored = labels == ignore_index if ignore_index is not None else np.zeros(labels.shape, bool)
+    counts = np.zeros((num_labels, 4), np.int64)
+    for index in range(num_labels):
+        truth = _boundary(labels == index, ignored)
+        predicted = _boundary(predictions == index)
+        counted = predicted & ~ignored
+        if truth.any():
+            counts[index, 0] = int((ndimage.distance_transform_edt(~truth)[counted] <= tolerance).sum())
+        if predicted.any():
+            counts[index, 2] = int((ndimage.distance_transform_edt(~predicted)[truth] <= tolerance).sum())
+        counts[index, 1], counts[index, 3] = int(counted.sum()), int(truth.sum())
+    return counts
+
+
+def boundary_report(counts: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """Boundary precision, recall and F1 per class from summed `boundary_counts`; boundary_f1 is
+    their mean over classes with a boundary in truth or prediction (NaN where neither has one)."""
+    matched_predicted, predicted, matched_true, true = counts.astype(np.float64).T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, matched_predicted / predicted, np.where(true > 0, 0.0, np.nan))
+        recall = np.where(true > 0, matched_true / true, np.where(predicted > 0, 0.0, np.nan))
+        f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), np.where(np.isnan(precision), np.nan, 0.0))
+    present = (predicted + true) > 0
+    return {
+        "boundary_f1": float(np.nanmean(f1[present])) if present.any() else float("nan"),
+        "per_class_boundary_f1": dict(zip(class_names, f1.tolist())),
+        "per_class_boundary_precision": dict(zip(class_names, precision.tolist())),
+        "per_class_boundary_recall": dict(zip(class_names, recall.tolist())),
+    }
 
 
 def metric_key(prefix: str, class_name: str) -> str:
@@ -130,3 +194,40 @@ class SegmentationMetrics(keras.metrics.Metric):
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "num_labels": self.num_labels, "sigmoid": self.sigmoid, "class_names": self.class_names}
+
+
+def probability_histograms(labels: np.ndarray, foreground: np.ndarray, steps: int, ignore_index: int | None = None) -> np.ndarray:
+    """[2, steps] counts of labelled pixels by foreground-probability bin (bin k holds
+    k/steps <= p < (k+1)/steps): row 0 background, row 1 foreground pixels. Summed over images,
+    they give the confusion matrix at every threshold k/steps without a second pass."""
+    labels = np.asarray(labels).reshape(-1)
+    bins = np.clip((np.asarray(foreground, np.float64).reshape(-1) * steps).astype(np.int64), 0, steps - 1)
+    keep = labels < 2
+    if ignore_index is not None:
+        keep &= labels != ignore_index
+    return np.bincount(labels[keep] * steps + bins[keep], minlength=2 * steps).reshape(2, steps)
+
+
+def threshold_sweep(histograms: np.ndarray) -> dict[str, Any]:
+    """Foreground IoU and mean IoU at each threshold k/steps (foreground when p >= threshold),
+    and the threshold with the best mean IoU (the lowest on ties)."""
+    steps = histograms.shape[1]
+    negatives, positives = histograms.astype(np.float64)
+    # Pixels at or above threshold k/steps: the suffix sums from bin k.
+    false_positive = np.cumsum(negatives[::-1])[::-1][1:]
+    true_positive = np.cumsum(positives[::-1])[::-1][1:]
+    false_negative = positives.sum() - true_positive
+    true_negative = negatives.sum() - false_positive
+    with np.errstate(divide="ignore", invalid="ignore"):
+        foreground = true_positive / (true_positive + false_positive + false_negative)
+        background = true_negative / (true_negative + false_negative + false_positive)
+    mean = np.nanmean(np.stack([foreground, background]), axis=0) if histograms.sum() else np.full(steps - 1, np.nan)
+    thresholds = np.arange(1, steps) / steps
+    best = int(np.nanargmax(mean)) if np.isfinite(mean).any() else None
+    return {
+        "thresholds": thresholds.tolist(),
+        "foreground_iou": foreground.tolist(),
+        "mean_iou": mean.tolist(),
+        "best_threshold": float(thresholds[best]) if best is not None else None,
+        "best_mean_iou": float(mean[best]) if best is not None else None,
+    }

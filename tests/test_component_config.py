@@ -87,7 +87,7 @@ def test_locations_are_parameters_not_part_of_any_slice() -> None:
         (("batch", 5), {"trainer"}),
         (("export", ["saved_model"]), {"exporter"}),
         (("evaluation", {"min_mean_iou": 0.9}), {"evaluator", "pusher"}),
-        (("beam", {"running_mode": "multi_threading", "num_workers": 2}), {"example_gen", "statistics_gen", "transform"}),
+        (("beam", {"running_mode": "multi_threading", "num_workers": 2}), {"example_gen", "statistics_gen", "transform", "evaluator"}),
     ],
 )
 def test_a_key_change_changes_only_the_slices_of_its_readers(assignment: tuple[str, Any], readers: set[str]) -> None:

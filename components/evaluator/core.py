@@ -1,23 +1,38 @@
-"""Evaluator: per-class metrics of the trained model on the eval split, and the blessing.
+"""Evaluator: metrics of the trained model on the eval split (and the test split when the
+examples have one), overall and per slice, and the blessing.
 
 The model is evaluated through `serving_default`, the signature users call (raw pixels
 in, mask out, preprocessing and TFT graph inside), at each image's original size, so the
-figures are what a user of the served model gets.
+figures are what a user of the served model gets. A Beam pipeline (segflow.beam_evaluation,
+the `beam` section's runner) scores batches of examples and sums per-image confusion matrices
+per TFMA slice; the blessing is TFMA's metrics validator on the value threshold
+`evaluation.min_mean_iou`.
+
+Outputs (the `evaluation` artifact): metrics.json (the eval split overall: what summary.json,
+the pusher and scripts read), slices.json (every split's slices), per split TFMA's
+`Split-<split>/metrics-*.tfrecord` and `per_image.jsonl`, and `validations.tfrecord` (TFMA
+ValidationResult of the eval split).
 """
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from segflow.beam_evaluation import EvalSettings, ServedModelLoader, default_slicing_specs, eval_config, metric_keys, run_pipeline
 from segflow.config import ExperimentConfig
-from segflow.evaluation import evaluate
+from segflow.examples import split_dir
 from segflow.io import atomic_dir, read_json, write_json
-from segflow.runtime import log
-from segflow.serving import SERVING_SUBDIR, ServingSpec, serving_mask_predictor
+from segflow.runtime import beam_options, log
+from segflow.serving import SERVING_SUBDIR, ServingSpec
 
 METRICS_FILE = "metrics.json"
+SLICES_FILE = "slices.json"
+VALIDATIONS_FILE = "validations.tfrecord"  # TFMA's name, read by tfma.load_validation_result
 BLESSED, NOT_BLESSED = "BLESSED", "NOT_BLESSED"
+SPLITS = ("eval", "test")  # test only when ExampleGen wrote one
 
 
 def run(
@@ -27,17 +42,67 @@ def run(
     metrics_dir: str | os.PathLike[str],
     blessing_dir: str | os.PathLike[str],
 ) -> dict[str, Any]:
+    import tensorflow as tf
+    from tensorflow_model_analysis.evaluators.metrics_validator import validate_metrics
+
     serving = Path(model_dir) / SERVING_SUBDIR
-    report = evaluate(serving_mask_predictor(serving), examples_dir, "eval", ServingSpec.load(serving))
-    threshold = config.evaluation.min_mean_iou
-    blessed = report["mean_iou"] is not None and report["mean_iou"] >= threshold
-    with atomic_dir(metrics_dir) as out:
-        write_json(out / METRICS_FILE, report)
+    spec = ServingSpec.load(serving)
+    evaluation = config.evaluation
+    settings = EvalSettings(
+        class_names=spec.class_names,
+        ignore_index=spec.ignore_index,
+        boundary_tolerance=float(evaluation.boundary_tolerance),
+        threshold_steps=evaluation.threshold_steps if len(spec.class_names) == 2 else 0,
+        image_size_buckets=tuple(evaluation.image_size_buckets),
+        object_size_buckets=tuple(evaluation.object_size_buckets),
+        group_by=config.dataset.group_by,
+        flip_tta=evaluation.flip_tta,
+    )
+    splits = {
+        split: (
+            [spec.model_dump() for spec in evaluation.slicing_specs]
+            if evaluation.slicing_specs is not None
+            else default_slicing_specs(examples_dir, split, settings)
+        )
+        for split in SPLITS
+        if split == "eval" or split_dir(examples_dir, split).exists()
+    }
+    scratch = Path(tempfile.mkdtemp(prefix="segflow-evaluator-"))
+    try:
+        with atomic_dir(metrics_dir) as out:
+            slices = run_pipeline(ServedModelLoader(serving), examples_dir, splits, settings, evaluation.batch, beam_options(config.beam, scratch), out, scratch)
+            overall = next(entry["metrics"] for entry in slices["eval"] if not entry["slice_key"])
+            validation = validate_metrics(((), metric_keys(overall, spec.class_names)), eval_config([], evaluation.min_mean_iou))
+            with tf.io.TFRecordWriter(str(out / VALIDATIONS_FILE)) as writer:
+                writer.write(validation.SerializeToString())
+            write_json(out / SLICES_FILE, slices)
+            write_json(out / METRICS_FILE, summary_metrics(overall))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    report = read_metrics(metrics_dir)
+    blessed = validation.validation_ok
+    threshold = evaluation.min_mean_iou
+    mean_iou = report["mean_iou"]
     with atomic_dir(blessing_dir) as out:
-        (out / (BLESSED if blessed else NOT_BLESSED)).write_text(f"mean_iou {report['mean_iou']:.4f}, threshold {threshold}\n")
-    per_class = ", ".join(f"{name} {iou:.3f}" if iou == iou else f"{name} n/a" for name, iou in report["per_class_iou"].items())
-    log(f"evaluator: mean IoU {report['mean_iou']:.4f} ({per_class}); {'BLESSED' if blessed else 'NOT blessed'} (threshold {threshold})")
+        (out / (BLESSED if blessed else NOT_BLESSED)).write_text(f"mean_iou {mean_iou if mean_iou is None else format(mean_iou, '.4f')}, threshold {threshold}\n")
+    per_class = ", ".join(f"{name} {iou:.3f}" if iou is not None else f"{name} n/a" for name, iou in report["per_class_iou"].items())
+    sliced = sum(len(entries) - 1 for entries in slices.values())
+    log(
+        f"evaluator: mean IoU {mean_iou if mean_iou is None else format(mean_iou, '.4f')} ({per_class}), boundary F1 "
+        f"{report['boundary_f1'] if report['boundary_f1'] is None else format(report['boundary_f1'], '.3f')}; {sliced} slices over "
+        f"{', '.join(splits)}; {'BLESSED' if blessed else 'NOT blessed'} (threshold {threshold})"
+    )
     return report
+
+
+def summary_metrics(overall: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json: the eval split's overall metrics, with the threshold sweep (binary tasks)
+    reduced to its best threshold (the whole curve is in slices.json)."""
+    metrics = {key: value for key, value in overall.items() if key != "threshold_sweep"}
+    if "threshold_sweep" in overall:
+        metrics["best_threshold"] = overall["threshold_sweep"]["best_threshold"]
+        metrics["best_threshold_mean_iou"] = overall["threshold_sweep"]["best_mean_iou"]
+    return metrics
 
 
 def is_blessed(blessing_dir: str | os.PathLike[str]) -> bool:
@@ -46,3 +111,8 @@ def is_blessed(blessing_dir: str | os.PathLike[str]) -> bool:
 
 def read_metrics(metrics_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return read_json(Path(metrics_dir) / METRICS_FILE)
+
+
+def read_slices(metrics_dir: str | os.PathLike[str]) -> dict[str, list[dict[str, Any]]]:
+    """split -> [{split, slice, slice_key, metrics}], the overall slice first."""
+    return read_json(Path(metrics_dir) / SLICES_FILE)
