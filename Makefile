@@ -1,11 +1,12 @@
 # segflow developer entry points. `make demo` and `make test` work on a fresh machine with Python 3.11.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
+MEDIAPIPE_VENV := .venv-mediapipe
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install demo test test-slow test-containers golden clean
+.PHONY: install demo test test-slow test-containers test-mediapipe golden clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,9 +40,23 @@ test-containers: install
 	$(BIN)/pytest -m containers -rs tests/test_containers.py; status=$$?; \
 	echo "test-containers: $$(( $$(date +%s) - start )) s"; exit $$status
 
+## test-mediapipe: MediaPipe Tasks' ImageSegmenter (in its own environment, .venv-mediapipe: MediaPipe needs
+## absl-py 2, the training stack pins 1.x) runs the tflite_fp32 and tflite_int8 exports as they are and agrees with
+## `segflow predict`; prints its duration
+$(MEDIAPIPE_VENV)/.installed-stamp: tests/requirements-mediapipe.txt
+	$(PYTHON) -m venv $(MEDIAPIPE_VENV)
+	$(MEDIAPIPE_VENV)/bin/pip install --quiet --upgrade pip==25.3
+	$(MEDIAPIPE_VENV)/bin/pip install --quiet -r tests/requirements-mediapipe.txt
+	touch $@
+
+test-mediapipe: install $(MEDIAPIPE_VENV)/.installed-stamp
+	@start=$$(date +%s); \
+	$(BIN)/pytest -m mediapipe -rs -s tests/test_mediapipe.py; status=$$?; \
+	echo "test-mediapipe: $$(( $$(date +%s) - start )) s"; exit $$status
+
 ## golden: rewrite tests/golden/pipeline.yaml and pipeline-cluster.yaml after an intended change of the compiled pipeline
 golden: install
 	SEGFLOW_UPDATE_GOLDEN=1 $(BIN)/pytest tests/test_pipeline.py tests/test_cluster.py -k golden
 
 clean:
-	rm -rf $(VENV) runs data model-registry
+	rm -rf $(VENV) $(MEDIAPIPE_VENV) runs data model-registry

@@ -23,7 +23,9 @@ import numpy as np
 import tensorflow as tf
 
 from segflow.registry import EXPORT_FORMATS
+from segflow.runtime import log
 from segflow.serving import FixedSizePredictor, MaskPredictor, ServingSpec, fixed_size_mask_predictor, serving_mask_predictor
+from segflow.tflite_metadata import mediapipe_unsupported, with_segmenter_metadata
 
 RepresentativeData = Callable[[], Iterator[list[np.ndarray]]]
 
@@ -143,9 +145,27 @@ def _tflite_builder(quantization: str) -> Callable[[Path, Path, ExportOptions | 
             converter.inference_output_type = tf.uint8
         if quantization == "int16x8":  # float32 in and out; int16 activations, int8 weights inside
             converter.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
-        target.write_bytes(converter.convert())
+        target.write_bytes(with_mediapipe_metadata(converter.convert(), ServingSpec.load(serving_dir), target))
 
     return build
+
+
+def tflite_input(model: bytes) -> tuple[np.dtype, tuple[float, int]]:
+    """The dtype and (scale, zero point) of a TFLite model's image input."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    (source,) = Interpreter(model_content=model).get_input_details()
+    return np.dtype(source["dtype"]), source["quantization"]
+
+
+def with_mediapipe_metadata(model: bytes, spec: ServingSpec, target: Path) -> bytes:
+    """The converted model with MediaPipe's image-segmenter metadata, so MediaPipe Tasks runs it
+    with no custom code; unchanged (and the reason logged) when MediaPipe cannot feed its input."""
+    reason = mediapipe_unsupported(spec, *tflite_input(model))
+    if reason is not None:
+        log(f"exporter: {target.name}: no MediaPipe metadata: {reason}")
+        return model
+    return with_segmenter_metadata(model, spec)
 
 
 def load_tflite(path: Path, spec: ServingSpec) -> MaskPredictor:

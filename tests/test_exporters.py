@@ -327,3 +327,32 @@ def test_the_run_report_shows_skipped_and_failed_exports(capsys: pytest.CaptureF
     out = capsys.readouterr().out
     assert "tflite_int8" in out and "2.00 MB  mean IoU 0.7500\n" in out
     assert "FAILED: mean IoU 0.70 is 0.05 below" in out and "tensorrt_fp16   skipped: TensorRT is not installed" in out
+
+
+# --- TFLite metadata for MediaPipe Tasks (tests/test_mediapipe.py runs MediaPipe itself) ---
+
+
+def test_tflite_exports_carry_mediapipe_segmenter_metadata(all_exports: tuple[dict, Path], trained: dict) -> None:
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    from segflow.tflite_metadata import METADATA_IDENTIFIER, METADATA_NAME, read_labels
+
+    _, out = all_exports
+    spec = ServingSpec.load(Path(trained["model"]) / SERVING_SUBDIR)
+    for name in [name for name in EXPORT_FORMATS.names() if name.startswith("tflite_")]:
+        model = (out / EXPORT_FORMATS.get(name).file_name).read_bytes()
+        tflite = schema.Model.GetRootAs(model, 0)
+        entries = {tflite.Metadata(index).Name().decode(): tflite.Metadata(index).Buffer() for index in range(tflite.MetadataLength())}
+        metadata = tflite.Buffers(entries[METADATA_NAME]).DataAsNumpy().tobytes()
+        assert metadata[4:8] == METADATA_IDENTIFIER, name
+        assert read_labels(model) == list(spec.class_names), name
+
+
+def test_mediapipe_metadata_needs_a_raw_pixel_input() -> None:
+    from segflow.tflite_metadata import mediapipe_unsupported
+
+    spec = ServingSpec((32, 32, 3), ("a", "b"), False, None, "uint8", 255.0)
+    assert mediapipe_unsupported(spec, np.dtype(np.uint8), (1.0, 0)) is None
+    assert mediapipe_unsupported(spec, np.dtype(np.float32), (0.0, 0)) is None
+    assert "scale 0.5, zero point 3" in str(mediapipe_unsupported(spec, np.dtype(np.uint8), (0.5, 3)))
+    assert "4 channels" in str(mediapipe_unsupported(dataclasses.replace(spec, shape=(32, 32, 4)), np.dtype(np.float32), (0.0, 0)))

@@ -1,0 +1,68 @@
+"""MediaPipe Tasks runs segflow's TFLite exports as they are: the session's tiny trained model
+exported to tflite_fp32 and tflite_int8 by the Exporter, MediaPipe's Python ImageSegmenter
+(in its own environment, .venv-mediapipe: `make test-mediapipe`) segments eval images with
+nothing but the file and its metadata, and its category masks agree with `segflow predict`
+on the same files on at least 99% of pixels.
+
+The images are at the model size: larger ones MediaPipe resizes whole, while `segflow
+predict` tiles them at full resolution, so their masks differ by design, not by export."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from segflow.components.exporter import core as exporter
+from segflow.io import decode_mask, read_image
+from segflow.registry import EXPORT_FORMATS
+from segflow.serving import SERVING_SUBDIR, ServingSpec
+
+pytestmark = pytest.mark.mediapipe
+
+ROOT = Path(__file__).resolve().parents[1]
+MEDIAPIPE_PYTHON = ROOT / ".venv-mediapipe" / "bin" / "python"
+RUNNER = Path(__file__).resolve().parent / "mediapipe_segment.py"
+FORMATS = ["tflite_fp32", "tflite_int8"]
+MIN_AGREEMENT = 0.99
+
+
+@pytest.fixture(scope="module")
+def mediapipe_exports(trained: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not MEDIAPIPE_PYTHON.exists():
+        pytest.skip(f"{MEDIAPIPE_PYTHON} is absent: `make test-mediapipe` creates the MediaPipe environment and runs this test")
+    config = trained["config"]
+    config = config.model_copy(update={"export": config.export.model_copy(update={"formats": FORMATS, "calibration_examples": 8})})
+    out = tmp_path_factory.mktemp("mediapipe") / "exports"
+    results = exporter.run(config, trained["examples"], trained["model"], out)
+    assert [results[name]["status"] for name in FORMATS] == ["passed", "passed"], results
+    return out
+
+
+def _run(command: list[str]) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-4000:]}"
+    return done.stdout
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_mediapipe_image_segmenter_agrees_with_segflow_predict(name: str, mediapipe_exports: Path, trained: dict, tiny_data: Path, tmp_path: Path) -> None:
+    model = mediapipe_exports / EXPORT_FORMATS.get(name).file_name
+    serving = Path(trained["model"]) / SERVING_SUBDIR
+    spec = ServingSpec.load(serving)
+    images = sorted((tiny_data / "images").glob("*.png"))
+    assert images and all(read_image(image).shape[:2] == spec.shape[:2] for image in images)
+    report = json.loads(_run([str(MEDIAPIPE_PYTHON), str(RUNNER), str(model), str(tmp_path / "mediapipe"), *map(str, images)]).splitlines()[-1])
+    assert report["labels"] == list(spec.class_names)  # read from the model's metadata
+    _run([str(Path(sys.executable).with_name("segflow")), "predict", str(model), str(tiny_data / "images"), "-o", str(tmp_path / "segflow"), "--spec", str(serving)])
+    agree = total = 0
+    for image in images:
+        theirs = np.load(report["masks"][str(image)])
+        ours = decode_mask((tmp_path / "segflow" / f"{image.stem}.png").read_bytes())
+        assert theirs.shape == ours.shape == spec.shape[:2]
+        agree, total = agree + int((theirs == ours).sum()), total + ours.size
+    print(f"{name}: MediaPipe ImageSegmenter and segflow predict agree on {agree / total:.4%} of {total} pixels ({len(images)} images)")
+    assert agree / total >= MIN_AGREEMENT
