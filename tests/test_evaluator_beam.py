@@ -279,3 +279,47 @@ def test_flip_tta_averages_the_flipped_prediction() -> None:
 
     averaged = with_flip_tta(left_heavy)(np.zeros((1, 2, 5, 3), np.uint8))
     np.testing.assert_allclose(averaged[..., 1], 0.5)
+
+
+class ChannelScoresModule(tf.Module):
+    """A SavedModel with the served model's uint8 signature: probabilities from channel values."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, None], tf.uint8, name="images")])
+    def serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        scores = tf.cast(images[..., :3], tf.float32) + 1.0
+        probabilities = scores / tf.reduce_sum(scores, axis=-1, keepdims=True)
+        return {"mask": tf.cast(tf.argmax(probabilities, axis=-1), tf.uint8), "probabilities": probabilities}
+
+
+def test_evaluator_core_writes_summary_metrics_slices_tfma_files_and_blessing(evaluated: dict, tmp_path: Path) -> None:
+    import tensorflow_model_analysis as tfma
+
+    from segflow.components.evaluator import core as evaluator
+    from segflow.config import validate_config
+    from segflow.serving import SERVING_SUBDIR, ServingSpec
+
+    serving = tmp_path / "model" / SERVING_SUBDIR
+    module = ChannelScoresModule()
+    tf.saved_model.save(module, str(serving), signatures={"serving_uint8": module.serve, "serving_default": module.serve})
+    ServingSpec((16, 16, 3), CLASSES, False, IGNORE, "uint8", 255.0).save(serving)
+    examples = evaluated["out"].parent / "examples"
+    raw = {
+        "name": "beam-eval", "dataset": {"images": "i", "masks": "m", "group_by": r"^([a-z]+)_"}, "classes": list(CLASSES), "ignore_index": IGNORE,
+        "beam": {"running_mode": "in_memory"}, "evaluation": {"min_mean_iou": 0.0, "batch": 3},
+    }
+    report = evaluator.run(validate_config(raw), examples, tmp_path / "model", tmp_path / "metrics", tmp_path / "blessing")
+    overall = evaluated["slices"]["eval"][0]["metrics"]
+    assert report["mean_iou"] == pytest.approx(overall["mean_iou"]) and report["examples"] == 6
+    assert report["confusion_matrix"] == overall["confusion_matrix"] and set(report["per_class_iou"]) == set(CLASSES)
+    assert evaluator.is_blessed(tmp_path / "blessing")
+    slices = evaluator.read_slices(tmp_path / "metrics")
+    assert set(slices) == {"eval", "test"} and slices["eval"][0]["slice"] == "Overall"
+    assert {entry["slice"] for entry in slices["eval"]} >= {"source:beta", "scanner:y", "object_size:none"}
+    assert tfma.load_validation_result(str(tmp_path / "metrics")).validation_ok
+    assert (tmp_path / "metrics" / "Split-test" / "per_image.jsonl").exists()
+    raw["evaluation"] = {"min_mean_iou": 0.9, "slicing_specs": [{}, {"feature_keys": ["source"]}]}
+    evaluator.run(validate_config(raw), examples, tmp_path / "model", tmp_path / "metrics", tmp_path / "blessing")
+    assert (tmp_path / "blessing" / "NOT_BLESSED").exists() and not evaluator.is_blessed(tmp_path / "blessing")
+    failure = tfma.load_validation_result(str(tmp_path / "metrics")).metric_validations_per_slice[0].failures[0]
+    assert failure.metric_key.name == "mean_iou" and failure.metric_threshold.value_threshold.lower_bound.value == pytest.approx(0.9)
+    assert [entry["slice"] for entry in evaluator.read_slices(tmp_path / "metrics")["eval"]] == ["Overall", "source:alpha", "source:beta", "source:gamma"]
