@@ -165,6 +165,15 @@ def _preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lr_find(args: argparse.Namespace) -> int:
+    from segflow.lr_find import SweepSettings, find_learning_rate
+
+    settings = SweepSettings(steps=args.steps, min_rate=args.min_rate, max_rate=args.max_rate)
+    result = find_learning_rate(_load(args), args.output, settings)
+    print(f"suggested learning rate: {result['suggested_learning_rate']:.3g} ({result['steps']} steps; curve {result['plot']})")
+    return 0
+
+
 def _benchmark(args: argparse.Namespace) -> int:
     from segflow.benchmark import BenchmarkError, BenchmarkSettings, benchmark, markdown
     from segflow.io import write_json
@@ -225,6 +234,7 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from segflow.lr_find import SweepSettings
     from segflow.registry import REGISTRIES
 
     parser = argparse.ArgumentParser(prog="segflow", description="Image-segmentation training pipeline (TFX-style components on KFP and Beam).")
@@ -322,6 +332,14 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("-n", "--count", type=int, default=8, metavar="N", help="cells in the grid (default 8)")
     preview.add_argument("--output", "-o", required=True, metavar="PNG", help="the grid; the policy goes beside it as <name>.policy.json")
     preview.set_defaults(handler=_preview)
+
+    lr_find = commands.add_parser("lr-find", help="sweep the learning rate over training steps: loss curve PNG and a suggested rate (JSON)")
+    _add_config_arguments(lr_find)
+    lr_find.add_argument("--output", "-o", required=True, metavar="DIR", help="gets lr_find.png, lr_find.json and the data components' folders")
+    lr_find.add_argument("--steps", type=int, default=SweepSettings.steps, help=f"training steps, one rate each (default {SweepSettings.steps})")
+    lr_find.add_argument("--min-rate", type=float, default=SweepSettings.min_rate, help=f"first rate (default {SweepSettings.min_rate:g})")
+    lr_find.add_argument("--max-rate", type=float, default=SweepSettings.max_rate, help=f"last rate (default {SweepSettings.max_rate:g})")
+    lr_find.set_defaults(handler=_lr_find)
 
     bench = commands.add_parser("benchmark", help="size, latency per image at 1..N threads and mean IoU of each built export")
     bench.add_argument("path", metavar="RUN_DIR|EXPORTS_DIR", help="a run folder, its exporter/exports folder, or a pushed version")

@@ -519,3 +519,44 @@ def _save_weights_atomically(network: keras.Model, target: Path) -> None:
     partial = target.with_name(f".partial-{target.name}")  # the suffix picks the format: keep .weights.h5
     network.save_weights(str(partial))
     os.replace(partial, target)
+
+
+def sweep_learning_rate(
+    config: ExperimentConfig,
+    examples_dir: str | os.PathLike[str],
+    transform_dir: str | os.PathLike[str],
+    rates: np.ndarray,
+    divergence: float,
+) -> list[float]:
+    """The training loss of one step at each of `rates` in turn (the first stage's network,
+    freezing, optimizer and loss on the augmented train stream), stopping early once a loss
+    is not finite or exceeds `divergence` times the lowest so far. For `segflow lr-find` (segflow/lr_find.py)."""
+    from segflow.components.transform.core import transform_layer
+
+    keras.utils.set_random_seed(config.seed)
+    stage = config.stages[0]
+    labels = LabelSpec(config.num_labels, config.sigmoid_head, config.ignore_index, resolve_class_weights(config.class_weights, examples_dir, config.class_names))
+    network = build_network(config)
+    apply_stage_freeze(network, config.model, stage)
+    _compile(network, config, labels, build_optimizer(stage.optimizer or config.optimizer, float(rates[0])), stage.loss)
+    steps_per_epoch = math.ceil(_train_examples(examples_dir) / config.batch)
+    epochs = math.ceil(len(rates) / steps_per_epoch)
+    train = make_dataset(config, examples_dir, "train", transform_layer(transform_dir), PixelSpec.load(transform_dir), epochs=(0, epochs))
+    step = tf.function(lambda images, masks: network.train_step((images, masks))["loss"])
+    losses: list[float] = []
+    for value, (images, masks) in zip(rates, train):
+        network.optimizer.learning_rate = float(value)  # assigns the optimizer's rate variable
+        network.reset_metrics()  # the compiled loss is a running mean: one batch each
+        loss = float(step(images, masks))
+        if not math.isfinite(loss):
+            break
+        losses.append(loss)
+        if loss > divergence * min(losses):
+            break
+    return losses
+
+
+def _train_examples(examples_dir: str | os.PathLike[str]) -> int:
+    from segflow.components.example_gen.core import read_counts
+
+    return read_counts(examples_dir)["train_examples"]
