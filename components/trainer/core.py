@@ -418,8 +418,8 @@ def _train(
             optimizer, schedule, watch = stage.optimizer or config.optimizer, stage.schedule or config.schedule, stage.callbacks or config.callbacks
             learning_rate = scaled_learning_rate(stage.learning_rate, plan.replicas, config.trainer.scale_learning_rate)
             log(
-                f"trainer: stage {number}/{len(config.stages)}: {stage.epochs} epochs, {optimizer.name}, "
-                f"{schedule.name} schedule at learning rate {learning_rate:g}, loss {stage.loss or config.loss}"
+                f"trainer: stage {number}/{len(config.stages)}: {stage.epochs} epochs at learning rate {learning_rate:g} "
+                f"({optimizer.name}, {schedule.name} schedule, loss {stage.loss or config.loss})"
             )
             if stage.initial_weights:
                 network.load_weights(stage.initial_weights)
