@@ -25,12 +25,13 @@ import tensorflow as tf
 from segflow.registry import EXPORT_FORMATS
 from segflow.runtime import log
 from segflow.serving import FixedSizePredictor, MaskPredictor, ServingSpec, fixed_size_mask_predictor, serving_mask_predictor
-from segflow.tflite_metadata import mediapipe_unsupported, with_segmenter_metadata
+from segflow.tflite_metadata import input_normalisation, mediapipe_unsupported, read_labels, with_segmenter_metadata
 
 RepresentativeData = Callable[[], Iterator[list[np.ndarray]]]
 
 DEFAULT_ONNX_OPSET = 17
 ONNX_SPEC_PROPERTY = "segflow.serving_spec"  # ONNX metadata property: the serving_spec.json of the model
+ONNX_NORMALISATION_PROPERTY = "segflow.normalisation"  # ONNX metadata property: what the input expects (see normalisation)
 TENSORRT_MAX_BATCH = 8  # the engines' optimisation profile covers batches 1..this
 
 
@@ -102,6 +103,53 @@ def parity_gate(mean_iou: float, reference_mean_iou: float, max_drop: float) -> 
     return verdict
 
 
+def normalisation(spec: ServingSpec) -> dict[str, Any]:
+    """What every export's image input expects, the same for all formats: raw pixel counts at
+    the model size, since the scaling and the Transform's normalisation are inside the model;
+    `from_8_bit` is how an 8-bit pixel p becomes that input, (p - mean) / std (MediaPipe's
+    NormalizationOptions)."""
+    mean, std = input_normalisation(spec)
+    return {
+        "input": "raw pixel counts at the model size (float32, or the integers of a quantized input)",
+        "image_dtype": spec.input_dtype,
+        "value_max": spec.value_max,
+        "inside_the_model": "pixels / value_max, then the Transform component's normalisation (tensorflow-transform)",
+        "from_8_bit": {"mean": mean, "std": std},
+    }
+
+
+def sidecar_name(file_name: str) -> str:
+    """The sidecar JSON beside an export: its file or folder name plus .json."""
+    return f"{file_name}.json"
+
+
+def sidecar(export: ExportFormat, path: Path, spec: ServingSpec, source: dict[str, Any], calibration: dict[str, Any] | None) -> dict[str, Any]:
+    """What a client needs beside an export to use it without segflow: classes, input size,
+    normalisation, quantization (a TFLite file's tensors as built), where it came from, and
+    for TFLite whether MediaPipe's metadata is in it (and why not)."""
+    height, width, channels = spec.shape
+    quantization: dict[str, Any] = {"scheme": export.quantization, **({"calibration": calibration} if calibration is not None else {})}
+    record: dict[str, Any] = {
+        "format": export.name,
+        "file": export.file_name,
+        "runtime": export.runtime,
+        "classes": list(spec.class_names),
+        "ignore_index": spec.ignore_index,
+        "output": "per-class probabilities at the model size (the mask is their argmax)",
+        "input_size": {"height": height, "width": width, "channels": channels},
+        "normalisation": normalisation(spec),
+        "quantization": quantization,
+        "source": source,
+        "serving_spec": asdict(spec),
+    }
+    if path.suffix == ".tflite":
+        model = path.read_bytes()
+        quantization.update(tflite_tensors(model))
+        reason = mediapipe_unsupported(spec, quantization["input"])
+        record["mediapipe"] = {"metadata": bool(read_labels(model)), **({"reason": reason} if reason is not None else {})}
+    return record
+
+
 def _options(options: ExportOptions | None) -> ExportOptions:
     return options if options is not None else ExportOptions()
 
@@ -150,18 +198,25 @@ def _tflite_builder(quantization: str) -> Callable[[Path, Path, ExportOptions | 
     return build
 
 
-def tflite_input(model: bytes) -> tuple[np.dtype, tuple[float, int]]:
-    """The dtype and (scale, zero point) of a TFLite model's image input."""
+def tflite_tensors(model: bytes) -> dict[str, dict[str, Any]]:
+    """A TFLite model's image input and probabilities output: dtype, shape, scale and zero
+    point (0 and 0 for a float tensor), what a client must know to feed and read it."""
     from ai_edge_litert.interpreter import Interpreter
 
-    (source,) = Interpreter(model_content=model).get_input_details()
-    return np.dtype(source["dtype"]), source["quantization"]
+    interpreter = Interpreter(model_content=model)
+    (source,), (sink,) = interpreter.get_input_details(), interpreter.get_output_details()
+
+    def describe(detail: dict[str, Any]) -> dict[str, Any]:
+        scale, zero_point = detail["quantization"]
+        return {"dtype": np.dtype(detail["dtype"]).name, "shape": [int(size) for size in detail["shape"]], "scale": float(scale), "zero_point": int(zero_point)}
+
+    return {"input": describe(source), "output": describe(sink)}
 
 
 def with_mediapipe_metadata(model: bytes, spec: ServingSpec, target: Path) -> bytes:
     """The converted model with MediaPipe's image-segmenter metadata, so MediaPipe Tasks runs it
     with no custom code; unchanged (and the reason logged) when MediaPipe cannot feed its input."""
-    reason = mediapipe_unsupported(spec, *tflite_input(model))
+    reason = mediapipe_unsupported(spec, tflite_tensors(model)["input"])
     if reason is not None:
         log(f"exporter: {target.name}: no MediaPipe metadata: {reason}")
         return model
@@ -210,7 +265,8 @@ def tflite_predictor(path: Path) -> FixedSizePredictor:
 
 def write_onnx(serving_dir: Path, target: Path, opset: int) -> None:
     """tf2onnx from the `fixed_size` signature (the graph the TFLite exports are converted
-    from too), the serving spec in the model's metadata, checked with onnx's checker."""
+    from too), the serving spec (class names among it) and the input's normalisation in the
+    model's metadata properties, checked with onnx's checker."""
     import onnx
     from tf2onnx import tf_loader
     from tf2onnx.convert import from_graph_def
@@ -219,7 +275,8 @@ def write_onnx(serving_dir: Path, target: Path, opset: int) -> None:
         str(serving_dir), None, None, tag="serve", signatures=["fixed_size"], return_initialized_tables=True, return_tensors_to_rename=True
     )
     model, _ = from_graph_def(graph_def, name="segflow", input_names=inputs, output_names=outputs, opset=opset, tensors_to_rename=renames)
-    onnx.helper.set_model_props(model, {ONNX_SPEC_PROPERTY: json.dumps(asdict(ServingSpec.load(serving_dir)))})
+    spec = ServingSpec.load(serving_dir)
+    onnx.helper.set_model_props(model, {ONNX_SPEC_PROPERTY: json.dumps(asdict(spec)), ONNX_NORMALISATION_PROPERTY: json.dumps(normalisation(spec))})
     try:  # tf2onnx leaves an op it cannot convert in the graph; the checker rejects it
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import zipfile
 from enum import IntEnum
-from typing import Callable
+from typing import Any, Callable
 
 import flatbuffers
 import numpy as np
@@ -59,18 +59,18 @@ def input_normalisation(spec: ServingSpec) -> tuple[float, float]:
     return 0.0, 1.0 if spec.input_dtype == "uint8" else 255.0 / spec.value_max
 
 
-def mediapipe_unsupported(spec: ServingSpec, input_type: np.dtype, input_quantization: tuple[float, int]) -> str | None:
-    """Why MediaPipe cannot feed this model's input as it is, or None when it can."""
+def mediapipe_unsupported(spec: ServingSpec, source: dict[str, Any]) -> str | None:
+    """Why MediaPipe cannot feed this model's input (`source`: dtype, scale, zero_point, as
+    segflow.exporters.tflite_tensors describes it) as it is, or None when it can."""
     if spec.shape[2] not in (1, 3):
         return f"MediaPipe feeds 1- or 3-channel images; the model takes {spec.shape[2]} channels"
-    if input_type == np.uint8 and tuple(input_quantization) != (1.0, 0):
-        scale, zero_point = input_quantization
+    if source["dtype"] == "uint8" and (source["scale"], source["zero_point"]) != (1.0, 0):
         return (
-            f"MediaPipe feeds raw 8-bit pixels to a uint8 input, but this input's quantization is scale {scale:g}, "
-            f"zero point {zero_point} (the calibration images do not span 0..255)"
+            f"MediaPipe feeds raw 8-bit pixels to a uint8 input, but this input's quantization is scale {source['scale']:g}, "
+            f"zero point {source['zero_point']} (the calibration images do not span 0..255, or the images are 16-bit)"
         )
-    if input_type not in (np.uint8, np.float32):
-        return f"MediaPipe feeds uint8 or float32 image tensors, not {np.dtype(input_type).name}"
+    if source["dtype"] not in ("uint8", "float32"):
+        return f"MediaPipe feeds uint8 or float32 image tensors, not {source['dtype']}"
     return None
 
 

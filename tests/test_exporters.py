@@ -19,7 +19,7 @@ from segflow.components.pusher import core as pusher
 from segflow.config import ConfigError, ExperimentConfig, validate_config
 from segflow.evaluation import evaluate
 from segflow.examples import iter_split
-from segflow.exporters import ONNX_SPEC_PROPERTY, ExportError, ExportFormat, capability_table, parity_gate
+from segflow.exporters import ONNX_NORMALISATION_PROPERTY, ONNX_SPEC_PROPERTY, ExportError, ExportFormat, capability_table, normalisation, parity_gate
 from segflow.io import read_json, write_json
 from segflow.registry import EXPORT_FORMATS
 from segflow.serving import SERVING_SUBDIR, SPEC_FILE, ServingSpec, serving_mask_predictor
@@ -63,6 +63,7 @@ def test_every_export_format_round_trips(name: str, all_exports: tuple[dict, Pat
         print(f"{name}: skipped: {reason}")
         return
     assert Path(entry["path"]) == out / export.file_name and entry["file"] == export.file_name
+    _check_sidecar(read_json(out / entry["sidecar"]), export, trained)
     assert entry["bytes"] > 0 and entry["bytes"] == exporter._size(out / export.file_name)
     spec = ServingSpec.load(Path(trained["model"]) / SERVING_SUBDIR)
     predict = export.load(out / export.file_name, spec)
@@ -77,6 +78,22 @@ def test_every_export_format_round_trips(name: str, all_exports: tuple[dict, Pat
         assert entry["status"] == "passed"
     else:
         assert abs(entry["mean_iou"] - served_mean_iou) <= 0.1 and 0.5 < entry["agreement_with_serving"] <= 1.0
+
+
+def _check_sidecar(sidecar: dict, export: ExportFormat, trained: dict) -> None:
+    """Classes, input size, normalisation, quantization and source run, beside every export."""
+    spec = ServingSpec.load(Path(trained["model"]) / SERVING_SUBDIR)
+    assert (sidecar["format"], sidecar["file"]) == (export.name, export.file_name)
+    assert sidecar["classes"] == list(spec.class_names) and sidecar["serving_spec"] == read_json(Path(trained["model"]) / SERVING_SUBDIR / SPEC_FILE)
+    assert sidecar["input_size"] == dict(zip(("height", "width", "channels"), spec.shape))
+    assert sidecar["normalisation"]["from_8_bit"] == {"mean": 0.0, "std": 1.0} and sidecar["normalisation"]["value_max"] == spec.value_max
+    assert sidecar["quantization"]["scheme"] == export.quantization
+    assert ("calibration" in sidecar["quantization"]) == export.needs_representative_data
+    assert sidecar["source"] == {"name": trained["config"].name, "model": str(trained["model"]), "examples": str(trained["examples"])}
+    if export.file_name.endswith(".tflite"):
+        assert sidecar["mediapipe"] == {"metadata": True}
+        assert sidecar["quantization"]["input"]["shape"] == [1, *spec.shape]
+        assert sidecar["quantization"]["output"]["shape"] == [1, *spec.shape[:2], len(spec.class_names)]
 
 
 def test_exports_json_is_what_run_returned(all_exports: tuple[dict, Path]) -> None:
@@ -94,6 +111,7 @@ def test_onnx_export_is_checked_opset_set_and_carries_the_spec(all_exports: tupl
     assert {opset.version for opset in model.opset_import if opset.domain in ("", "ai.onnx")} == {ONNX_OPSET}
     properties = {prop.key: prop.value for prop in model.metadata_props}
     assert json.loads(properties[ONNX_SPEC_PROPERTY]) == read_json(Path(trained["model"]) / SERVING_SUBDIR / SPEC_FILE)
+    assert json.loads(properties[ONNX_NORMALISATION_PROPERTY]) == normalisation(ServingSpec.load(Path(trained["model"]) / SERVING_SUBDIR))
     assert [node.name for node in model.graph.input] == ["pixels"] and [node.name for node in model.graph.output] == ["probabilities"]
     assert results["onnx"]["agreement_with_serving"] > 0.999
 
@@ -249,7 +267,7 @@ def test_pusher_pushes_only_exports_that_passed(gated_exports: tuple[dict, Path]
     assert set(record["withheld"]) == {"tflite_fp32", "tensorrt_fp16"} - ({"tensorrt_fp16"} if results["tensorrt_fp16"]["status"] == "passed" else set())
     assert record["withheld"]["tflite_fp32"].startswith("failed: ")
     version = tmp_path / "registry" / "tiny" / "1"
-    assert sorted(os.listdir(version)) == ["_COMMITTED", "exports.json", "saved_model"]
+    assert sorted(os.listdir(version)) == ["_COMMITTED", "exports.json", "saved_model", "saved_model.json"]
     assert list(read_json(version / "exports.json")) == ["saved_model"]
     assert read_json(version / "_COMMITTED")["source"] == str(out)
     assert read_json(tmp_path / "push" / pusher.PUSH_FILE) == record
@@ -276,7 +294,7 @@ def test_pusher_versions_never_overwrite(all_exports: tuple[dict, Path], trained
     assert sorted(os.listdir(tmp_path / "registry" / "tiny")) == ["1", "2"]
     passed = sorted(name for name, entry in results.items() if entry["status"] == "passed")
     assert sorted(first["exports"]) == passed
-    assert sorted(os.listdir(tmp_path / "registry" / "tiny" / "1")) == sorted(["_COMMITTED", "exports.json", *(results[name]["file"] for name in passed)])
+    assert sorted(os.listdir(tmp_path / "registry" / "tiny" / "1")) == sorted(["_COMMITTED", "exports.json", *(results[name][key] for name in passed for key in ("file", "sidecar"))])
     (blessing / "BLESSED").rename(blessing / "NOT_BLESSED")
     assert pusher.run(config, out, blessing, tmp_path / "push3")["pushed"] is False
     assert sorted(os.listdir(tmp_path / "registry" / "tiny")) == ["1", "2"]
@@ -352,7 +370,7 @@ def test_mediapipe_metadata_needs_a_raw_pixel_input() -> None:
     from segflow.tflite_metadata import mediapipe_unsupported
 
     spec = ServingSpec((32, 32, 3), ("a", "b"), False, None, "uint8", 255.0)
-    assert mediapipe_unsupported(spec, np.dtype(np.uint8), (1.0, 0)) is None
-    assert mediapipe_unsupported(spec, np.dtype(np.float32), (0.0, 0)) is None
-    assert "scale 0.5, zero point 3" in str(mediapipe_unsupported(spec, np.dtype(np.uint8), (0.5, 3)))
-    assert "4 channels" in str(mediapipe_unsupported(dataclasses.replace(spec, shape=(32, 32, 4)), np.dtype(np.float32), (0.0, 0)))
+    raw, floats = {"dtype": "uint8", "scale": 1.0, "zero_point": 0}, {"dtype": "float32", "scale": 0.0, "zero_point": 0}
+    assert mediapipe_unsupported(spec, raw) is None and mediapipe_unsupported(spec, floats) is None
+    assert "scale 0.5, zero point 3" in str(mediapipe_unsupported(spec, {"dtype": "uint8", "scale": 0.5, "zero_point": 3}))
+    assert "4 channels" in str(mediapipe_unsupported(dataclasses.replace(spec, shape=(32, 32, 4)), floats))

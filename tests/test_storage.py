@@ -195,7 +195,12 @@ def test_pusher_versions_and_uncommitted_folders(where: str, request: pytest.Fix
     (exports / "saved_model").mkdir(parents=True)
     (exports / "saved_model" / "saved_model.pb").write_bytes(b"graph")
     (exports / "model_int8.tflite").write_bytes(b"tflite")
-    passed = {"saved_model": {"file": "saved_model", "status": "passed"}, "tflite_int8": {"file": "model_int8.tflite", "status": "passed"}}
+    for sidecar in ("saved_model.json", "model_int8.tflite.json"):
+        (exports / sidecar).write_text("{}")
+    passed = {
+        "saved_model": {"file": "saved_model", "sidecar": "saved_model.json", "status": "passed"},
+        "tflite_int8": {"file": "model_int8.tflite", "sidecar": "model_int8.tflite.json", "status": "passed"},
+    }
     write_json(exports / EXPORTS_FILE, passed)  # as the Exporter writes it: the Pusher publishes what passed its gate
     blessing = tmp_path / "blessing"
     blessing.mkdir()
@@ -213,7 +218,7 @@ def test_pusher_versions_and_uncommitted_folders(where: str, request: pytest.Fix
     commit = json.loads(published.pop(pusher.COMMIT_FILE))
     published.pop(pusher.CLAIM_FILE, None)  # object stores: the claim of the version number
     assert published == _tree(exports)
-    assert (commit["name"], commit["version"], commit["files"]) == ("tiny", 2, ["exports.json", "model_int8.tflite", "saved_model/saved_model.pb"])
+    assert (commit["name"], commit["version"], commit["files"]) == ("tiny", 2, ["exports.json", "model_int8.tflite", "model_int8.tflite.json", "saved_model.json", "saved_model/saved_model.pb"])
 
     # A push that stopped half-way: part of the payload, no commit marker.
     storage.write_bytes(storage.join(registry, "tiny", "3", "model_int8.tflite"), b"partial")

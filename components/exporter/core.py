@@ -22,7 +22,7 @@ from segflow.benchmark import BenchmarkSettings, markdown, measure, report
 from segflow.config import ExperimentConfig
 from segflow.evaluation import evaluate, predict_split
 from segflow.examples import SegmentationExample, iter_split
-from segflow.exporters import ExportError, ExportFormat, ExportOptions, RepresentativeData, parity_gate
+from segflow.exporters import ExportError, ExportFormat, ExportOptions, RepresentativeData, parity_gate, sidecar, sidecar_name
 from segflow.io import atomic_dir, read_json, write_json
 from segflow.registry import EXPORT_FORMATS
 from segflow.runtime import log
@@ -129,6 +129,7 @@ def run(
     served_predictor = serving_mask_predictor(serving)
     reference_mean_iou = evaluate(served_predictor, examples_dir, "eval", spec)["mean_iou"]
     served = predict_split(served_predictor, examples_dir, "eval")
+    source = {"name": config.name, "model": os.fspath(model_dir), "examples": os.fspath(examples_dir)}
     log(f"exporter: float served model: eval mean IoU {reference_mean_iou:.4f}; exports more than {settings.max_drop} below it fail the parity gate")
     with atomic_dir(exports_dir) as out:
         for name in settings.formats:
@@ -158,9 +159,11 @@ def run(
             except Exception as error:  # a converter's own exception: say which export and file
                 raise ExportError(f"exporter: building {name} into {target} failed: {type(error).__name__}: {error}") from error
             report = evaluate(export.load(target, spec), examples_dir, "eval", spec, reference=served)
+            write_json(out / sidecar_name(export.file_name), sidecar(export, target, spec, source, row.get("calibration")))
             results[name] = {
                 "path": str(Path(exports_dir) / export.file_name),
                 "file": export.file_name,
+                "sidecar": sidecar_name(export.file_name),
                 "bytes": _size(target),
                 **row,
                 "mean_iou": report["mean_iou"],
