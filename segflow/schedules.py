@@ -130,7 +130,7 @@ class LearningRateLogger(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if logs is not None:
-            logs["learning_rate"] = float(self.model.optimizer.learning_rate)
+            logs["learning_rate"] = float(keras.backend.get_value(self.model.optimizer.learning_rate))  # a MirroredVariable under a strategy
 
 
 class ReduceOnPlateau(keras.callbacks.Callback):
