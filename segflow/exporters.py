@@ -25,7 +25,7 @@ import tensorflow as tf
 from segflow.registry import EXPORT_FORMATS
 from segflow.runtime import log
 from segflow.serving import FixedSizePredictor, MaskPredictor, ServingSpec, fixed_size_mask_predictor, serving_mask_predictor
-from segflow.tflite_metadata import input_normalisation, mediapipe_unsupported, read_labels, with_segmenter_metadata
+from segflow.tflite_metadata import input_normalisation, mediapipe_unsupported, raw_pixel_input, read_labels, with_segmenter_metadata
 
 RepresentativeData = Callable[[], Iterator[list[np.ndarray]]]
 
@@ -193,7 +193,11 @@ def _tflite_builder(quantization: str) -> Callable[[Path, Path, ExportOptions | 
             converter.inference_output_type = tf.uint8
         if quantization == "int16x8":  # float32 in and out; int16 activations, int8 weights inside
             converter.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
-        target.write_bytes(with_mediapipe_metadata(converter.convert(), ServingSpec.load(serving_dir), target))
+        spec = ServingSpec.load(serving_dir)
+        model = converter.convert()
+        if quantization == "int8" and spec.input_dtype == "uint8":  # the uint8 input takes the raw 8-bit pixel
+            model = raw_pixel_input(model)
+        target.write_bytes(with_mediapipe_metadata(model, spec, target))
 
     return build
 

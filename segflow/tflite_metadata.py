@@ -13,7 +13,8 @@ The model takes raw pixel counts (scaling and the TFT normalisation are inside i
 MediaPipe feeds 8-bit pixels p as (p - mean) / std to a float input and as p to a uint8
 one: mean 0 and std 1 for 8-bit models, std 255 / value_max for 16-bit ones (an 8-bit pixel
 stands for p / 255 of the range). A uint8 input therefore has to hold raw pixels
-(quantization scale 1, zero point 0) for MediaPipe to run the model as it is."""
+(quantization scale 1, zero point 0) for MediaPipe to run the model as it is: see
+raw_pixel_input."""
 from __future__ import annotations
 
 import io
@@ -67,7 +68,7 @@ def mediapipe_unsupported(spec: ServingSpec, source: dict[str, Any]) -> str | No
     if source["dtype"] == "uint8" and (source["scale"], source["zero_point"]) != (1.0, 0):
         return (
             f"MediaPipe feeds raw 8-bit pixels to a uint8 input, but this input's quantization is scale {source['scale']:g}, "
-            f"zero point {source['zero_point']} (the calibration images do not span 0..255, or the images are 16-bit)"
+            f"zero point {source['zero_point']} (a 16-bit model, or a uint8 input read by more than a QUANTIZE op)"
         )
     if source["dtype"] not in ("uint8", "float32"):
         return f"MediaPipe feeds uint8 or float32 image tensors, not {source['dtype']}"
@@ -178,6 +179,38 @@ def segmenter_metadata(spec: ServingSpec) -> bytes:
     return bytes(builder.Output())
 
 
+def _pack(tflite: Any) -> bytes:
+    """A TFLite model object (schema_py_generated.ModelT) as a flatbuffer."""
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(tflite.Pack(builder), TFLITE_IDENTIFIER)
+    return bytes(builder.Output())
+
+
+def raw_pixel_input(model: bytes) -> bytes:
+    """A full-integer model whose uint8 input takes raw 8-bit pixels (scale 1, zero point 0),
+    as MediaPipe feeds it, whatever range the calibration images spanned.
+
+    The converter gives the uint8 input the calibrated range of the images (scale 0.58 for
+    images within 0..147) and requantizes it to the int8 graph with a QUANTIZE op. Setting the
+    input's parameters to (1, 0) keeps that op's output, and so the whole graph, as it was: the
+    op requantizes from raw pixels instead. Left unchanged when anything but QUANTIZE reads the
+    input (then the parameters are the graph's own)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.python.schema_util import get_builtin_code_from_operator_code
+
+    tflite = schema.ModelT.InitFromPackedBuf(bytearray(model), 0)
+    (graph,) = tflite.subgraphs
+    (index,) = graph.inputs
+    tensor = graph.tensors[index]
+    readers = [operator for operator in graph.operators if index in list(operator.inputs)]
+    codes = {get_builtin_code_from_operator_code(tflite.operatorCodes[operator.opcodeIndex]) for operator in readers}
+    if tensor.type != schema.TensorType.UINT8 or codes != {schema.BuiltinOperator.QUANTIZE}:
+        return model
+    tensor.quantization.scale = np.array([1.0], np.float32)
+    tensor.quantization.zeroPoint = np.array([0], np.int64)
+    return _pack(tflite)
+
+
 def with_segmenter_metadata(model: bytes, spec: ServingSpec) -> bytes:
     """`model` (a TFLite flatbuffer) with the segmenter metadata as its TFLITE_METADATA buffer
     (replacing one already there) and the labels file in a zip appended after it."""
@@ -191,9 +224,7 @@ def with_segmenter_metadata(model: bytes, spec: ServingSpec) -> bytes:
     entry.name, entry.buffer = METADATA_NAME, len(tflite.buffers) - 1
     kept = [item for item in (tflite.metadata or []) if item.name not in (METADATA_NAME, METADATA_NAME.encode())]
     tflite.metadata = [*kept, entry]
-    builder = flatbuffers.Builder(len(model) + 1024)
-    builder.Finish(tflite.Pack(builder), TFLITE_IDENTIFIER)
-    packed = io.BytesIO(bytes(builder.Output()))
+    packed = io.BytesIO(_pack(tflite))
     packed.seek(0, io.SEEK_END)
     with zipfile.ZipFile(packed, "a", zipfile.ZIP_STORED) as archive:  # MediaPipe reads stored (uncompressed) members only
         archive.writestr(LABELS_FILE, "".join(f"{name}\n" for name in spec.class_names))

@@ -374,3 +374,32 @@ def test_mediapipe_metadata_needs_a_raw_pixel_input() -> None:
     assert mediapipe_unsupported(spec, raw) is None and mediapipe_unsupported(spec, floats) is None
     assert "scale 0.5, zero point 3" in str(mediapipe_unsupported(spec, {"dtype": "uint8", "scale": 0.5, "zero_point": 3}))
     assert "4 channels" in str(mediapipe_unsupported(dataclasses.replace(spec, shape=(32, 32, 4)), floats))
+
+
+def test_int8_input_takes_raw_pixels_whatever_the_calibration_range(trained: dict, tmp_path: Path) -> None:
+    """Calibration images within 20..148: the converter's uint8 input has scale 0.58; the
+    export's has scale 1, zero point 0 (what MediaPipe feeds) and computes the same outputs."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from segflow.exporters import ExportOptions, _batch_one_converter, tflite_predictor
+    from segflow.tflite_metadata import raw_pixel_input, read_labels
+
+    serving = Path(trained["model"]) / SERVING_SUBDIR
+    spec = ServingSpec.load(serving)
+    narrow = [np.random.default_rng(seed).uniform(20, 148, (1, *spec.shape)).astype(np.float32) for seed in range(8)]
+    converter = _batch_one_converter(serving)
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([sample] for sample in narrow)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = converter.inference_output_type = tf.uint8
+    calibrated = converter.convert()
+    assert Interpreter(model_content=calibrated).get_input_details()[0]["quantization"][0] < 0.6
+    (tmp_path / "calibrated.tflite").write_bytes(calibrated)
+    (tmp_path / "raw.tflite").write_bytes(raw_pixel_input(calibrated))
+    assert Interpreter(model_path=str(tmp_path / "raw.tflite")).get_input_details()[0]["quantization"] == (1.0, 0)
+    pixels = np.round(np.random.default_rng(9).uniform(20, 148, (4, *spec.shape))).astype(np.float32)
+    np.testing.assert_array_equal(tflite_predictor(tmp_path / "raw.tflite")(pixels), tflite_predictor(tmp_path / "calibrated.tflite")(pixels))
+    export = EXPORT_FORMATS.get("tflite_int8")
+    export.build(serving, tmp_path / export.file_name, ExportOptions(representative=lambda: ([sample] for sample in narrow)))
+    assert Interpreter(model_path=str(tmp_path / export.file_name)).get_input_details()[0]["quantization"] == (1.0, 0)
+    assert read_labels((tmp_path / export.file_name).read_bytes()) == list(spec.class_names)
