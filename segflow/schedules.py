@@ -38,7 +38,7 @@ def schedule(name: str) -> Callable[[Curve], Curve]:
 
 @schedule("constant")
 def constant(step: tf.Tensor, settings: ScheduleConfig, span: ScheduleSpan) -> tf.Tensor:
-    """The stage's learning rate throughout (the default: today's behaviour)."""
+    """The stage's learning rate throughout (the default)."""
     return tf.fill(tf.shape(step), tf.constant(span.learning_rate, tf.float32))
 
 
@@ -70,9 +70,10 @@ def cosine(step: tf.Tensor, settings: ScheduleConfig, span: ScheduleSpan) -> tf.
 
 @schedule("cyclical")
 def cyclical(step: tf.Tensor, settings: ScheduleConfig, span: ScheduleSpan) -> tf.Tensor:
-    """Cyclical rates (Smith 2017) between min_learning_rate and learning_rate, one cycle per
-    cycle_epochs; mode triangular, triangular2 (the amplitude halves every cycle) or
-    exp_range (the amplitude shrinks by gamma per epoch)."""
+    """Cyclical (Smith 2017): min_learning_rate up to learning_rate and back every cycle_epochs.
+
+    mode triangular keeps the amplitude, triangular2 halves it every cycle, exp_range
+    multiplies it by gamma per epoch."""
     low = settings.min_learning_rate
     cycle_steps = settings.cycle_epochs * span.steps_per_epoch
     cycle = tf.floor(1.0 + step / cycle_steps)

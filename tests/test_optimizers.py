@@ -112,10 +112,11 @@ def _history(model_run: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def test_stages_override_and_callbacks_act(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stages_override_and_callbacks_act(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:
     """Stage 1: SGD, keep the 2 best of 3 epochs and end on the best, predictions every epoch.
-    Stage 2: its own loss, cosine schedule, SWA over its epochs, and early stopping that no epoch
-    can satisfy (min_delta 2 on a mean IoU), so it stops after 1 + patience epochs, not 4."""
+    Stage 2: initial weights from a file, its own loss, cosine schedule, SWA over its epochs, and
+    early stopping that no epoch can satisfy (min_delta 2 on a mean IoU), so it stops after
+    1 + patience epochs, not 4."""
     from segflow.components.trainer import core
 
     used: dict[str, list[Any]] = {"losses": [], "optimizers": []}
@@ -139,6 +140,7 @@ def test_stages_override_and_callbacks_act(tiny_data: Path, tmp_path: Path, monk
                 {"epochs": 3, "learning_rate": 0.01, "optimizer": {"name": "sgd", "momentum": 0.9},
                  "callbacks": {"keep_best": 2, "restore": "best", "predictions_every": 1, "prediction_images": 2}},
                 {"epochs": 4, "learning_rate": 0.004, "loss": "dice", "schedule": {"name": "cosine"},
+                 "initial_weights": str(tmp_path / "backup" / "stage-1.weights.h5"),  # what stage 1 ended with
                  "callbacks": {"early_stopping": {"patience": 1, "min_delta": 2.0}}},
             ],
             optimizer={"name": "adam", "swa_epochs": 4},
@@ -156,3 +158,5 @@ def test_stages_override_and_callbacks_act(tiny_data: Path, tmp_path: Path, monk
     best = sorted((model_run / "checkpoints").glob("stage1-*.weights.h5"))
     assert len(best) == 2
     assert sorted(path.name for path in (model_run / "predictions").glob("*.png")) == ["epoch001.png", "epoch002.png", "epoch003.png"]
+    logged = capfd.readouterr().err
+    assert "stage 2: initial weights from" in logged and "weights averaged over 2 epochs (SWA)" in logged
