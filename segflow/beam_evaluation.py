@@ -1,12 +1,15 @@
 """The evaluator's Beam pipeline: per-image confusion matrices, boundary counts and
-probability histograms, summed per slice by a CombineFn, so the eval split never has to
-fit in memory and runs on the same runners as the data components (`beam` config section).
+probability histograms, summed per slice, so the eval split never has to fit in memory and
+runs on the same runners as the data components (`beam` config section).
 
-TFMA does the slicing (its SlicingSpec, SliceKeyExtractor and FanoutSlices on the per-image
-extracts) and the output formats: MetricsForSlice records (`Split-<name>/metrics-*.tfrecord`,
-read back by `tfma.load_metrics`) with TFMA MetricKeys (per-class values under a class_id
-sub key). The metrics themselves are sums of per-image confusion matrices: TFMA's metric
-computations take one prediction per label, not per-pixel masks of varying size.
+TFMA runs everything after the model: its SliceKeyExtractor (slicing specs), its
+MetricsPlotsAndValidationsEvaluator with the segmentation metrics as one custom TFMA metric
+(`SegmentationMetrics`: a preprocessor that hands over each image's stats and a combiner that
+sums them), its validator (the blessing's value threshold) and its writers (MetricsForSlice,
+ValidationResult, eval_config.json). Per-class values are under a class_id sub key. The
+per-image step is ours: TFMA's standard inputs are one label and one prediction per
+example, and its predictions extractor feeds serialized examples to a signature, while a
+mask is a label per pixel at the image's own size and the served model takes decoded pixels.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import apache_beam as beam
 import numpy as np
+from tensorflow_model_analysis.metrics import metric_types
 
 from segflow.examples import deserialize, scalar_features, split_files
 from segflow.io import _jsonable
@@ -27,9 +31,11 @@ BatchPredictor = Callable[[np.ndarray], np.ndarray]  # [B,H,W,C] raw pixels -> [
 FEATURES_KEY = "features"  # tfma.FEATURES_KEY: where TFMA's slicer looks for features
 STATS_KEY = "stats"
 IMAGE_KEY = "image"
-METRICS_PREFIX = "metrics"  # TFMA's file name for MetricsForSlice records
+METRICS_PREFIX = "metrics"  # TFMA's file names: metrics-*.tfrecord (MetricsForSlice) and
+VALIDATIONS_PREFIX = "validations"  # validations.tfrecord (ValidationResult)
 PER_IMAGE_FILE = "per_image.jsonl"
-SLICE_LINES = "slices"
+EXAMPLE_COUNT = "example_count"  # TFMA's name for the number of examples in a slice
+SWEEP_PREFIX = "threshold_sweep/"
 DERIVED_FEATURES = ("image_size", "object_size", "mask_empty")
 SOURCE_FEATURE = "source"
 # height and width are in image_size (a bucket); one slice per distinct size would be per image.
@@ -123,9 +129,9 @@ def image_stats(mask: np.ndarray, probabilities: np.ndarray, settings: EvalSetti
     return stats
 
 
-def report(stats: dict[str, np.ndarray], settings: EvalSettings) -> dict[str, Any]:
+def report(stats: dict[str, np.ndarray], class_names: tuple[str, ...]) -> dict[str, Any]:
     """Every metric of summed stats (one image, one slice or a whole split)."""
-    names = list(settings.class_names)
+    names = list(class_names)
     result = {"examples": int(stats["examples"]), **matrix_report(stats["matrix"], names), **boundary_report(stats["boundary"], names)}
     if "histograms" in stats:
         result["threshold_sweep"] = threshold_sweep(stats["histograms"])
@@ -159,7 +165,7 @@ class PredictAndScoreFn(beam.DoFn):
                 example, record_features = examples[index]
                 features = image_features(example.mask, example.filename, record_features, self.settings)
                 stats = image_stats(example.mask, probs, self.settings)
-                metrics = report(stats, self.settings)
+                metrics = report(stats, self.settings.class_names)
                 metrics.pop("confusion_matrix")
                 metrics.pop("threshold_sweep", None)
                 yield {
@@ -169,18 +175,27 @@ class PredictAndScoreFn(beam.DoFn):
                 }
 
 
-class SegmentationMetricsFn(beam.CombineFn):
-    """Sums per-image stats; the output is `report` of the sums (dataset-level metrics, the
-    numbers the literature reports, not means of per-image metrics)."""
+class StatsPreprocessor(metric_types.Preprocessor):
+    """TFMA preprocessor: hands the combiner each image's stats instead of TFMA's standard
+    inputs (one label and one prediction per example, which a mask is not)."""
 
-    def __init__(self, settings: EvalSettings) -> None:
-        self.settings = settings
+    def process(self, extracts: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
+        yield extracts[STATS_KEY]
+
+
+class SegmentationCombineFn(beam.CombineFn):
+    """Sums per-image stats; the output is `report` of the sums (dataset-level metrics, the
+    numbers the literature reports, not means of per-image metrics) as TFMA's metrics dict."""
+
+    def __init__(self, class_names: tuple[str, ...], threshold_steps: int) -> None:
+        self.class_names = class_names
+        self.threshold_steps = threshold_steps
 
     def create_accumulator(self) -> dict[str, np.ndarray]:
-        labels = self.settings.num_labels
+        labels = len(self.class_names)
         accumulator = {"examples": np.array(0, np.int64), "matrix": np.zeros((labels, labels), np.int64), "boundary": np.zeros((labels, 4), np.int64)}
-        if self.settings.threshold_steps:
-            accumulator["histograms"] = np.zeros((2, self.settings.threshold_steps), np.int64)
+        if self.threshold_steps:
+            accumulator["histograms"] = np.zeros((2, self.threshold_steps), np.int64)
         return accumulator
 
     def add_input(self, accumulator: dict[str, np.ndarray], stats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -194,54 +209,70 @@ class SegmentationMetricsFn(beam.CombineFn):
             self.add_input(merged, accumulator)
         return merged
 
-    def extract_output(self, accumulator: dict[str, np.ndarray]) -> dict[str, Any]:
-        return report(accumulator, self.settings)
+    def extract_output(self, accumulator: dict[str, np.ndarray]) -> dict[Any, Any]:
+        with np.errstate(all="ignore"):
+            return metric_keys(report(accumulator, self.class_names))
 
 
-def metric_keys(metrics: dict[str, Any], class_names: tuple[str, ...]) -> dict[Any, Any]:
+def _segmentation_computations(class_names: list[str], threshold_steps: int, name: str = "segmentation") -> Any:
+    combiner = SegmentationCombineFn(tuple(class_names), threshold_steps)
+    keys = list(combiner.extract_output(combiner.create_accumulator()))
+    return [metric_types.MetricComputation(keys=keys, preprocessors=[StatsPreprocessor()], combiner=combiner)]
+
+
+class SegmentationMetrics(metric_types.Metric):
+    """The segmentation metrics as one TFMA custom metric (`MetricConfig` class_name
+    SegmentationMetrics, this module): TFMA's evaluator slices, combines and validates it."""
+
+    def __init__(self, class_names: list[str], threshold_steps: int, name: str = "segmentation") -> None:
+        super().__init__(_segmentation_computations, class_names=class_names, threshold_steps=threshold_steps, name=name)
+
+
+def metric_keys(metrics: dict[str, Any]) -> dict[Any, Any]:
     """A report as TFMA's metrics dict: scalars by name, per-class values under a class_id
-    sub key, the confusion matrix and the sweep's curves as arrays. Keys are unweighted
-    (example_weighted None), as the keys of TFMA's thresholds on metrics computed outside it are."""
-    from tensorflow_model_analysis.metrics import metric_types
+    sub key (in class order), the confusion matrix and the sweep's curves as arrays. Keys are
+    unweighted (example_weighted None), as TFMA's thresholds on custom metrics are keyed."""
 
     def key(name: str, class_id: int | None = None) -> Any:
         sub_key = None if class_id is None else metric_types.SubKey(class_id=class_id)
         return metric_types.MetricKey(name=name, sub_key=sub_key, example_weighted=None)
 
-    def number(value: Any) -> Any:
-        return float("nan") if value is None else value  # JSON's null: undefined (no such pixels)
-
     keyed: dict[Any, Any] = {}
     for name, value in metrics.items():
         if isinstance(value, dict) and name.startswith("per_class_"):
-            for index, class_name in enumerate(class_names):
-                keyed[key(name.removeprefix("per_class_"), index)] = number(value[class_name])
+            for index, number in enumerate(value.values()):
+                keyed[key(name.removeprefix("per_class_"), index)] = number
         elif name == "threshold_sweep":
-            for part in ("best_threshold", "best_mean_iou"):
-                if value[part] is not None:
-                    keyed[key(f"threshold_sweep/{part}")] = value[part]
-            for part in ("thresholds", "foreground_iou", "mean_iou"):
-                keyed[key(f"threshold_sweep/{part}")] = np.array([number(item) for item in value[part]], np.float64)
+            for part, number in value.items():
+                keyed[key(f"{SWEEP_PREFIX}{part}")] = np.asarray(value[part], np.float64) if isinstance(number, list) else np.nan if number is None else number
         elif name == "confusion_matrix":
             keyed[key(name)] = np.asarray(value, np.int64)
         else:
-            keyed[key("example_count" if name == "examples" else name)] = number(value)
+            keyed[key(EXAMPLE_COUNT if name == "examples" else name)] = value
     return keyed
 
 
-def slice_entry(split: str, slice_key: tuple[tuple[str, Any], ...], metrics: dict[str, Any]) -> dict[str, Any]:
-    """One slice's JSON record: TFMA's stringified slice name, its key and its metrics."""
-    from tensorflow_model_analysis.slicer import slicer_lib
-
-    key = {name: value.decode() if isinstance(value, bytes) else value for name, value in slice_key}
-    return {"split": split, "slice": slicer_lib.stringify_slice_key(slice_key), "slice_key": key, "metrics": metrics}
-
-
-def metrics_proto(slice_key: tuple[tuple[str, Any], ...], metrics: dict[str, Any], class_names: tuple[str, ...]) -> bytes:
-    """A serialized TFMA MetricsForSlice (what `tfma.load_metrics` reads)."""
-    from tensorflow_model_analysis.writers.metrics_plots_and_validations_writer import convert_slice_metrics_to_proto
-
-    return convert_slice_metrics_to_proto((slice_key, metric_keys(metrics, class_names)), None).SerializeToString()
+def report_from_proto(record: Any, class_names: tuple[str, ...]) -> dict[str, Any]:
+    """A TFMA MetricsForSlice of SegmentationMetrics back as a report (the inverse of `metric_keys`)."""
+    result: dict[str, Any] = {}
+    for item in record.metric_keys_and_values:
+        name, value = item.key.name, item.value
+        if value.HasField("array_value"):
+            array = value.array_value
+            numbers = np.array(array.int64_values if array.int64_values else array.float64_values).reshape(tuple(array.shape))
+            value = numbers.tolist()
+        else:
+            value = value.double_value.value
+        if item.key.HasField("sub_key"):
+            result.setdefault(f"per_class_{name}", {})[class_names[item.key.sub_key.class_id.value]] = value
+        elif name.startswith(SWEEP_PREFIX):
+            result.setdefault("threshold_sweep", {})[name.removeprefix(SWEEP_PREFIX)] = value
+        else:
+            result["examples" if name == EXAMPLE_COUNT else name] = int(value) if name in (EXAMPLE_COUNT, "pixels") else value
+    for name, values in result.items():  # sub keys come in key order, not class order
+        if name.startswith("per_class_"):
+            result[name] = {class_name: values[class_name] for class_name in class_names}
+    return result
 
 
 def default_slicing_specs(examples_dir: str | os.PathLike[str], split: str, settings: EvalSettings) -> list[dict[str, Any]]:
@@ -255,37 +286,46 @@ def default_slicing_specs(examples_dir: str | os.PathLike[str], split: str, sett
     return [{}] + [{"feature_keys": [name]} for name in derived + [name for name in columns if name not in derived]]
 
 
-def eval_config(slicing_specs: list[dict[str, Any]], min_mean_iou: float | None = None) -> Any:
-    """TFMA's EvalConfig of an evaluation: its slicing specs and the value threshold on mean IoU."""
+def eval_config(slicing_specs: list[dict[str, Any]], class_names: tuple[str, ...], threshold_steps: int, min_mean_iou: float | None = None) -> Any:
+    """TFMA's EvalConfig of one split: its slicing specs, SegmentationMetrics, and the blessing's
+    value threshold on the overall slice's mean IoU (TFMA's validator checks it)."""
     from tensorflow_model_analysis.proto import config_pb2
 
     config = config_pb2.EvalConfig(slicing_specs=[config_pb2.SlicingSpec(**spec) for spec in slicing_specs])
+    metric = SegmentationMetrics(list(class_names), threshold_steps)
+    spec = config.metrics_specs.add()
+    spec.metrics.add(class_name=type(metric).__name__, module=__name__, config=json.dumps(metric.get_config()))
     if min_mean_iou is not None:
         threshold = config_pb2.MetricThreshold(value_threshold=config_pb2.GenericValueThreshold(lower_bound={"value": min_mean_iou}))
-        config.metrics_specs.add(thresholds={"mean_iou": threshold})
+        spec.per_slice_thresholds["mean_iou"].thresholds.add(slicing_specs=[config_pb2.SlicingSpec()], threshold=threshold)
     return config
 
 
 def run_pipeline(
     loader: Callable[[], BatchPredictor],
     examples_dir: str | os.PathLike[str],
-    splits: dict[str, list[dict[str, Any]]],
+    splits: dict[str, Any],
     settings: EvalSettings,
     batch: int,
     options: Any,
     out_dir: str | os.PathLike[str],
-    scratch: str | os.PathLike[str],
+    model_location: str = "<in memory>",
 ) -> dict[str, list[dict[str, Any]]]:
-    """One Beam pipeline over every split in `splits` (split -> slicing specs). Writes
-    `Split-<split>/metrics-00000-of-00001.tfrecord` (TFMA MetricsForSlice) and
-    `Split-<split>/per_image.jsonl` under `out_dir`; returns each split's slice entries."""
-    from tensorflow_model_analysis.extractors import slice_key_extractor
+    """One Beam pipeline over every split in `splits` (split -> its `eval_config`). Each split's
+    folder `Split-<split>/` under `out_dir` is a TFMA output (metrics-*.tfrecord,
+    validations.tfrecord, eval_config.json: `tfma.load_eval_result` reads it) plus
+    per_image.jsonl. Returns each split's slices as JSON records, the overall slice first."""
+    from tensorflow_model_analysis.evaluators.metrics_plots_and_validations_evaluator import MetricsPlotsAndValidationsEvaluator
+    from tensorflow_model_analysis.extractors.slice_key_extractor import SliceKeyExtractor
     from tensorflow_model_analysis.slicer import slicer_lib
+    from tensorflow_model_analysis.writers.eval_config_writer import EvalConfigWriter
+    from tensorflow_model_analysis.writers.metrics_plots_and_validations_writer import MetricsPlotsAndValidationsWriter, load_and_deserialize_metrics
 
-    out, scratch = Path(out_dir), Path(scratch)
+    out = Path(out_dir)
     with beam.Pipeline(options=options) as pipeline:
-        for split, specs in splits.items():
-            (out / f"Split-{split}").mkdir(parents=True, exist_ok=True)
+        for split, config in splits.items():
+            folder = out / f"Split-{split}"
+            folder.mkdir(parents=True, exist_ok=True)
             extracts = (
                 pipeline
                 | f"Files{split}" >> beam.Create(split_files(examples_dir, split))
@@ -296,29 +336,24 @@ def run_pipeline(
             (
                 extracts
                 | f"ImageJson{split}" >> beam.Map(lambda extract: json.dumps(_jsonable(extract[IMAGE_KEY]), allow_nan=False))
-                | f"WriteImages{split}" >> beam.io.WriteToText(str(out / f"Split-{split}" / PER_IMAGE_FILE), shard_name_template="")
+                | f"WriteImages{split}" >> beam.io.WriteToText(str(folder / PER_IMAGE_FILE), shard_name_template="")
             )
-            sliced = (
+            evaluation = (
                 extracts
-                | f"SliceKeys{split}" >> slice_key_extractor.SliceKeyExtractor(eval_config=eval_config(specs), materialize=False).ptransform
-                | f"Fanout{split}" >> slicer_lib.FanoutSlices()
-                | f"Stats{split}" >> beam.MapTuple(lambda slice_key, extract: (slice_key, extract[STATS_KEY]))
-                | f"Combine{split}" >> beam.CombinePerKey(SegmentationMetricsFn(settings))
+                | f"SliceKeys{split}" >> SliceKeyExtractor(eval_config=config, materialize=False).ptransform
+                | f"Evaluate{split}" >> MetricsPlotsAndValidationsEvaluator(config).ptransform
             )
-            (
-                sliced
-                | f"Proto{split}" >> beam.MapTuple(lambda slice_key, metrics: metrics_proto(slice_key, metrics, settings.class_names))
-                | f"WriteProto{split}"
-                >> beam.io.WriteToTFRecord(str(out / f"Split-{split}" / METRICS_PREFIX), file_name_suffix=".tfrecord", num_shards=1)
-            )
-            (
-                sliced
-                | f"SliceJson{split}" >> beam.Map(lambda item, split: json.dumps(_jsonable(slice_entry(split, *item))), split)
-                | f"WriteSlices{split}" >> beam.io.WriteToText(str(scratch / f"{SLICE_LINES}-{split}"), shard_name_template="")
-            )
+            paths = {"metrics": str(folder / METRICS_PREFIX), "validations": str(folder / VALIDATIONS_PREFIX)}
+            _ = evaluation | f"Write{split}" >> MetricsPlotsAndValidationsWriter(paths, config).ptransform
+            location = f"{os.fspath(examples_dir)}/Split-{split}"
+            _ = evaluation | f"Config{split}" >> EvalConfigWriter(str(folder), config, data_location=location, data_file_format="tfrecords_gzip", model_locations={"": model_location}).ptransform
     entries = {}
     for split in splits:
-        lines = (scratch / f"{SLICE_LINES}-{split}").read_text().splitlines()
-        entries[split] = sorted((json.loads(line) for line in lines), key=lambda entry: (len(entry["slice_key"]), entry["slice"]))
+        records = []
+        for record in load_and_deserialize_metrics(str(out / f"Split-{split}")):
+            slice_key = slicer_lib.deserialize_slice_key(record.slice_key)
+            key = {name: value.decode() if isinstance(value, bytes) else value for name, value in slice_key}
+            metrics = report_from_proto(record, settings.class_names)
+            records.append({"split": split, "slice": slicer_lib.stringify_slice_key(slice_key), "slice_key": key, "metrics": metrics})
+        entries[split] = sorted(records, key=lambda entry: (len(entry["slice_key"]), entry["slice"]))
     return entries
-

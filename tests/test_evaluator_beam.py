@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from segflow.beam_evaluation import BatchPredictor, EvalSettings, default_slicing_specs, run_pipeline
+from segflow.beam_evaluation import BatchPredictor, EvalSettings, default_slicing_specs, eval_config, run_pipeline
 from segflow.beam_runners import pipeline_options
 from segflow.examples import SegmentationExample, serialize, shard_name, split_dir, write_shard
 from segflow.metrics import boundary_counts, boundary_report
@@ -158,7 +158,8 @@ def evaluated(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     specs = default_slicing_specs(root / "examples", "eval", config)
     specs.append({"feature_keys": ["scanner"], "feature_values": {"mask_empty": "non-empty"}})
     out = root / "out"
-    slices = run_pipeline(ChannelScores(), root / "examples", {"eval": specs, "test": [{}]}, config, 4, options(root), out, root)
+    splits = {"eval": eval_config(specs, CLASSES, 0), "test": eval_config([{}], CLASSES, 0)}
+    slices = run_pipeline(ChannelScores(), root / "examples", splits, config, 4, options(root), out)
     return {"examples": examples, "specs": specs, "slices": slices, "out": out}
 
 
@@ -262,7 +263,8 @@ def test_threshold_sweep_picks_the_separating_threshold(tmp_path: Path) -> None:
         examples.append((SegmentationExample(filename=f"s_{index}.png", image=image, mask=mask), "x"))
     write_split(tmp_path / "examples", "eval", examples)
     binary = settings(class_names=("background", "cell"), threshold_steps=20)
-    slices = run_pipeline(ForegroundFromRed(), tmp_path / "examples", {"eval": [{}]}, binary, 2, options(tmp_path), tmp_path / "out", tmp_path)
+    splits = {"eval": eval_config([{}], binary.class_names, 20)}
+    slices = run_pipeline(ForegroundFromRed(), tmp_path / "examples", splits, binary, 2, options(tmp_path), tmp_path / "out")
     sweep = slices["eval"][0]["metrics"]["threshold_sweep"]
     assert sweep["best_threshold"] == pytest.approx(0.65) and sweep["best_mean_iou"] == pytest.approx(1.0)
     assert sweep["mean_iou"][sweep["thresholds"].index(0.5)] < 1.0
@@ -315,11 +317,13 @@ def test_evaluator_core_writes_summary_metrics_slices_tfma_files_and_blessing(ev
     slices = evaluator.read_slices(tmp_path / "metrics")
     assert set(slices) == {"eval", "test"} and slices["eval"][0]["slice"] == "Overall"
     assert {entry["slice"] for entry in slices["eval"]} >= {"source:beta", "scanner:y", "object_size:none"}
-    assert tfma.load_validation_result(str(tmp_path / "metrics")).validation_ok
+    assert tfma.load_validation_result(str(tmp_path / "metrics" / "Split-eval")).validation_ok
+    result = tfma.load_eval_result(str(tmp_path / "metrics" / "Split-eval"))
+    assert len(result.slicing_metrics) == len(slices["eval"])
     assert (tmp_path / "metrics" / "Split-test" / "per_image.jsonl").exists()
     raw["evaluation"] = {"min_mean_iou": 0.9, "slicing_specs": [{}, {"feature_keys": ["source"]}]}
     evaluator.run(validate_config(raw), examples, tmp_path / "model", tmp_path / "metrics", tmp_path / "blessing")
     assert (tmp_path / "blessing" / "NOT_BLESSED").exists() and not evaluator.is_blessed(tmp_path / "blessing")
-    failure = tfma.load_validation_result(str(tmp_path / "metrics")).metric_validations_per_slice[0].failures[0]
+    failure = tfma.load_validation_result(str(tmp_path / "metrics" / "Split-eval")).metric_validations_per_slice[0].failures[0]
     assert failure.metric_key.name == "mean_iou" and failure.metric_threshold.value_threshold.lower_bound.value == pytest.approx(0.9)
     assert [entry["slice"] for entry in evaluator.read_slices(tmp_path / "metrics")["eval"]] == ["Overall", "source:alpha", "source:beta", "source:gamma"]

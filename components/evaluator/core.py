@@ -4,14 +4,14 @@ examples have one), overall and per slice, and the blessing.
 The model is evaluated through `serving_default`, the signature users call (raw pixels
 in, mask out, preprocessing and TFT graph inside), at each image's original size, so the
 figures are what a user of the served model gets. A Beam pipeline (segflow.beam_evaluation,
-the `beam` section's runner) scores batches of examples and sums per-image confusion matrices
-per TFMA slice; the blessing is TFMA's metrics validator on the value threshold
-`evaluation.min_mean_iou`.
+the `beam` section's runner) scores batches of examples and TFMA's evaluator sums their
+per-image confusion matrices per slice; the blessing is TFMA's validator on the value
+threshold `evaluation.min_mean_iou` (overall eval slice).
 
 Outputs (the `evaluation` artifact): metrics.json (the eval split overall: what summary.json,
-the pusher and scripts read), slices.json (every split's slices), per split TFMA's
-`Split-<split>/metrics-*.tfrecord` and `per_image.jsonl`, and `validations.tfrecord` (TFMA
-ValidationResult of the eval split).
+the pusher and scripts read), slices.json (every split's slices), and per split a TFMA output
+folder `Split-<split>/` (metrics-*.tfrecord, validations.tfrecord, eval_config.json:
+`tfma.load_eval_result` reads it) with `per_image.jsonl`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from segflow.beam_evaluation import EvalSettings, ServedModelLoader, default_slicing_specs, eval_config, metric_keys, run_pipeline
+from segflow.beam_evaluation import EvalSettings, ServedModelLoader, default_slicing_specs, eval_config, run_pipeline
 from segflow.config import ExperimentConfig
 from segflow.examples import split_dir
 from segflow.io import atomic_dir, read_json, write_json
@@ -30,7 +30,6 @@ from segflow.serving import SERVING_SUBDIR, ServingSpec
 
 METRICS_FILE = "metrics.json"
 SLICES_FILE = "slices.json"
-VALIDATIONS_FILE = "validations.tfrecord"  # TFMA's name, read by tfma.load_validation_result
 BLESSED, NOT_BLESSED = "BLESSED", "NOT_BLESSED"
 SPLITS = ("eval", "test")  # test only when ExampleGen wrote one
 
@@ -42,8 +41,7 @@ def run(
     metrics_dir: str | os.PathLike[str],
     blessing_dir: str | os.PathLike[str],
 ) -> dict[str, Any]:
-    import tensorflow as tf
-    from tensorflow_model_analysis.evaluators.metrics_validator import validate_metrics
+    import tensorflow_model_analysis as tfma
 
     serving = Path(model_dir) / SERVING_SUBDIR
     spec = ServingSpec.load(serving)
@@ -58,23 +56,20 @@ def run(
         group_by=config.dataset.group_by,
         flip_tta=evaluation.flip_tta,
     )
-    splits = {
-        split: (
-            [spec.model_dump() for spec in evaluation.slicing_specs]
-            if evaluation.slicing_specs is not None
-            else default_slicing_specs(examples_dir, split, settings)
-        )
-        for split in SPLITS
-        if split == "eval" or split_dir(examples_dir, split).exists()
-    }
+    splits = {}
+    for split in SPLITS:
+        if split == "eval" or split_dir(examples_dir, split).exists():
+            configured = evaluation.slicing_specs
+            slicing = [entry.model_dump() for entry in configured] if configured is not None else default_slicing_specs(examples_dir, split, settings)
+            threshold = evaluation.min_mean_iou if split == "eval" else None  # the blessing is the eval split's
+            splits[split] = eval_config(slicing, settings.class_names, settings.threshold_steps, threshold)
     scratch = Path(tempfile.mkdtemp(prefix="segflow-evaluator-"))
     try:
         with atomic_dir(metrics_dir) as out:
-            slices = run_pipeline(ServedModelLoader(serving), examples_dir, splits, settings, evaluation.batch, beam_options(config.beam, scratch), out, scratch)
+            options = beam_options(config.beam, scratch)
+            slices = run_pipeline(ServedModelLoader(serving), examples_dir, splits, settings, evaluation.batch, options, out, str(serving))
             overall = next(entry["metrics"] for entry in slices["eval"] if not entry["slice_key"])
-            validation = validate_metrics(((), metric_keys(overall, spec.class_names)), eval_config([], evaluation.min_mean_iou))
-            with tf.io.TFRecordWriter(str(out / VALIDATIONS_FILE)) as writer:
-                writer.write(validation.SerializeToString())
+            validation = tfma.load_validation_result(str(split_dir(out, "eval")))
             write_json(out / SLICES_FILE, slices)
             write_json(out / METRICS_FILE, summary_metrics(overall))
     finally:
