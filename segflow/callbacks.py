@@ -35,7 +35,9 @@ def early_stopping(settings: CallbacksConfig) -> list[keras.callbacks.Callback]:
 class KeepBest(keras.callbacks.Callback):
     """Keeps the `keep` best epochs' weights of a stage by the monitored metric as
     `stage<S>-epoch<E>-<monitor><value>.weights.h5`, deleting those that drop out; with
-    `restore` the stage ends with the best of them loaded."""
+    `restore` the stage ends with the best of them. The best weights are also held in memory
+    and restored with set_weights: tf_keras cannot load an .h5 file into a model built under
+    MultiWorkerMirroredStrategy."""
 
     def __init__(self, folder: Path, stage: int, settings: CallbacksConfig) -> None:
         super().__init__()
@@ -44,6 +46,7 @@ class KeepBest(keras.callbacks.Callback):
         self.settings = settings
         self.sign = 1.0 if settings.monitor_mode == "max" else -1.0
         self.kept: list[tuple[float, Path]] = []  # (signed score, file), best first
+        self.best_weights: list[np.ndarray] = []
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         value = (logs or {}).get(self.settings.monitor)
@@ -55,14 +58,16 @@ class KeepBest(keras.callbacks.Callback):
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"stage{self.stage}-epoch{epoch + 1:03d}-{self.settings.monitor}{float(value):.4f}.weights.h5"
         self.model.save_weights(str(path))
+        if not self.kept or score > self.kept[0][0]:
+            self.best_weights = self.model.get_weights()
         self.kept = sorted([*self.kept, (score, path)], key=lambda entry: -entry[0])
         for _, dropped in self.kept[self.settings.keep_best :]:
             dropped.unlink(missing_ok=True)
         self.kept = self.kept[: self.settings.keep_best]
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
-        if self.settings.restore == "best" and self.kept:
-            self.model.load_weights(str(self.kept[0][1]))
+        if self.settings.restore == "best" and self.best_weights:
+            self.model.set_weights(self.best_weights)
 
 
 def _display(image: np.ndarray) -> np.ndarray:

@@ -422,7 +422,10 @@ def _train(
                 f"({optimizer.name}, {schedule.name} schedule, loss {stage.loss or config.loss})"
             )
             if stage.initial_weights:
-                network.load_weights(stage.initial_weights)
+                # Through a plain copy: tf_keras cannot load an .h5 file into a model built under MultiWorkerMirroredStrategy.
+                loaded = build_network(config)
+                loaded.load_weights(stage.initial_weights)
+                network.set_weights(loaded.get_weights())
                 log(f"trainer: stage {number}: initial weights from {stage.initial_weights}")
             if apply_stage_freeze(network, config.model, stage):  # before compiling: trainability is read at compile
                 log(f"trainer: stage {number}: encoder frozen (its BatchNorm in inference mode)")
