@@ -105,13 +105,10 @@ def _litert_call(path: Path, pixels: np.ndarray, threads: int) -> Call:
 
     interpreter = Interpreter(model_path=str(path), num_threads=threads)
     interpreter.allocate_tensors()
+    from segflow.exporters import tflite_input_value
+
     (source,) = interpreter.get_input_details()
-    value = pixels
-    if source["dtype"] != np.float32:  # full-integer input: quantized once, outside the timing
-        scale, zero_point = source["quantization"]
-        info = np.iinfo(source["dtype"])
-        value = np.clip(np.round(pixels / scale + zero_point), info.min, info.max).astype(source["dtype"])
-    interpreter.set_tensor(source["index"], value)
+    interpreter.set_tensor(source["index"], tflite_input_value(source, pixels))  # quantized once, outside the timing
     return interpreter.invoke
 
 

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import tensorflow as tf
 
+from segflow.preprocessing import luma
 from segflow.registry import EXPORT_FORMATS
 from segflow.runtime import log
 from segflow.serving import FixedSizePredictor, MaskPredictor, ServingSpec, fixed_size_mask_predictor, serving_mask_predictor
@@ -145,6 +146,7 @@ def sidecar(export: ExportFormat, path: Path, spec: ServingSpec, source: dict[st
     if path.suffix == ".tflite":
         model = path.read_bytes()
         quantization.update(tflite_tensors(model))
+        record["input_size"]["channels"] = quantization["input"]["shape"][-1]  # a grey model's TFLite input is colour
         reason = mediapipe_unsupported(spec, quantization["input"])
         record["mediapipe"] = {"metadata": bool(read_labels(model)), **({"reason": reason} if reason is not None else {})}
     return record
@@ -171,8 +173,30 @@ def _batch_one_converter(serving_dir: Path) -> tf.lite.TFLiteConverter:
     loaded = tf.saved_model.load(str(serving_dir))
     signature = loaded.signatures["fixed_size"]
     (pixels,) = signature.structured_input_signature[1].values()
-    fixed = tf.function(lambda pixels: signature(pixels=pixels), input_signature=[tf.TensorSpec([1, *pixels.shape[1:]], tf.float32, name="pixels")])
+    height, width, channels = pixels.shape[1:]
+    if channels == 1:  # a colour input, grey inside: MediaPipe's ImageSegmenter takes 3-channel models only
+        fixed = tf.function(lambda pixels: signature(pixels=luma(pixels)), input_signature=[tf.TensorSpec([1, height, width, 3], tf.float32, name="pixels")])
+    else:
+        fixed = tf.function(lambda pixels: signature(pixels=pixels), input_signature=[tf.TensorSpec([1, height, width, channels], tf.float32, name="pixels")])
     return tf.lite.TFLiteConverter.from_concrete_functions([fixed.get_concrete_function()], loaded)
+
+
+def colour_pixels(pixels: np.ndarray, channels: int) -> np.ndarray:
+    """Model-size raw counts [B,h,w,c] for an input of `channels`: a grey image repeated into
+    the colour input that a 1-channel model's TFLite export has (see _batch_one_converter);
+    the graph turns it back into the same grey (BT.601 weights sum to 1)."""
+    return np.repeat(pixels, channels, axis=-1) if pixels.shape[-1] < channels else pixels
+
+
+def tflite_input_value(source: dict[str, Any], pixels: np.ndarray) -> np.ndarray:
+    """Raw counts [1,h,w,c] as a TFLite export's input tensor (`source`: the interpreter's
+    input details): repeated into a colour input, quantized for a full-integer one."""
+    value = colour_pixels(pixels.astype(np.float32), int(source["shape"][-1]))
+    if source["dtype"] != np.float32:
+        scale, zero_point = source["quantization"]
+        info = np.iinfo(source["dtype"])
+        value = np.clip(np.round(value / scale + zero_point), info.min, info.max).astype(source["dtype"])
+    return value
 
 
 def _tflite_builder(quantization: str) -> Callable[[Path, Path, ExportOptions | None], None]:
@@ -186,7 +210,7 @@ def _tflite_builder(quantization: str) -> Callable[[Path, Path, ExportOptions | 
         if quantization in ("int8", "int16x8"):
             if representative is None:
                 raise ExportError(f"{target}: {quantization} quantization needs representative (calibration) data")
-            converter.representative_dataset = representative
+            converter.representative_dataset = lambda: ([colour_pixels(sample, 3)] for (sample,) in representative())
         if quantization == "int8":
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
             converter.inference_input_type = tf.uint8
@@ -240,7 +264,8 @@ def _threads() -> int:
 
 
 def tflite_predictor(path: Path) -> FixedSizePredictor:
-    """A LiteRT interpreter wrapped as a float predictor (quantizes input, dequantizes output)."""
+    """A LiteRT interpreter wrapped as a float predictor (quantizes input, dequantizes output;
+    a grey model-size image repeated into a 1-channel model's colour input)."""
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_path=str(path), num_threads=_threads())
@@ -250,12 +275,7 @@ def tflite_predictor(path: Path) -> FixedSizePredictor:
     def predict(pixels: np.ndarray) -> np.ndarray:
         outputs = []
         for single in pixels:  # the converted graph has batch size 1
-            value = single[None].astype(np.float32)
-            scale, zero_point = source["quantization"]
-            if source["dtype"] != np.float32:
-                info = np.iinfo(source["dtype"])
-                value = np.clip(np.round(value / scale + zero_point), info.min, info.max).astype(source["dtype"])
-            interpreter.set_tensor(source["index"], value)
+            interpreter.set_tensor(source["index"], tflite_input_value(source, single[None]))
             interpreter.invoke()
             result = interpreter.get_tensor(sink["index"])
             scale, zero_point = sink["quantization"]

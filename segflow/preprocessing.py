@@ -61,9 +61,13 @@ def to_model_channels(pixels: tf.Tensor, channels: int) -> tf.Tensor:
     if channels == 3:
         converted = tf.cond(source < 3, lambda: tf.repeat(pixels[..., :1], 3, axis=-1), lambda: colour)
     else:
-        luma = tf.reduce_sum(colour * tf.constant(LUMA_WEIGHTS, pixels.dtype), axis=-1, keepdims=True)
-        converted = tf.cond(source < 3, lambda: pixels[..., :1], lambda: luma)
+        converted = tf.cond(source < 3, lambda: pixels[..., :1], lambda: luma(colour))
     return tf.ensure_shape(converted, pixels.shape[:-1].concatenate([channels]))
+
+
+def luma(colour: tf.Tensor) -> tf.Tensor:
+    """Float [..., 3] colour -> [..., 1] grey, BT.601 weights."""
+    return tf.reduce_sum(colour * tf.constant(LUMA_WEIGHTS, colour.dtype), axis=-1, keepdims=True)
 
 
 def resize_to_model(pixels: tf.Tensor, height: int, width: int) -> tf.Tensor:

@@ -14,7 +14,8 @@ MediaPipe feeds 8-bit pixels p as (p - mean) / std to a float input and as p to 
 one: mean 0 and std 1 for 8-bit models, std 255 / value_max for 16-bit ones (an 8-bit pixel
 stands for p / 255 of the range). A uint8 input therefore has to hold raw pixels
 (quantization scale 1, zero point 0) for MediaPipe to run the model as it is: see
-raw_pixel_input."""
+raw_pixel_input. MediaPipe's ImageSegmenter takes 3-channel inputs only, so a 1-channel
+model's TFLite export takes colour and turns it grey inside (segflow.exporters)."""
 from __future__ import annotations
 
 import io
@@ -40,7 +41,7 @@ Field = Callable[[flatbuffers.Builder], None]
 
 class _ColorSpace(IntEnum):
     RGB = 1
-    GRAYSCALE = 2
+    GRAYSCALE = 2  # the output's colour space: one value per pixel and class
 
 
 class _ContentProperties(IntEnum):  # union ContentProperties
@@ -63,8 +64,8 @@ def input_normalisation(spec: ServingSpec) -> tuple[float, float]:
 def mediapipe_unsupported(spec: ServingSpec, source: dict[str, Any]) -> str | None:
     """Why MediaPipe cannot feed this model's input (`source`: dtype, scale, zero_point, as
     segflow.exporters.tflite_tensors describes it) as it is, or None when it can."""
-    if spec.shape[2] not in (1, 3):
-        return f"MediaPipe feeds 1- or 3-channel images; the model takes {spec.shape[2]} channels"
+    if source["shape"][-1] != 3:
+        return f"MediaPipe's ImageSegmenter takes 3-channel image inputs; this one has {source['shape'][-1]}"
     if source["dtype"] == "uint8" and (source["scale"], source["zero_point"]) != (1.0, 0):
         return (
             f"MediaPipe feeds raw 8-bit pixels to a uint8 input, but this input's quantization is scale {source['scale']:g}, "
@@ -122,11 +123,12 @@ def _image_content(builder: flatbuffers.Builder, colour: _ColorSpace, value_rang
 def _input_metadata(builder: flatbuffers.Builder, spec: ServingSpec) -> int:
     """TensorMetadata of the image input: colour space, NormalizationOptions and its range."""
     mean, std = input_normalisation(spec)
+    grey = " (grey inside the model)" if spec.shape[2] == 1 else ""
     text = _strings(builder, {
         "name": "image",
-        "description": f"Image {spec.shape[1]}x{spec.shape[0]}, {spec.shape[2]} channel(s), pixel counts (mean {mean:g}, std {std:g} from 8-bit pixels).",
+        "description": f"RGB image {spec.shape[1]}x{spec.shape[0]}{grey}, pixel counts (mean {mean:g}, std {std:g} from 8-bit pixels).",
     })
-    content = _image_content(builder, _ColorSpace.RGB if spec.shape[2] == 3 else _ColorSpace.GRAYSCALE, None)
+    content = _image_content(builder, _ColorSpace.RGB, None)
     normalisation = _table(builder, 2, [_offset(0, _floats(builder, [mean])), _offset(1, _floats(builder, [std]))])
     unit = _table(builder, 2, [_byte(0, _ProcessUnitOptions.NORMALIZATION_OPTIONS), _offset(1, normalisation)])
     units = _offsets(builder, [unit])

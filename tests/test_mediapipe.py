@@ -1,8 +1,8 @@
 """MediaPipe Tasks runs segflow's TFLite exports as they are: the session's tiny trained model
-exported to tflite_fp32 and tflite_int8 by the Exporter, MediaPipe's Python ImageSegmenter
-(in its own environment, .venv-mediapipe: `make test-mediapipe`) segments eval images with
-nothing but the file and its metadata, and its category masks agree with `segflow predict`
-on the same files on at least 99% of pixels.
+and a 1-channel one, exported to tflite_fp32 and tflite_int8 by the Exporter; MediaPipe's
+Python ImageSegmenter (in its own environment, .venv-mediapipe: `make test-mediapipe`)
+segments the dataset's images with nothing but the file and its metadata, and its category
+masks agree with `segflow predict` on the same files on at least 99% of pixels.
 
 The images are at the model size: larger ones MediaPipe resizes whole, while `segflow
 predict` tiles them at full resolution, so their masks differ by design, not by export."""
@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 
 from segflow.components.exporter import core as exporter
+from segflow.config import validate_config
 from segflow.io import decode_mask, read_image
 from segflow.registry import EXPORT_FORMATS
 from segflow.serving import SERVING_SUBDIR, ServingSpec
+from tests.conftest import tiny_raw_config, train_cores
 
 pytestmark = pytest.mark.mediapipe
 
@@ -30,16 +32,23 @@ FORMATS = ["tflite_fp32", "tflite_int8"]
 MIN_AGREEMENT = 0.99
 
 
-@pytest.fixture(scope="module")
-def mediapipe_exports(trained: dict, tmp_path_factory: pytest.TempPathFactory) -> Path:
+@pytest.fixture(scope="module", params=[3, 1], ids=["rgb", "grey"])
+def mediapipe_exports(request: pytest.FixtureRequest, tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """The session's colour model, and a grey one (its TFLite input is colour: MediaPipe's
+    ImageSegmenter takes 3-channel models only), trained, exported and re-evaluated."""
     if not MEDIAPIPE_PYTHON.exists():
         pytest.skip(f"{MEDIAPIPE_PYTHON} is absent: `make test-mediapipe` creates the MediaPipe environment and runs this test")
+    if request.param == 3:
+        trained = request.getfixturevalue("trained")
+    else:
+        grey = tiny_raw_config(tiny_data, shape=[32, 32, 1], stages=[{"epochs": 6, "learning_rate": 0.01}])
+        trained = train_cores(validate_config(grey), tmp_path_factory.mktemp("grey"))
     config = trained["config"]
     config = config.model_copy(update={"export": config.export.model_copy(update={"formats": FORMATS, "calibration_examples": 8})})
     out = tmp_path_factory.mktemp("mediapipe") / "exports"
     results = exporter.run(config, trained["examples"], trained["model"], out)
     assert [results[name]["status"] for name in FORMATS] == ["passed", "passed"], results
-    return out
+    return trained, out
 
 
 def _run(command: list[str]) -> str:
@@ -49,8 +58,9 @@ def _run(command: list[str]) -> str:
 
 
 @pytest.mark.parametrize("name", FORMATS)
-def test_mediapipe_image_segmenter_agrees_with_segflow_predict(name: str, mediapipe_exports: Path, trained: dict, tiny_data: Path, tmp_path: Path) -> None:
-    model = mediapipe_exports / EXPORT_FORMATS.get(name).file_name
+def test_mediapipe_image_segmenter_agrees_with_segflow_predict(name: str, mediapipe_exports: tuple[dict, Path], tiny_data: Path, tmp_path: Path) -> None:
+    trained, exports = mediapipe_exports
+    model = exports / EXPORT_FORMATS.get(name).file_name
     serving = Path(trained["model"]) / SERVING_SUBDIR
     spec = ServingSpec.load(serving)
     images = sorted((tiny_data / "images").glob("*.png"))
@@ -64,5 +74,5 @@ def test_mediapipe_image_segmenter_agrees_with_segflow_predict(name: str, mediap
         ours = decode_mask((tmp_path / "segflow" / f"{image.stem}.png").read_bytes())
         assert theirs.shape == ours.shape == spec.shape[:2]
         agree, total = agree + int((theirs == ours).sum()), total + ours.size
-    print(f"{name}: MediaPipe ImageSegmenter and segflow predict agree on {agree / total:.4%} of {total} pixels ({len(images)} images)")
+    print(f"{name} ({spec.shape[2]}-channel model): MediaPipe ImageSegmenter and segflow predict agree on {agree / total:.4%} of {total} pixels ({len(images)} images)")
     assert agree / total >= MIN_AGREEMENT
