@@ -3,6 +3,7 @@ best checkpoints, live predictions, per-stage overrides) on tiny problems."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -160,3 +161,25 @@ def test_stages_override_and_callbacks_act(tiny_data: Path, tmp_path: Path, monk
     assert sorted(path.name for path in (model_run / "predictions").glob("*.png")) == ["epoch001.png", "epoch002.png", "epoch003.png"]
     logged = capfd.readouterr().err
     assert "stage 2: initial weights from" in logged and "weights averaged over 2 epochs (SWA)" in logged
+
+
+def test_two_workers_agree_with_every_stage_feature(tiny_data: Path, tmp_path: Path) -> None:
+    """Lookahead(RAdam) with a cyclical schedule and plateau reductions, the best checkpoint
+    restored, live predictions, then SWA (BatchNorm pass) from an initial weights file, under
+    MultiWorkerMirroredStrategy: the workers end with identical weights."""
+    from segflow.components.trainer.core import WORKERS_FILE, build_network
+
+    stages = [
+        {"epochs": 2, "learning_rate": 0.01, "optimizer": {"name": "radam", "lookahead": {"sync_period": 3}},
+         "schedule": {"name": "cyclical", "cycle_epochs": 1, "min_learning_rate": 0.001, "reduce_on_plateau": {"patience": 1}},
+         "callbacks": {"keep_best": 1, "restore": "best", "predictions_every": 1, "prediction_images": 2}},
+        {"epochs": 2, "learning_rate": 0.003, "optimizer": {"name": "sgd", "momentum": 0.9, "swa_epochs": 2}, "loss": "dice",
+         "initial_weights": str(tmp_path / "init.weights.h5")},
+    ]
+    config = validate_config(tiny_raw_config(tiny_data, batch=2, augmentation={}, stages=stages, trainer={"workers": 2}))
+    build_network(config).save_weights(str(tmp_path / "init.weights.h5"))
+    out = train_cores(config, tmp_path / "run")
+    workers = json.loads((out["model_run"] / WORKERS_FILE).read_text())["workers"]
+    assert workers[0]["weights_sha256"] == workers[1]["weights_sha256"]
+    assert len(list((out["model_run"] / "checkpoints").glob("stage1-*.weights.h5"))) == 1
+    assert len(_history(out["model_run"])) == 4
