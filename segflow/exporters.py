@@ -111,7 +111,7 @@ def normalisation(spec: ServingSpec) -> dict[str, Any]:
     NormalizationOptions)."""
     mean, std = input_normalisation(spec)
     return {
-        "input": "raw pixel counts at the model size (float32, or the integers of a quantized input)",
+        "input": "raw pixel counts, the image file's own values (float32, or the integers of a quantized input)",
         "image_dtype": spec.input_dtype,
         "value_max": spec.value_max,
         "inside_the_model": "pixels / value_max, then the Transform component's normalisation (tensorflow-transform)",
@@ -136,7 +136,10 @@ def sidecar(export: ExportFormat, path: Path, spec: ServingSpec, source: dict[st
         "runtime": export.runtime,
         "classes": list(spec.class_names),
         "ignore_index": spec.ignore_index,
-        "output": "per-class probabilities at the model size (the mask is their argmax)",
+        "output": (
+            "serving_default: any image size in; mask [B,H,W] and per-class probabilities at the image's size out"
+            if export.name == "saved_model" else "per-class probabilities [1,h,w,classes] at the model size (the mask is their argmax)"
+        ),
         "input_size": {"height": height, "width": width, "channels": channels},
         "normalisation": normalisation(spec),
         "quantization": quantization,
@@ -147,7 +150,7 @@ def sidecar(export: ExportFormat, path: Path, spec: ServingSpec, source: dict[st
         model = path.read_bytes()
         quantization.update(tflite_tensors(model))
         record["input_size"]["channels"] = quantization["input"]["shape"][-1]  # a grey model's TFLite input is colour
-        reason = mediapipe_unsupported(spec, quantization["input"])
+        reason = mediapipe_unsupported(quantization["input"])
         record["mediapipe"] = {"metadata": bool(read_labels(model)), **({"reason": reason} if reason is not None else {})}
     return record
 
@@ -244,7 +247,7 @@ def tflite_tensors(model: bytes) -> dict[str, dict[str, Any]]:
 def with_mediapipe_metadata(model: bytes, spec: ServingSpec, target: Path) -> bytes:
     """The converted model with MediaPipe's image-segmenter metadata, so MediaPipe Tasks runs it
     with no custom code; unchanged (and the reason logged) when MediaPipe cannot feed its input."""
-    reason = mediapipe_unsupported(spec, tflite_tensors(model)["input"])
+    reason = mediapipe_unsupported(tflite_tensors(model)["input"])
     if reason is not None:
         log(f"exporter: {target.name}: no MediaPipe metadata: {reason}")
         return model

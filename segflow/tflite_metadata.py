@@ -58,12 +58,12 @@ ACTIVATION_NONE = 0  # mediapipe.tasks.Activation: the model outputs probabiliti
 
 def input_normalisation(spec: ServingSpec) -> tuple[float, float]:
     """(mean, std) that turn an 8-bit pixel into the model's raw count (see the module docstring)."""
-    return 0.0, 1.0 if spec.input_dtype == "uint8" else 255.0 / spec.value_max
+    return 0.0, (1.0 if spec.input_dtype == "uint8" else 255.0 / spec.value_max)
 
 
-def mediapipe_unsupported(spec: ServingSpec, source: dict[str, Any]) -> str | None:
-    """Why MediaPipe cannot feed this model's input (`source`: dtype, scale, zero_point, as
-    segflow.exporters.tflite_tensors describes it) as it is, or None when it can."""
+def mediapipe_unsupported(source: dict[str, Any]) -> str | None:
+    """Why MediaPipe cannot feed this model's input (`source`: dtype, shape, scale, zero_point,
+    as segflow.exporters.tflite_tensors describes it) as it is, or None when it can."""
     if source["shape"][-1] != 3:
         return f"MediaPipe's ImageSegmenter takes 3-channel image inputs; this one has {source['shape'][-1]}"
     if source["dtype"] == "uint8" and (source["scale"], source["zero_point"]) != (1.0, 0):

@@ -369,12 +369,12 @@ def test_tflite_exports_carry_mediapipe_segmenter_metadata(all_exports: tuple[di
 def test_mediapipe_metadata_needs_a_raw_pixel_input() -> None:
     from segflow.tflite_metadata import mediapipe_unsupported
 
-    spec = ServingSpec((32, 32, 3), ("a", "b"), False, None, "uint8", 255.0)
     raw = {"dtype": "uint8", "shape": [1, 32, 32, 3], "scale": 1.0, "zero_point": 0}
     floats = {"dtype": "float32", "shape": [1, 32, 32, 3], "scale": 0.0, "zero_point": 0}
-    assert mediapipe_unsupported(spec, raw) is None and mediapipe_unsupported(spec, floats) is None
-    assert "scale 0.5, zero point 3" in str(mediapipe_unsupported(spec, {**raw, "scale": 0.5, "zero_point": 3}))
-    assert "this one has 1" in str(mediapipe_unsupported(spec, {**floats, "shape": [1, 32, 32, 1]}))
+    assert mediapipe_unsupported(raw) is None and mediapipe_unsupported(floats) is None
+    assert "scale 0.5, zero point 3" in str(mediapipe_unsupported({**raw, "scale": 0.5, "zero_point": 3}))
+    assert "this one has 1" in str(mediapipe_unsupported({**floats, "shape": [1, 32, 32, 1]}))
+    assert "not int16" in str(mediapipe_unsupported({**floats, "dtype": "int16"}))
 
 
 def test_int8_input_takes_raw_pixels_whatever_the_calibration_range(trained: dict, tmp_path: Path) -> None:
