@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="png: <stem>.png class ids (default); overlay: <stem>_overlay.png coloured; rle: rle.csv (filename,class,rle; Kaggle "
         "run-length, column-major, 1-based). Repeatable",
     )
-    predict.add_argument("--spec", metavar="PATH", help="serving_spec.json (or its folder) for a .tflite file without one beside it or in its run, "
+    predict.add_argument("--spec", metavar="PATH", help="serving_spec.json (or its folder) for a .tflite file without a sidecar JSON or a spec beside it or in its run, "
                          "or to override a model's own")
     predict.add_argument("--overlap", type=float, metavar="SHARE", help="share of the model size that neighbouring tiles overlap (default 0.25)")
     predict.add_argument(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import sys
 import tempfile
@@ -399,7 +400,8 @@ def load_model(model: str | os.PathLike[str], spec: str | os.PathLike[str] | Non
 
 def _spec_for(kind: str, path: Path, spec: str | os.PathLike[str] | None) -> tuple[ServingSpec, str]:
     """The spec and where it came from: `spec`, else the SavedModel's own, else the one an
-    ONNX export carries in its metadata, else a serving_spec.json found with the file."""
+    ONNX export carries in its metadata, else the one in the export's sidecar JSON, else a
+    serving_spec.json found with the file."""
     if spec is not None:
         return _load_spec(Path(spec)), str(spec)
     if kind == "saved_model":
@@ -408,8 +410,39 @@ def _spec_for(kind: str, path: Path, spec: str | os.PathLike[str] | None) -> tup
         embedded = _onnx_spec(path)
         if embedded is not None:
             return embedded
+    beside = _sidecar_spec(path)
+    if beside is not None:
+        return beside
     found = find_spec(path)
     return _load_spec(found), str(found)
+
+
+def _parse_spec(text: str, source: str) -> tuple[ServingSpec, str]:
+    """A serving spec held in some other record (JSON text), through ServingSpec.load, the one
+    parser of a spec."""
+    with tempfile.TemporaryDirectory() as folder:
+        (Path(folder) / SPEC_FILE).write_text(text)
+        try:
+            return ServingSpec.load(folder), source
+        except (KeyError, TypeError, ValueError) as error:
+            raise PredictError(f"{source}: not a valid serving spec ({type(error).__name__}: {error})") from None
+
+
+def _sidecar_spec(path: Path) -> tuple[ServingSpec, str] | None:
+    """The spec in the sidecar JSON the Exporter writes beside each export (<file>.json), so
+    that a TFLite file and its sidecar suffice (a pushed version without the saved_model)."""
+    from segflow.exporters import sidecar_name
+
+    sidecar = path.with_name(sidecar_name(path.name))
+    if not sidecar.is_file():
+        return None
+    try:
+        record = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as error:
+        raise PredictError(f"{sidecar}: cannot read the export's sidecar JSON ({type(error).__name__}: {error})") from None
+    if not isinstance(record, dict) or "serving_spec" not in record:
+        return None
+    return _parse_spec(json.dumps(record["serving_spec"]), f"{sidecar} (serving_spec)")
 
 
 def _onnx_spec(path: Path) -> tuple[ServingSpec, str] | None:
@@ -424,13 +457,7 @@ def _onnx_spec(path: Path) -> tuple[ServingSpec, str] | None:
         raise PredictError(f"{path}: cannot read the ONNX model ({type(error).__name__}: {error})") from None
     if ONNX_SPEC_PROPERTY not in properties:
         return None
-    source = f"{path} (metadata {ONNX_SPEC_PROPERTY})"
-    with tempfile.TemporaryDirectory() as folder:  # ServingSpec.load stays the one parser of a spec
-        (Path(folder) / SPEC_FILE).write_text(properties[ONNX_SPEC_PROPERTY])
-        try:
-            return ServingSpec.load(folder), source
-        except (KeyError, TypeError, ValueError) as error:
-            raise PredictError(f"{source}: not a valid serving spec ({type(error).__name__}: {error})") from None
+    return _parse_spec(properties[ONNX_SPEC_PROPERTY], f"{path} (metadata {ONNX_SPEC_PROPERTY})")
 
 
 def training_scale(model: Path, spec: ServingSpec) -> tuple[tuple[float, float] | None, str]:

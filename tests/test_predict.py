@@ -174,6 +174,19 @@ def test_onnx_export_alone_carries_its_spec(models: dict[str, Any], tmp_path: Pa
     assert np.mean(from_onnx == predict_large_image(served.predict_fixed, image, served.spec)) >= 0.999
 
 
+def test_a_tflite_file_and_its_sidecar_suffice(models: dict[str, Any], tmp_path: Path) -> None:
+    """A pushed version may hold model_fp32.tflite and its sidecar JSON but no saved_model."""
+    from segflow.exporters import sidecar, sidecar_name
+    from segflow.io import write_json
+
+    alone = tmp_path / "model_fp32.tflite"
+    shutil.copy(models["tflite"], alone)
+    spec = ServingSpec.load(models["serving"])
+    write_json(tmp_path / sidecar_name(alone.name), sidecar(EXPORT_FORMATS.get("tflite_fp32"), alone, spec, {"name": "tiny"}, None))
+    loaded = load_model(alone)
+    assert loaded.spec == spec and loaded.spec_source == f"{tmp_path / sidecar_name(alone.name)} (serving_spec)"
+
+
 def test_a_tflite_file_without_a_spec_names_the_file_and_the_option(models: dict[str, Any], tmp_path: Path) -> None:
     alone = tmp_path / "model.tflite"
     shutil.copy(models["tflite"], alone)
