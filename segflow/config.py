@@ -173,6 +173,11 @@ class ModelConfig(_Strict):
         None, min_length=1, description="imagenet (from the Keras cache, never downloaded), a weights file, or null: random initialisation"
     )
     freeze_encoder: bool = Field(False, description="train the decoder only (BatchNorm of the encoder in inference mode); stages may override")
+    pixel_shuffle: Literal[1, 2, 4] = Field(
+        1,
+        description="run the network on f x f pixel blocks (space-to-depth in, depth-to-space out): no pixel lost, "
+        "f**2 less full-resolution work; what makes int8 exports pay off on mobile CPUs (random initialisation only)",
+    )
 
 
 class BeamConfig(_Strict):

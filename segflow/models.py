@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+import tensorflow as tf
 import tf_keras as keras
 
 from segflow.config import ConfigError
@@ -44,6 +45,7 @@ class ModelSpec:
     dropout: float = 0.0
     backbone: str = "simple"
     encoder_weights: str | None = None  # None (random), "imagenet" or a weights file
+    pixel_shuffle: int = 1  # the network runs at 1/pixel_shuffle of the input size (space-to-depth in, depth-to-space out)
 
 
 @dataclass(frozen=True)
@@ -393,9 +395,45 @@ def encoder_depth(architecture_name: str, spec: ModelSpec) -> int:
     return depth if cap is None else min(depth, cap)
 
 
+def _shuffled(spec: ModelSpec) -> ModelSpec:
+    """The spec of the network inside a pixel shuffle: the input's factor x factor pixel blocks
+    become channels, and every output pixel gets its own channels of the logits."""
+    factor = spec.pixel_shuffle
+    height, width, channels = spec.shape
+    return replace(
+        spec,
+        shape=(height // factor, width // factor, channels * factor**2),
+        output_channels=spec.output_channels * factor**2,
+        pixel_shuffle=1,
+    )
+
+
 def check_spec(architecture_name: str, spec: ModelSpec) -> None:
     """Every shape and weights contradiction, without building anything: the config
     validator calls this so that a bad combination fails before any work starts."""
+    height, width, channels = spec.shape
+    shape = "x".join(map(str, spec.shape))
+    if channels not in (1, 3, 4):
+        raise ConfigError(f"shape {shape}: the model takes 1, 3 or 4 channels")
+    factor = spec.pixel_shuffle
+    if factor == 1:
+        _check_network(architecture_name, spec)
+        return
+    if spec.encoder_weights is not None:
+        raise ConfigError(
+            f"model.pixel_shuffle {factor}: the encoder sees {channels * factor**2}-channel pixel blocks, which "
+            f"{spec.encoder_weights} weights were not trained on; use encoder_weights null or pixel_shuffle 1"
+        )
+    if height % factor or width % factor:
+        raise ConfigError(f"shape {shape}: model.pixel_shuffle {factor} needs height and width divisible by {factor}")
+    try:
+        _check_network(architecture_name, _shuffled(spec))
+    except ConfigError as error:
+        raise ConfigError(f"model.pixel_shuffle {factor} runs the network on {height // factor}x{width // factor} pixel blocks: {error}") from None
+
+
+def _check_network(architecture_name: str, spec: ModelSpec) -> None:
+    """The stride, size and weights checks of the network proper (inside any pixel shuffle)."""
     entry: Backbone = BACKBONES.get(spec.backbone)
     height, width, channels = spec.shape
     depth = encoder_depth(architecture_name, spec)
@@ -409,8 +447,6 @@ def check_spec(architecture_name: str, spec: ModelSpec) -> None:
     if min(height, width) < entry.min_size:
         smallest = math.ceil(entry.min_size / multiple) * multiple
         raise ConfigError(f"shape {shape}: backbone {spec.backbone} needs height and width of at least {entry.min_size} ({smallest} with its stride {multiple})")
-    if channels not in (1, 3, 4):
-        raise ConfigError(f"shape {shape}: the model takes 1, 3 or 4 channels")
     if spec.encoder_weights is not None and entry.pretrained and channels == 4:
         raise ConfigError(
             f"shape {shape}: {spec.backbone}'s {spec.encoder_weights} weights were trained on RGB; a 4-channel image has no such "
@@ -432,13 +468,69 @@ def build_encoder(architecture_name: str, spec: ModelSpec) -> keras.Model:
     return keras.Model(inputs, features, name=ENCODER)
 
 
-def build_model(architecture_name: str, spec: ModelSpec) -> keras.Model:
-    """Input image -> [fixed input adapter] -> encoder pyramid -> decoder -> logits."""
+class SpaceToDepth(keras.layers.Layer):
+    """Each factor x factor block of pixels becomes one pixel with factor**2 times the channels."""
+
+    def __init__(self, factor: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def call(self, inputs: Tensor) -> Tensor:
+        return tf.nn.space_to_depth(inputs, self.factor)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "factor": self.factor}
+
+
+class DepthToSpace(keras.layers.Layer):
+    """The inverse of SpaceToDepth: channel groups become a factor x factor block of pixels."""
+
+    def __init__(self, factor: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.factor = factor
+
+    def call(self, inputs: Tensor) -> Tensor:
+        return tf.nn.depth_to_space(inputs, self.factor)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "factor": self.factor}
+
+
+def build_model(architecture_name: str, spec: ModelSpec, nested_encoder: bool = True) -> keras.Model:
+    """Input image -> [pixel unshuffle] -> [fixed input adapter] -> encoder pyramid -> decoder
+    -> logits [-> pixel shuffle].
+
+    With `pixel_shuffle` f > 1 the whole network runs at 1/f of the input size on f*f pixel
+    blocks and no pixel is lost on the way in or out. Full-resolution layers move large
+    tensors for little arithmetic, where int8 gains almost nothing on a mobile CPU
+    (benchmarks/README.md): this is what lets an int8 export run at a quarter of fp32's time.
+
+    `nested_encoder=False` builds the encoder's layers inline (same names, so weights copy
+    by name): tensorflow-model-optimization cannot quantize a model inside a model."""
     check_spec(architecture_name, spec)
-    entry: Backbone = BACKBONES.get(spec.backbone)
     inputs = keras.Input(shape=spec.shape, name="image")
+    if spec.pixel_shuffle == 1:
+        logits = _network(architecture_name, spec, inputs, nested_encoder)
+    else:
+        blocks = SpaceToDepth(spec.pixel_shuffle, name="pixel_unshuffle")(inputs)
+        logits = DepthToSpace(spec.pixel_shuffle, name="pixel_shuffle")(_network(architecture_name, _shuffled(spec), blocks, nested_encoder))
+    return keras.Model(inputs, logits, name=f"{architecture_name}_{spec.backbone}")
+
+
+def _network(architecture_name: str, spec: ModelSpec, inputs: Tensor, nested_encoder: bool) -> Tensor:
+    """The logits of `spec`'s network on `inputs`."""
+    entry: Backbone = BACKBONES.get(spec.backbone)
     x = inputs
     application = APPLICATIONS.get(spec.backbone)
+    if not nested_encoder:
+        if application is not None:
+            raise ConfigError(
+                f"backbone {spec.backbone}: a tf_keras.applications encoder is a model of its own and cannot be built inline "
+                f"(as quantization-aware training needs); use a built-in backbone: {', '.join(name for name in BACKBONES.names() if name not in APPLICATIONS)}"
+            )
+        features = entry.build(x, spec, encoder_depth(architecture_name, spec))
+        levels = list(range(entry.first_level, entry.first_level + len(features)))
+        return ARCHITECTURES.get(architecture_name).decode(features, levels, spec)
     adapter = _adapter(application, spec.shape[2], spec.encoder_weights is not None) if application is not None else None
     if adapter is not None:
         kernel, bias = adapter
@@ -449,8 +541,7 @@ def build_model(architecture_name: str, spec: ModelSpec) -> keras.Model:
     features = encoder(x)
     features = features if isinstance(features, list) else [features]
     levels = list(range(entry.first_level, entry.first_level + len(features)))
-    logits = ARCHITECTURES.get(architecture_name).decode(features, levels, spec)
-    return keras.Model(inputs, logits, name=f"{architecture_name}_{spec.backbone}")
+    return ARCHITECTURES.get(architecture_name).decode(features, levels, spec)
 
 
 def model_spec(shape: list[int], output_channels: int, backbone: str, model: ModelConfig) -> ModelSpec:
@@ -464,6 +555,7 @@ def model_spec(shape: list[int], output_channels: int, backbone: str, model: Mod
         dropout=model.dropout,
         backbone=backbone,
         encoder_weights=model.encoder_weights,
+        pixel_shuffle=model.pixel_shuffle,
     )
 
 

@@ -16,7 +16,9 @@ from segflow.models import (
     APPLICATIONS,
     ENCODER,
     INPUT_ADAPTER,
+    DepthToSpace,
     ModelSpec,
+    SpaceToDepth,
     apply_stage_freeze,
     build_model,
     set_encoder_trainable,
@@ -188,3 +190,54 @@ def test_architectures_convert_to_int8_tflite_and_run(architecture: str) -> None
     interpreter.set_tensor(entry["index"], np.random.default_rng(1).integers(0, 255, size=(1, *shape), dtype=np.uint8))
     interpreter.invoke()
     assert interpreter.get_tensor(exit_["index"]).shape == (1, *shape)
+
+
+def test_pixel_unshuffle_and_shuffle_are_exact_inverses() -> None:
+    image = np.random.default_rng(2).normal(size=(2, 8, 12, 3)).astype(np.float32)
+    blocks = SpaceToDepth(2)(image)
+    assert blocks.shape == (2, 4, 6, 12)
+    assert np.array_equal(blocks[0, 1, 2, :3], image[0, 2, 4])  # a block's top-left pixel comes first
+    np.testing.assert_array_equal(DepthToSpace(2)(blocks), image)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES.names())
+@pytest.mark.parametrize("factor", [2, 4])
+def test_pixel_shuffled_networks_train_and_keep_the_input_size(architecture: str, factor: int) -> None:
+    shape = (64, 64, 1)
+    model = build_model(architecture, ModelSpec(shape, 3, base_filters=8, backbone="simple", depth=2, pixel_shuffle=factor))
+    encoder = model.get_layer(ENCODER)
+    assert encoder.input_shape == (None, 64 // factor, 64 // factor, factor**2)  # the network proper runs on pixel blocks
+    images, labels = _batch(shape, 3)
+    assert model(images).shape == (2, 64, 64, 3)
+    _compile(model, 3)
+    assert np.isfinite(model.train_on_batch(images, labels))
+
+
+def test_pixel_shuffle_converts_to_int8_tflite_without_full_resolution_convolutions() -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    shape = (32, 32, 1)
+    model = build_model("unet", ModelSpec(shape, 2, base_filters=4, backbone="simple", depth=2, pixel_shuffle=2))
+    interpreter = Interpreter(model_content=_int8_tflite(model, shape))
+    interpreter.allocate_tensors()
+    details = interpreter.get_tensor_details()
+    convolution_outputs = [op["outputs"][0] for op in interpreter._get_ops_details() if op["op_name"] == "CONV_2D"]
+    heights = {int(details[index]["shape"][1]) for index in convolution_outputs}
+    assert heights and max(heights) == 16, heights  # every convolution at half the input size or less
+    (entry,), (exit_,) = interpreter.get_input_details(), interpreter.get_output_details()
+    interpreter.set_tensor(entry["index"], np.zeros((1, *shape), np.uint8))
+    interpreter.invoke()
+    assert interpreter.get_tensor(exit_["index"]).shape == (1, *shape[:2], 2)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"shape": [64, 64, 3], "backbone": "mobilenetv2", "model": {"encoder_weights": "imagenet", "pixel_shuffle": 2}}, "12-channel pixel blocks"),
+        ({"shape": [48, 48, 1], "model": {"depth": 4, "pixel_shuffle": 2}}, "24x24 pixel blocks"),
+        ({"shape": [66, 66, 1], "model": {"depth": 1, "pixel_shuffle": 4}}, "divisible by 4"),
+    ],
+)
+def test_pixel_shuffle_contradictions_fail_at_validation(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        validate_config({"name": "shuffle", "dataset": {"images": "i", "masks": "m"}, "classes": ["a", "b"], **overrides})
