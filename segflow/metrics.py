@@ -69,16 +69,26 @@ def matrix_report(matrix: np.ndarray, class_names: list[str] | None = None) -> d
 
 
 # 4-connectivity: a pixel is on a region's boundary when one of its 4 neighbours is outside it.
-_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
+_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], np.uint8)
 
 
 def _boundary(region: np.ndarray, neutral: np.ndarray | None = None) -> np.ndarray:
     """Pixels of `region` with a 4-neighbour outside it; the image edge and `neutral` pixels
     (ignore_index) count as inside, so neither makes a boundary."""
-    from scipy import ndimage
+    import cv2
 
     inside = region if neutral is None else region | neutral
-    return region & ~ndimage.binary_erosion(inside, _CROSS, border_value=1)
+    return region & (cv2.erode(inside.astype(np.uint8), _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=1) == 0)
+
+
+def _within(pixels: np.ndarray, tolerance: float) -> np.ndarray:
+    """Pixels at most `tolerance` (Euclidean) from a True pixel of `pixels`: a dilation by the
+    disk of that radius, exact and much faster than a distance transform per class."""
+    import cv2
+
+    offsets = np.arange(-int(tolerance), int(tolerance) + 1)
+    disk = (offsets[:, None] ** 2 + offsets[None, :] ** 2 <= tolerance**2).astype(np.uint8)
+    return cv2.dilate(pixels.astype(np.uint8), disk, borderType=cv2.BORDER_CONSTANT, borderValue=0) > 0
 
 
 def boundary_counts(labels: np.ndarray, predictions: np.ndarray, num_labels: int, tolerance: float, ignore_index: int | None = None) -> np.ndarray:
@@ -87,21 +97,16 @@ def boundary_counts(labels: np.ndarray, predictions: np.ndarray, num_labels: int
     the boundary F1 of Csurka et al. (BMVC 2013). Sums over images give the dataset's figures.
     ignore_index pixels are excluded: no true boundary runs along them, predicted boundary
     pixels on them are not counted (they still match true ones, since the true edge is unknown there)."""
-    from scipy import ndimage
-
     labels = np.asarray(labels)
     predictions = np.asarray(predictions)
     ignored = labels == ignore_index if ignore_index is not None else np.zeros(labels.shape, bool)
+    present = np.union1d(np.unique(labels[~ignored]), np.unique(predictions))
     counts = np.zeros((num_labels, 4), np.int64)
-    for index in range(num_labels):
+    for index in present[present < num_labels]:  # an absent class has no boundary
         truth = _boundary(labels == index, ignored)
         predicted = _boundary(predictions == index)
         counted = predicted & ~ignored
-        if truth.any():
-            counts[index, 0] = int((ndimage.distance_transform_edt(~truth)[counted] <= tolerance).sum())
-        if predicted.any():
-            counts[index, 2] = int((ndimage.distance_transform_edt(~predicted)[truth] <= tolerance).sum())
-        counts[index, 1], counts[index, 3] = int(counted.sum()), int(truth.sum())
+        counts[index] = [(counted & _within(truth, tolerance)).sum(), counted.sum(), (truth & _within(predicted, tolerance)).sum(), truth.sum()]
     return counts
 
 
