@@ -69,7 +69,7 @@ def test_mediapipe_image_segmenter_agrees_with_segflow_predict(name: str, mediap
     assert images and all(read_image(image).shape[:2] == spec.shape[:2] for image in images)
     report = json.loads(_run([str(MEDIAPIPE_PYTHON), str(RUNNER), str(model), str(tmp_path / "mediapipe"), *map(str, images)]).splitlines()[-1])
     assert report["labels"] == list(spec.class_names)  # read from the model's metadata
-    _run([str(Path(sys.executable).with_name("segflow")), "predict", str(model), str(tiny_data / "images"), "-o", str(tmp_path / "segflow"), "--spec", str(serving)])
+    _run([str(Path(sys.executable).with_name("segflow")), "predict", str(model), str(tiny_data / "images"), "-o", str(tmp_path / "segflow")])  # spec: the sidecar
     agree = total = 0
     for image in images:
         theirs = np.load(report["masks"][str(image)])
