@@ -21,14 +21,14 @@ from typing import Any, Callable, Iterable, Iterator
 
 import apache_beam as beam
 import numpy as np
+from tensorflow_model_analysis import constants
 from tensorflow_model_analysis.metrics import metric_types
 
-from segflow.examples import deserialize, scalar_features, split_files
+from segflow.examples import deserialize, group_key, scalar_features, split_files
 from segflow.io import _jsonable
-from segflow.metrics import boundary_counts, boundary_report, matrix_report, probability_histograms, threshold_sweep
+from segflow.metrics import ConfusionMatrix, boundary_counts, boundary_report, matrix_report, probability_histograms, threshold_sweep
 
 BatchPredictor = Callable[[np.ndarray], np.ndarray]  # [B,H,W,C] raw pixels -> [B,H,W,K] probabilities
-FEATURES_KEY = "features"  # tfma.FEATURES_KEY: where TFMA's slicer looks for features
 STATS_KEY = "stats"
 IMAGE_KEY = "image"
 METRICS_PREFIX = "metrics"  # TFMA's file names: metrics-*.tfrecord (MetricsForSlice) and
@@ -44,7 +44,7 @@ NOT_SLICED_BY_DEFAULT = ("height", "width")
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """What the per-image step and the combiner need (picklable: Beam ships it to workers)."""
+    """What the per-image step needs (picklable: Beam ships it to workers)."""
 
     class_names: tuple[str, ...]
     ignore_index: int | None
@@ -97,8 +97,6 @@ def image_features(mask: np.ndarray, filename: str, record_features: dict[str, A
     """The values one example is sliced by: its scalar features, the image-size bucket (longer
     side), the object-size bucket (non-background share of labelled pixels), empty or not,
     and its source (the `dataset.group_by` group) when examples are grouped."""
-    from segflow.examples import group_key
-
     labelled = mask != settings.ignore_index if settings.ignore_index is not None else np.ones(mask.shape, bool)
     foreground = int((labelled & (mask > 0)).sum())
     share = foreground / max(int(labelled.sum()), 1)
@@ -114,8 +112,6 @@ def image_features(mask: np.ndarray, filename: str, record_features: dict[str, A
 def image_stats(mask: np.ndarray, probabilities: np.ndarray, settings: EvalSettings) -> dict[str, np.ndarray]:
     """One image's contribution to every metric, as sums: confusion matrix, boundary counts and
     (binary tasks) foreground-probability histograms. ignore_index pixels are in none of them."""
-    from segflow.metrics import ConfusionMatrix
-
     prediction = probabilities.argmax(axis=-1)
     matrix = ConfusionMatrix(settings.num_labels, settings.ignore_index)
     matrix.update(mask, prediction)
@@ -169,7 +165,7 @@ class PredictAndScoreFn(beam.DoFn):
                 metrics.pop("confusion_matrix")
                 metrics.pop("threshold_sweep", None)
                 yield {
-                    FEATURES_KEY: {name: np.array([value if isinstance(value, (int, float)) else str(value).encode()]) for name, value in features.items()},
+                    constants.FEATURES_KEY: {name: np.array([value if isinstance(value, (int, float)) else str(value).encode()]) for name, value in features.items()},
                     STATS_KEY: stats,
                     IMAGE_KEY: {"split": self.split, "filename": example.filename, "features": features, **metrics},
                 }
@@ -214,7 +210,9 @@ class SegmentationCombineFn(beam.CombineFn):
             return metric_keys(report(accumulator, self.class_names))
 
 
-def _segmentation_computations(class_names: list[str], threshold_steps: int, name: str = "segmentation") -> Any:
+def _segmentation_computations(class_names: list[str], threshold_steps: int) -> Any:
+    """One computation whose keys are the metric names themselves (mean_iou, iou/class_id, ...),
+    so thresholds name them as users read them."""
     combiner = SegmentationCombineFn(tuple(class_names), threshold_steps)
     keys = list(combiner.extract_output(combiner.create_accumulator()))
     return [metric_types.MetricComputation(keys=keys, preprocessors=[StatsPreprocessor()], combiner=combiner)]
@@ -224,8 +222,8 @@ class SegmentationMetrics(metric_types.Metric):
     """The segmentation metrics as one TFMA custom metric (`MetricConfig` class_name
     SegmentationMetrics, this module): TFMA's evaluator slices, combines and validates it."""
 
-    def __init__(self, class_names: list[str], threshold_steps: int, name: str = "segmentation") -> None:
-        super().__init__(_segmentation_computations, class_names=class_names, threshold_steps=threshold_steps, name=name)
+    def __init__(self, class_names: list[str], threshold_steps: int) -> None:
+        super().__init__(_segmentation_computations, class_names=class_names, threshold_steps=threshold_steps)
 
 
 def metric_keys(metrics: dict[str, Any]) -> dict[Any, Any]:
