@@ -239,7 +239,9 @@ class EvaluationConfig(_Strict):
     )
     threshold_steps: int = Field(20, ge=2, le=1000, description="binary tasks: foreground thresholds k/steps (k = 1..steps-1) swept for the best mean IoU")
     flip_tta: bool = Field(False, description="average the probabilities of each image and its horizontal flip (test-time augmentation)")
-    batch: int = Field(8, ge=1, le=1024, description="examples per model call (same-size images are stacked)")
+    batch: int = Field(
+        8, ge=1, le=1024, description="examples per model call (same-size images are stacked; their probabilities take batch x H x W x classes x 4 bytes)"
+    )
 
     @field_validator("image_size_buckets", "object_size_buckets")
     @classmethod
