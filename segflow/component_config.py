@@ -33,12 +33,12 @@ COMPONENT_KEYS: dict[str, tuple[str, ...]] = {
     "transform": ("shape", "normalization", "beam"),
     "trainer": (
         "classes", "ignore_index", "shape", "architecture", "backbone", "model", "augmentation", "loss", "class_weights", "batch", "stages", "seed", "deterministic",
-        "optimizer", "schedule", "callbacks",
+        "optimizer", "schedule", "callbacks", "qat",
         "trainer",
         "name", "kubernetes",  # the multi-worker launcher names and places its worker pods with them (segflow/k8s_objects.py)
     ),
     "evaluator": ("evaluation", "dataset.group_by", "beam"),  # group_by: the `source` slice
-    "exporter": ("export",),
+    "exporter": ("export", "qat"),  # qat: recorded with the tflite_int8_qat export
     "pusher": ("name", "evaluation"),
 }
 

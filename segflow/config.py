@@ -276,6 +276,15 @@ class ExportConfig(_Strict):
         return value
 
 
+class QatConfig(_Strict):
+    """Quantization-aware training (tensorflow-model-optimization) after the stages: a
+    fake-quantized copy of the trained network is fine-tuned and served beside the float
+    model; the `tflite_int8_qat` export converts it to full integer."""
+
+    epochs: int = Field(2, ge=1, description="fine-tuning epochs on the train split (augmented as in training)")
+    learning_rate: float = Field(1e-4, gt=0.0, description="Adam's learning rate for the fine-tuning; lower than training's")
+
+
 class TrainerConfig(_Strict):
     """How training is distributed. `workers` > 1 turns the trainer step into a launcher of
     that many worker processes (local) or pods (Kubernetes Indexed Job or Kubeflow TFJob)."""
@@ -427,6 +436,7 @@ class ExperimentConfig(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="every stage's learning-rate schedule unless the stage has its own")
     callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig, description="every stage's callbacks unless the stage has its own")
     export: ExportConfig = ExportConfig()
+    qat: QatConfig | None = Field(None, description="quantization-aware training after the stages; needed by the tflite_int8_qat export")
     seed: int = 0
     deterministic: bool = Field(False, description="TensorFlow op determinism: identical runs give identical metrics (slower)")
     beam: BeamConfig = BeamConfig()
@@ -499,6 +509,20 @@ class ExperimentConfig(_Strict):
 
         spec = model_spec(self.shape, 1 if self.sigmoid_head else self.num_labels, self.backbone, self.model)
         check_spec(self.architecture, spec)  # shape vs stride, channels vs weights
+        return self
+
+    @model_validator(mode="after")
+    def _qat(self) -> "ExperimentConfig":
+        if "tflite_int8_qat" in self.export.formats and self.qat is None:
+            raise ValueError("export tflite_int8_qat converts the quantization-aware model the trainer fine-tunes: add `qat: {epochs: 2}`")
+        if self.qat is not None:
+            from segflow.models import APPLICATIONS
+
+            if self.backbone in APPLICATIONS:
+                raise ValueError(
+                    f"qat: tensorflow-model-optimization cannot quantize backbone {self.backbone} (a tf_keras.applications model "
+                    "nested in the network); use a built-in backbone (simple, resnet18, resnet34) or drop qat"
+                )
         return self
 
     @model_validator(mode="after")

@@ -25,7 +25,7 @@ import tensorflow as tf
 from segflow.preprocessing import luma
 from segflow.registry import EXPORT_FORMATS
 from segflow.runtime import log
-from segflow.serving import FixedSizePredictor, MaskPredictor, ServingSpec, fixed_size_mask_predictor, serving_mask_predictor
+from segflow.serving import QAT_SERVING_SUBDIR, FixedSizePredictor, MaskPredictor, ServingSpec, fixed_size_mask_predictor, serving_mask_predictor
 from segflow.tflite_metadata import input_normalisation, mediapipe_unsupported, raw_pixel_input, read_labels, with_segmenter_metadata
 
 RepresentativeData = Callable[[], Iterator[list[np.ndarray]]]
@@ -219,7 +219,9 @@ def _tflite_builder(quantization: str) -> Callable[[Path, Path, ExportOptions | 
             converter.inference_input_type = tf.uint8
             converter.inference_output_type = tf.uint8
         if quantization == "int16x8":  # float32 in and out; int16 activations, int8 weights inside
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+            # LiteRT has no 16x8 kernels for some ops (SPACE_TO_DEPTH and DEPTH_TO_SPACE of
+            # model.pixel_shuffle): those stay float rather than failing the export.
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
         spec = ServingSpec.load(serving_dir)
         model = converter.convert()
         if quantization == "int8" and spec.input_dtype == "uint8":  # the uint8 input takes the raw 8-bit pixel
@@ -252,6 +254,15 @@ def with_mediapipe_metadata(model: bytes, spec: ServingSpec, target: Path) -> by
         log(f"exporter: {target.name}: no MediaPipe metadata: {reason}")
         return model
     return with_segmenter_metadata(model, spec)
+
+
+def _build_int8_qat(serving_dir: Path, target: Path, options: ExportOptions | None) -> None:
+    """Full integer from the quantization-aware network the trainer fine-tuned (config `qat`),
+    served beside the float model: the converter takes the ranges it learned."""
+    qat_dir = serving_dir.parent / QAT_SERVING_SUBDIR
+    if not (qat_dir / "saved_model.pb").is_file():
+        raise ExportError(f"{target}: no quantization-aware model in {qat_dir}; the trainer fine-tunes one when the config has `qat:`")
+    _tflite_builder("int8")(qat_dir, target, options)
 
 
 def load_tflite(path: Path, spec: ServingSpec) -> MaskPredictor:
@@ -525,6 +536,12 @@ for _name, _quantization, _representative, _doc in (
     ("tflite_int16x8", "int16x8", True, "TFLite 16-bit activations, 8-bit weights (float32 in/out): closer to float than int8"),
 ):
     register(ExportFormat(_name, f"model_{_name.removeprefix('tflite_')}.tflite", _quantization, "LiteRT", _representative, _tflite_builder(_quantization), load_tflite, _doc))
+register(
+    ExportFormat(
+        "tflite_int8_qat", "model_int8_qat.tflite", "int8 (quantization-aware training)", "LiteRT", True, _build_int8_qat, load_tflite,
+        "TFLite full-integer int8 (uint8 in/out) from a tensorflow-model-optimization QAT fine-tune (config `qat`): int8's speed, closer to float",
+    )
+)
 register(
     ExportFormat(
         "onnx", "model.onnx", "float32", "onnxruntime", False, _build_onnx, load_onnx,

@@ -22,6 +22,7 @@ from segflow.io import read_json, write_json
 from segflow.preprocessing import PixelSpec, model_pixels, model_pixels_numpy, resize_back, scale_pixels
 
 SERVING_SUBDIR = "Format-Serving"
+QAT_SERVING_SUBDIR = "Format-Serving-QAT"  # the quantization-aware network's served model (segflow.qat), beside the float one
 SPEC_FILE = "serving_spec.json"
 DTYPES = {"uint8": tf.uint8, "uint16": tf.uint16}
 
@@ -94,8 +95,8 @@ class SegmentationServer(tf.Module):
         probs = resize_back(self.fixed_size(model_pixels(images, self.spec.shape))["probabilities"], tf.shape(images)[1:3])
         return {"mask": tf.cast(tf.argmax(probs, axis=-1), tf.uint8), "probabilities": probs}
 
-    def save(self, model_dir: str | os.PathLike[str]) -> Path:
-        target = Path(model_dir) / SERVING_SUBDIR
+    def save(self, model_dir: str | os.PathLike[str], subdir: str = SERVING_SUBDIR) -> Path:
+        target = Path(model_dir) / subdir
         signatures = {f"serving_{name}": function for name, function in self.serve.items()}
         signatures["serving_default"] = self.serve[self.spec.input_dtype]
         signatures["fixed_size"] = self.fixed_size

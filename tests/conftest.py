@@ -66,8 +66,9 @@ def train_cores(config: ExperimentConfig, root: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def trained(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """The whole training path (1 epoch) on the tiny dataset, run once per session."""
-    return train_cores(validate_config(tiny_raw_config(tiny_data)), tmp_path_factory.mktemp("trained"))
+    """The whole training path (1 epoch, then 1 of quantization-aware training for the
+    tflite_int8_qat export) on the tiny dataset, run once per session."""
+    return train_cores(validate_config(tiny_raw_config(tiny_data, qat={"epochs": 1})), tmp_path_factory.mktemp("trained"))
 
 
 def require_dataset(name: str) -> Path:

@@ -31,6 +31,7 @@ from segflow.serving import SERVING_SUBDIR, ServingSpec, serving_mask_predictor
 
 EXPORTS_FILE = "exports.json"
 BENCHMARK_FILE = "benchmark.json"
+QAT_FORMAT = "tflite_int8_qat"  # built from the trainer's quantization-aware model; its row records how it was fine-tuned
 BENCHMARK_MARKDOWN = "benchmark.md"
 BENCHMARK_SETTINGS = BenchmarkSettings(runs=5, warmup=1)  # quick, every run; `segflow benchmark` takes longer and steadier
 
@@ -134,7 +135,9 @@ def run(
     with atomic_dir(exports_dir) as out:
         for name in settings.formats:
             export: ExportFormat = EXPORT_FORMATS.get(name)
-            row = {"quantization": export.quantization, "runtime": export.runtime}
+            row: dict[str, Any] = {"quantization": export.quantization, "runtime": export.runtime}
+            if export.name == QAT_FORMAT and config.qat is not None:
+                row["quantization_aware_training"] = config.qat.model_dump()
             reason = export.unavailable()
             if reason is not None:
                 results[name] = {"status": "skipped", "reason": reason, **row}

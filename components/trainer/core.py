@@ -41,12 +41,12 @@ from segflow.io import atomic_dir, write_json
 from segflow.launcher import LaunchRequest, backend_name, launch, worker_scratch
 from segflow.losses import LabelSpec, build_loss, resolve_class_weights
 from segflow.metrics import SegmentationMetrics
-from segflow.models import apply_stage_freeze, build_model, model_spec
+from segflow.models import ModelSpec, apply_stage_freeze, build_model, model_spec
 from segflow.optimizers import Lookahead, WeightAveraging, build_optimizer, recompute_batchnorm
 from segflow.schedules import LearningRateLogger, ReduceOnPlateau, build_schedule
 from segflow.runtime import log
 from segflow.preprocessing import PixelSpec, model_pixels, scale_pixels
-from segflow.serving import SegmentationServer, ServingSpec
+from segflow.serving import QAT_SERVING_SUBDIR, SegmentationServer, ServingSpec
 from segflow.storage import is_uri, localized
 
 KERAS_FILE = "keras/model.keras"
@@ -156,9 +156,12 @@ def make_dataset(
     return shard_by_data(normalized.prefetch(tf.data.AUTOTUNE))
 
 
+def network_spec(config: ExperimentConfig) -> ModelSpec:
+    return model_spec(config.shape, 1 if config.sigmoid_head else config.num_labels, config.backbone, config.model)
+
+
 def build_network(config: ExperimentConfig) -> keras.Model:
-    outputs = 1 if config.sigmoid_head else config.num_labels
-    return build_model(config.architecture, model_spec(config.shape, outputs, config.backbone, config.model))
+    return build_model(config.architecture, network_spec(config))
 
 
 def run(
@@ -485,11 +488,45 @@ def _train(
                 tuple(config.shape), tuple(config.class_names), config.sigmoid_head, config.ignore_index, pixels.input_dtype, pixels.value_max
             )
             SegmentationServer(served, tft_layer, spec).save(model_out)
+            if config.qat is not None:
+                quantization_aware = _quantization_aware(config, served, labels, examples_dir, tft_layer, pixels, validation)
+                SegmentationServer(quantization_aware, tft_layer, spec).save(model_out, QAT_SERVING_SUBDIR)
         shutil.rmtree(backup)  # the run is complete; nothing left to resume
     else:  # only the chief writes the model; this worker's scratch outputs go
         shutil.rmtree(own_backup, ignore_errors=True)
     log(f"trainer: final loss {final.get('loss', float('nan')):.4f}, validation mean IoU {final.get('val_mean_iou', float('nan')):.4f}")
     return final, _weights_digest(weights)
+
+
+def _quantization_aware(
+    config: ExperimentConfig,
+    network: keras.Model,
+    labels: LabelSpec,
+    examples_dir: str | os.PathLike[str],
+    tft_layer: Any,
+    pixels: PixelSpec,
+    validation: tf.data.Dataset,
+) -> keras.Model:
+    """The `qat` fine-tune (segflow.qat) of the final network, on the chief alone outside any
+    strategy: the float model is already final, this copy is for the tflite_int8_qat export.
+    Its epochs continue the training stream's numbering, so its augmentations are new ones."""
+    from segflow.components.example_gen.core import read_counts
+    from segflow.qat import quantization_aware
+
+    settings, start = config.qat, config.total_epochs
+    tuned = quantization_aware(network, config.architecture, network_spec(config))
+    _compile(tuned, config, labels, keras.optimizers.Adam(settings.learning_rate))
+    log(f"trainer: quantization-aware training (tensorflow-model-optimization): {settings.epochs} epochs at learning rate {settings.learning_rate:g}")
+    fit = tuned.fit(
+        make_dataset(config, examples_dir, "train", tft_layer, pixels, epochs=(start, start + settings.epochs)),
+        validation_data=validation,
+        steps_per_epoch=math.ceil(read_counts(examples_dir)["train_examples"] / config.batch),
+        initial_epoch=start,
+        epochs=start + settings.epochs,
+        verbose=2,
+    )
+    log(f"trainer: quantization-aware model: validation mean IoU {fit.history['val_mean_iou'][-1]:.4f} (fake-quantized)")
+    return tuned
 
 
 def _compile(network: keras.Model, config: ExperimentConfig, labels: LabelSpec, optimizer: Any, loss: str | None = None) -> None:
