@@ -152,7 +152,7 @@ def test_stages_override_and_callbacks_act(tiny_data: Path, tmp_path: Path, monk
     history = _history(model_run)
     assert len(history) == 3 + 2  # stage 2 stopped early
     assert used["optimizers"][:2] == ["sgd", "adam"] and used["losses"][:2] == ["crossentropy+0.5*dice", "dice"]
-    rates = [float(row["learning_rate"]) for row in history]
+    rates = [float(row["lr"]) for row in history]
     assert rates[:3] == pytest.approx([0.01] * 3)
     steps = 4  # 15 training examples, batch 4; the logged rate is that of the epoch's last step (step 3 of 16)
     assert rates[3] == pytest.approx(0.002 * (1 + np.cos(np.pi * (steps - 1) / (4 * steps))), rel=1e-5)

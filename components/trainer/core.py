@@ -571,6 +571,7 @@ def sweep_learning_rate(
     """The training loss of one step at each of `rates` in turn (the first stage's network,
     freezing, optimizer and loss on the augmented train stream), stopping early once a loss
     is not finite or exceeds `divergence` times the lowest so far. For `segflow lr-find` (segflow/lr_find.py)."""
+    from segflow.components.example_gen.core import read_counts
     from segflow.components.transform.core import transform_layer
 
     keras.utils.set_random_seed(config.seed)
@@ -579,7 +580,7 @@ def sweep_learning_rate(
     network = build_network(config)
     apply_stage_freeze(network, config.model, stage)
     _compile(network, config, labels, build_optimizer(stage.optimizer or config.optimizer, float(rates[0])), stage.loss)
-    steps_per_epoch = math.ceil(_train_examples(examples_dir) / config.batch)
+    steps_per_epoch = math.ceil(read_counts(examples_dir)["train_examples"] / config.batch)
     epochs = math.ceil(len(rates) / steps_per_epoch)
     train = make_dataset(config, examples_dir, "train", transform_layer(transform_dir), PixelSpec.load(transform_dir), epochs=(0, epochs))
     step = tf.function(lambda images, masks: network.train_step((images, masks))["loss"])
@@ -594,9 +595,3 @@ def sweep_learning_rate(
         if loss > divergence * min(losses):
             break
     return losses
-
-
-def _train_examples(examples_dir: str | os.PathLike[str]) -> int:
-    from segflow.components.example_gen.core import read_counts
-
-    return read_counts(examples_dir)["train_examples"]
