@@ -85,6 +85,9 @@ def test_locations_are_parameters_not_part_of_any_slice() -> None:
     [
         (("stages", [{"epochs": 9, "learning_rate": 0.01}, {"epochs": 2, "learning_rate": 0.001}]), {"trainer"}),
         (("batch", 5), {"trainer"}),
+        (("optimizer", {"name": "sgd", "momentum": 0.9}), {"trainer"}),
+        (("schedule", {"name": "cosine"}), {"trainer"}),
+        (("callbacks", {"keep_best": 2}), {"trainer"}),
         (("export", ["saved_model"]), {"exporter"}),
         (("evaluation", {"min_mean_iou": 0.9}), {"evaluator", "pusher"}),
         (("beam", {"running_mode": "multi_threading", "num_workers": 2}), {"example_gen", "statistics_gen", "transform", "evaluator"}),
