@@ -168,8 +168,11 @@ def _preview(args: argparse.Namespace) -> int:
 def _lr_find(args: argparse.Namespace) -> int:
     from segflow.lr_find import SweepSettings, find_learning_rate
 
+    from segflow.pipelines.local import default_output
+
+    config = _load(args)
     settings = SweepSettings(steps=args.steps, min_rate=args.min_rate, max_rate=args.max_rate)
-    result = find_learning_rate(_load(args), args.output, settings)
+    result = find_learning_rate(config, args.output or f"{default_output(config)}-lr-find", settings)
     print(f"suggested learning rate: {result['suggested_learning_rate']:.3g} ({result['steps']} steps; curve {result['plot']})")
     return 0
 
@@ -335,7 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     lr_find = commands.add_parser("lr-find", help="sweep the learning rate over training steps: loss curve PNG and a suggested rate (JSON)")
     _add_config_arguments(lr_find)
-    lr_find.add_argument("--output", "-o", required=True, metavar="DIR", help="gets lr_find.png, lr_find.json and the data components' folders")
+    lr_find.add_argument(
+        "--output", "-o", metavar="DIR", help="gets lr_find.png, lr_find.json and the data components' folders (default runs/<name>-<timestamp>-lr-find)"
+    )
     lr_find.add_argument("--steps", type=int, default=SweepSettings.steps, help=f"training steps, one rate each (default {SweepSettings.steps})")
     lr_find.add_argument("--min-rate", type=float, default=SweepSettings.min_rate, help=f"first rate (default {SweepSettings.min_rate:g})")
     lr_find.add_argument("--max-rate", type=float, default=SweepSettings.max_rate, help=f"last rate (default {SweepSettings.max_rate:g})")
