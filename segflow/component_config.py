@@ -38,7 +38,7 @@ COMPONENT_KEYS: dict[str, tuple[str, ...]] = {
         "name", "kubernetes",  # the multi-worker launcher names and places its worker pods with them (segflow/k8s_objects.py)
     ),
     "evaluator": ("evaluation", "dataset.group_by", "beam"),  # group_by: the `source` slice
-    "exporter": ("export", "qat"),  # qat: recorded with the tflite_int8_qat export
+    "exporter": ("export", "qat", "name"),  # qat: recorded with the tflite_int8_qat export; name: the sidecars' source run
     "pusher": ("name", "evaluation"),
 }
 
