@@ -298,6 +298,10 @@ class TrainerConfig(_Strict):
     )
     scale_learning_rate: bool = Field(False, description="multiply each stage's learning rate by the number of replicas")
     timeout_seconds: int = Field(24 * 3600, ge=60, description="a launcher gives up on its workers after this long")
+    mixed_precision: Literal["mixed_float16", "mixed_bfloat16"] | None = Field(
+        None, description="Keras mixed-precision policy (float16/bfloat16 compute, float32 weights and logits); pays on GPUs and TPUs, not on CPUs"
+    )
+    jit_compile: bool = Field(False, description="compile the train step with XLA (model.compile jit_compile)")
 
 
 class Toleration(_Strict):

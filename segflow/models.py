@@ -514,6 +514,9 @@ def build_model(architecture_name: str, spec: ModelSpec, nested_encoder: bool = 
     else:
         blocks = SpaceToDepth(spec.pixel_shuffle, name="pixel_unshuffle")(inputs)
         logits = DepthToSpace(spec.pixel_shuffle, name="pixel_shuffle")(_network(architecture_name, _shuffled(spec), blocks, nested_encoder))
+    if keras.mixed_precision.global_policy().compute_dtype != "float32":
+        # Mixed precision: float32 logits, so softmax, losses and metrics do not run in float16.
+        logits = keras.layers.Activation("linear", dtype="float32", name="logits_float32")(logits)
     return keras.Model(inputs, logits, name=f"{architecture_name}_{spec.backbone}")
 
 

@@ -13,6 +13,13 @@ a launcher (segflow/launcher.py): every worker runs `train_worker` under
 MultiWorkerMirroredStrategy; only the chief (worker 0) writes the checkpoints, TensorBoard
 logs, history and model, the others write to their scratch folders, which are removed.
 `model_run/workers.json` records each worker's final-weights digest (they must agree).
+
+Robustness: a ResourceExhaustedError (out of memory) during a stage halves the batch and
+retries the stage from its backup, down to batch 1; a NaN or infinite loss stops training
+with `TrainingDiverged`, and the last good weights stay in `backup/`. `model_run/training.json`
+records the batch used, the halvings and the epoch a resumed run started from (summary.json
+reports it). `trainer.mixed_precision` and `trainer.jit_compile` are the speed switches;
+the served model is always a float32 copy.
 """
 from __future__ import annotations
 
@@ -51,13 +58,25 @@ from segflow.storage import is_uri, localized
 
 KERAS_FILE = "keras/model.keras"
 HISTORY_FILE = "history.csv"
+TRAINING_FILE = "training.json"  # in model_run/: batch used, halvings, resumed epoch
+LAST_GOOD_FILE = "last-good.weights.h5"  # in backup/ after a diverged stage: the weights before it
 BACKUP_FOLDER = "backup"  # beside the trainer's outputs, not inside their temporary folders
 CACHE_BUDGET_BYTES = 2 * 1024**3  # decoded, resized examples kept in RAM up to this size
 SHUFFLE_BUFFER = 1024
 WORKERS_FILE = "workers.json"  # in model_run/ after a multi-worker run: each worker's result
 WORKER_ENTRY = "segflow.components.trainer.core:train_worker"
-# Fault injection for tests: "<worker index>:<epoch>" makes that worker SIGKILL itself after that epoch.
+# Fault injection for tests: "<worker index>:<epoch>" makes that worker (0 alone) SIGKILL itself after that epoch.
 KILL_WORKER_ENV = "SEGFLOW_FAULT_KILL_WORKER"
+# `segflow run --resume` points the new run's trainer at the interrupted run's backup/ folder.
+RESUME_BACKUP_ENV = "SEGFLOW_RESUME_BACKUP"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: continuing would only spread it through the weights."""
+
+
+class BatchTooLarge(RuntimeError):
+    """Out of memory even at batch 1."""
 
 
 def cache_bytes(examples: int, shape: list[int]) -> int:
@@ -176,12 +195,24 @@ def run(
     A crash resumes from `backup/` beside `model_run_dir`: finished stages are skipped, the
     running one continues at its last epoch. With `trainer.workers` > 1 the training runs
     in launched workers (`_launch`) and this process waits for them."""
+    _adopt_backup(Path(model_run_dir).parent / BACKUP_FOLDER)
     if config.trainer.workers > 1:
         return _launch(config, examples_dir, transform_dir, model_dir, model_run_dir)
     plan = make_plan(config.trainer.distribution)  # before any TensorFlow op (collectives are configured at startup)
     with localized(examples_dir) as local_examples, localized(transform_dir) as local_transform:
         final, _ = _train(config, plan, local_examples, local_transform, model_dir, model_run_dir, Path(model_run_dir).parent / BACKUP_FOLDER)
     return final
+
+
+def _adopt_backup(backup: Path) -> None:
+    """`segflow run --resume` reruns the DAG in new task folders: move the interrupted run's
+    backup (RESUME_BACKUP_ENV) to where this trainer looks, unless it already has one."""
+    previous = os.environ.get(RESUME_BACKUP_ENV)
+    if not previous or backup.exists() or not Path(previous).is_dir():
+        return
+    backup.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(previous, backup)
+    log(f"trainer: resuming from the interrupted run's backup {previous}")
 
 
 def _launch(
@@ -349,10 +380,67 @@ class _KillAfterEpoch(keras.callbacks.Callback):
 
 def _fault_callbacks(plan: Plan) -> list[keras.callbacks.Callback]:
     value = os.environ.get(KILL_WORKER_ENV)
-    if not value or plan.workers < 2:
+    if not value:
         return []
     index, _, epoch = value.partition(":")
     return [_KillAfterEpoch(int(epoch or 1))] if int(index) == plan.index else []
+
+
+class _StopOnNaN(keras.callbacks.Callback):
+    """Raises TrainingDiverged on a NaN or infinite loss (tf_keras' TerminateOnNaN only ends
+    fit quietly). Listed before BackupAndRestore, so a diverged epoch is never backed up; the
+    weights the epoch started from are saved as `last_good` for a restart at a lower rate."""
+
+    def __init__(self, stage: int, last_good: Path) -> None:
+        super().__init__()
+        self.stage, self.last_good = stage, last_good
+        self.good: list[np.ndarray] = []
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self.epoch, self.good = epoch, self.model.get_weights()
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        self._check(logs, f"batch {batch + 1}")
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        self._check(logs, "end")
+
+    def _check(self, logs: Any, where: str) -> None:
+        bad = {key: value for key, value in (logs or {}).items() if key.endswith("loss") and not math.isfinite(float(value))}
+        if not bad:
+            return
+        self.model.set_weights(self.good)
+        _save_weights_atomically(self.model, self.last_good)
+        raise TrainingDiverged(
+            f"trainer: stage {self.stage}, epoch {self.epoch + 1} ({where}): {', '.join(f'{k} {v}' for k, v in bad.items())}; training stopped. "
+            f"The weights at the start of epoch {self.epoch + 1} are in {self.last_good} (its stage's checkpoint in {self.last_good.parent}); "
+            "lower the learning rate, or restart from them with stages[].initial_weights"
+        )
+
+
+class _StepLogger(keras.callbacks.Callback):
+    """Adds the optimizer's step count to each epoch's logs (history.csv `optimizer_steps`),
+    which shows that a resumed stage continues its count and its schedule where it stopped."""
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        if logs is not None:
+            logs["optimizer_steps"] = int(self.model.optimizer.iterations.numpy())
+
+
+class _ResetSteps(keras.callbacks.Callback):
+    """After a batch halving: the restored step count was in the old batch's steps; the
+    stage's schedule counts in the new ones, so set it to the restored epochs' new steps."""
+
+    def __init__(self, stage_first_epoch: int, steps_per_epoch: int) -> None:
+        super().__init__()
+        self.stage_first_epoch, self.steps_per_epoch = stage_first_epoch, steps_per_epoch
+        self.done = False
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        if not self.done:  # the first epoch of the retry, after BackupAndRestore restored the stage
+            self.model.optimizer.iterations.assign((epoch - self.stage_first_epoch) * self.steps_per_epoch)
+            self.done = True
 
 
 def _weights_digest(weights: list[np.ndarray]) -> str:
@@ -385,65 +473,62 @@ def _train(
     labels = LabelSpec(config.num_labels, config.sigmoid_head, config.ignore_index, class_weights)
     pixels = PixelSpec.load(transform_dir)
     tft_layer = transform_layer(transform_dir)
-    global_batch = plan.global_batch(config.batch)
     counts = read_counts(examples_dir)
-    if plan.replicas == 1:
-        steps_per_epoch = math.ceil(counts["train_examples"] / global_batch)
-        eval_batch, eval_drop = global_batch, False
-    else:  # a short last batch could leave a replica empty: drop it (another one each epoch)
-        if counts["train_examples"] < global_batch:
-            raise ValueError(
-                f"trainer: {counts['train_examples']} training examples are fewer than one global batch of {global_batch} "
-                f"({config.batch} per replica x {plan.replicas} replicas); lower `batch`"
-            )
-        steps_per_epoch = counts["train_examples"] // global_batch
-        eval_batch, eval_drop = evaluation_batch(counts["eval_examples"], plan.replicas, config.batch)
-    validation = make_dataset(config, examples_dir, "eval", tft_layer, pixels, batch=eval_batch, drop_remainder=eval_drop)
-    with plan.strategy.scope():
-        network = build_network(config)
+
+    def batching(batch: int) -> tuple[int, int, tf.data.Dataset]:
+        """(global batch, steps per epoch, validation stream) at `batch` per replica."""
+        global_batch = plan.global_batch(batch)
+        if plan.replicas == 1:
+            steps_per_epoch = math.ceil(counts["train_examples"] / global_batch)
+            eval_batch, eval_drop = global_batch, False
+        else:  # a short last batch could leave a replica empty: drop it (another one each epoch)
+            if counts["train_examples"] < global_batch:
+                raise ValueError(
+                    f"trainer: {counts['train_examples']} training examples are fewer than one global batch of {global_batch} "
+                    f"({batch} per replica x {plan.replicas} replicas); lower `batch`"
+                )
+            steps_per_epoch = counts["train_examples"] // global_batch
+            eval_batch, eval_drop = evaluation_batch(counts["eval_examples"], plan.replicas, batch)
+        return global_batch, steps_per_epoch, make_dataset(config, examples_dir, "eval", tft_layer, pixels, batch=eval_batch, drop_remainder=eval_drop)
+
+    batch, halvings = config.batch, 0
+    global_batch, steps_per_epoch, validation = batching(batch)
+    network = _build_trained_network(config, plan)
     log(f"trainer: {config.architecture}/{config.backbone}, {network.count_params():,} parameters, {config.total_epochs} epochs")
     if plan.replicas > 1 or plan.workers > 1:
         log(f"trainer: {plan.describe()}; global batch {global_batch} ({config.batch} per replica)")
     own_backup = backup if plan.chief else Path(model_run_dir).parent / BACKUP_FOLDER
     backup.mkdir(parents=True, exist_ok=True)
     own_backup.mkdir(parents=True, exist_ok=True)
+    resumed = _completed_epochs(backup / HISTORY_FILE)  # the chief's history, read by every worker
+    if resumed:
+        log(f"trainer: {resumed} epochs finished before a restart; training continues at epoch {resumed + 1}")
     with atomic_dir(model_run_dir) as run_out:
         first_epoch = 0
         history: dict[str, list[float]] = {}
-        for number, stage in enumerate(config.stages, start=1):
-            finished = backup / f"stage-{number}.weights.h5"
-            if finished.exists():
-                network.load_weights(str(finished))
-                log(f"trainer: stage {number}/{len(config.stages)} finished before a restart; weights restored from {finished}")
-                first_epoch += stage.epochs
-                continue
+
+        def fit_stage(number: int, stage: StageConfig, first_epoch: int, end_epoch: int) -> Any:
+            """One attempt at a stage at the current batch: BackupAndRestore continues it from
+            its last finished epoch, the training stream starts at that epoch."""
             # A stage's own optimizer, schedule and callbacks replace the top-level ones whole.
             optimizer, schedule, watch = stage.optimizer or config.optimizer, stage.schedule or config.schedule, stage.callbacks or config.callbacks
             learning_rate = scaled_learning_rate(stage.learning_rate, plan.replicas, config.trainer.scale_learning_rate)
-            log(
-                f"trainer: stage {number}/{len(config.stages)}: {stage.epochs} epochs at learning rate {learning_rate:g} "
-                f"({optimizer.name}, {schedule.name} schedule, loss {stage.loss or config.loss})"
-            )
-            if stage.initial_weights:
-                # Through a plain copy: tf_keras cannot load an .h5 file into a model built under MultiWorkerMirroredStrategy.
-                loaded = build_network(config)
-                loaded.load_weights(stage.initial_weights)
-                network.set_weights(loaded.get_weights())
-                log(f"trainer: stage {number}: initial weights from {stage.initial_weights}")
-            if apply_stage_freeze(network, config.model, stage):  # before compiling: trainability is read at compile
-                log(f"trainer: stage {number}: encoder frozen (its BatchNorm in inference mode)")
             with plan.strategy.scope():  # the schedule's scale and the optimizer's slots are variables
                 rates = build_schedule(schedule, learning_rate, steps_per_epoch, stage.epochs)
-                _compile(network, config, labels, build_optimizer(optimizer, rates), stage.loss)
-            end_epoch = first_epoch + stage.epochs
+                _compile(network, config, labels, build_optimizer(optimizer, rates), stage.loss, config.trainer.jit_compile)
+            stage_backup = backup / f"stage-{number}"
+            start = min(max(first_epoch, _completed_epochs(backup / HISTORY_FILE)), end_epoch) if stage_backup.is_dir() else first_epoch
             averaging = WeightAveraging(optimizer.swa_epochs, end_epoch) if optimizer.swa_epochs else None
             callbacks = [
+                _StopOnNaN(number, own_backup / LAST_GOOD_FILE),  # before the backup: a diverged epoch is not backed up
                 # Every worker gives the shared folder: tf_keras reads the chief's backup on all
                 # of them and has the others write to temporary sub-folders it removes.
-                keras.callbacks.BackupAndRestore(str(backup / f"stage-{number}"), delete_checkpoint=True),
+                keras.callbacks.BackupAndRestore(str(stage_backup), delete_checkpoint=True),
+                *([_ResetSteps(first_epoch, steps_per_epoch)] if halvings else []),
                 *([Lookahead(optimizer.lookahead)] if optimizer.lookahead else []),
                 *([averaging] if averaging else []),
                 LearningRateLogger(),  # before the loggers: they write what it adds
+                _StepLogger(),
                 *([ReduceOnPlateau(rates, schedule.reduce_on_plateau, watch.monitor, watch.monitor_mode)] if schedule.reduce_on_plateau else []),
                 *([KeepBest(run_out / CHECKPOINTS_FOLDER, number, watch)] if watch.keep_best else []),
                 *early_stopping(watch),
@@ -453,7 +538,7 @@ def _train(
                 keras.callbacks.ModelCheckpoint(str(run_out / CHECKPOINTS_FOLDER / "last.weights.h5"), save_weights_only=True),
                 *_fault_callbacks(plan),
             ]
-            train = make_dataset(config, examples_dir, "train", tft_layer, pixels, epochs=(first_epoch, end_epoch), batch=global_batch, drop_remainder=plan.replicas > 1)
+            train = make_dataset(config, examples_dir, "train", tft_layer, pixels, epochs=(start, end_epoch), batch=global_batch, drop_remainder=plan.replicas > 1)
             fit = network.fit(
                 train,
                 validation_data=validation,
@@ -466,18 +551,62 @@ def _train(
             if averaging and averaging.averaged:
                 used = _refresh_batchnorm(config, stage, network, examples_dir, tft_layer, pixels, end_epoch)
                 log(f"trainer: stage {number}: weights averaged over {averaging.averaged} epochs (SWA), BatchNorm statistics recomputed on {used} batches")
+            return fit
+
+        for number, stage in enumerate(config.stages, start=1):
+            finished = backup / f"stage-{number}.weights.h5"
+            if finished.exists():
+                network.load_weights(str(finished))
+                log(f"trainer: stage {number}/{len(config.stages)} finished before a restart; weights restored from {finished}")
+                first_epoch += stage.epochs
+                continue
+            log(
+                f"trainer: stage {number}/{len(config.stages)}: {stage.epochs} epochs at learning rate "
+                f"{scaled_learning_rate(stage.learning_rate, plan.replicas, config.trainer.scale_learning_rate):g} "
+                f"({(stage.optimizer or config.optimizer).name}, {(stage.schedule or config.schedule).name} schedule, loss {stage.loss or config.loss})"
+            )
+            if stage.initial_weights:
+                # Through a plain copy: tf_keras cannot load an .h5 file into a model built under MultiWorkerMirroredStrategy.
+                loaded = build_network(config)
+                loaded.load_weights(stage.initial_weights)
+                network.set_weights(loaded.get_weights())
+                log(f"trainer: stage {number}: initial weights from {stage.initial_weights}")
+            if apply_stage_freeze(network, config.model, stage):  # before compiling: trainability is read at compile
+                log(f"trainer: stage {number}: encoder frozen (its BatchNorm in inference mode)")
+            end_epoch = first_epoch + stage.epochs
+            start_weights = network.get_weights()
+            while True:
+                try:
+                    fit = fit_stage(number, stage, first_epoch, end_epoch)
+                    break
+                except tf.errors.ResourceExhaustedError as error:
+                    reason = (error.message or str(error)).strip().splitlines()[0]
+                    if batch == 1:
+                        raise BatchTooLarge(
+                            f"trainer: stage {number} runs out of memory even at batch 1 ({reason}); lower `shape` or the model's size"
+                        ) from error
+                    batch, halvings = batch // 2, halvings + 1
+                    log(f"trainer: stage {number}: out of memory ({reason}); retrying the stage from its backup at batch {batch}")
+                    network.set_weights(start_weights)  # the backup, if any, replaces them at the retry's start
+                    global_batch, steps_per_epoch, validation = batching(batch)
             _save_weights_atomically(network, own_backup / finished.name)
             first_epoch = end_epoch
             for key, values in fit.history.items():
                 history.setdefault(key, []).extend(float(value) for value in values)
+        write_json(
+            run_out / TRAINING_FILE,
+            {"batch": batch, "configured_batch": config.batch, "batch_halvings": halvings, "epochs_before_resume": resumed,
+             "mixed_precision": config.trainer.mixed_precision, "jit_compile": config.trainer.jit_compile},
+        )
         shutil.copyfile(own_backup / HISTORY_FILE, run_out / HISTORY_FILE)
         final = {key: values[-1] for key, values in history.items()}
         write_json(run_out / "final_metrics.json", final)
     weights = network.get_weights()  # on every worker: reading synced-on-read variables is a collective
     if plan.chief:
         served = network
-        if plan.strategy is not tf.distribute.get_strategy():
-            # A plain copy outside any strategy: saving it needs no other worker, and it loads anywhere.
+        if plan.strategy is not tf.distribute.get_strategy() or config.trainer.mixed_precision:
+            # A plain float32 copy outside any strategy: saving it needs no other worker, it loads
+            # anywhere, and its exports compute in float32 whatever the training policy was.
             served = build_network(config)
             served.set_weights(weights)
             _compile(served, config, labels, keras.optimizers.Adam())
@@ -529,10 +658,13 @@ def _quantization_aware(
     return tuned
 
 
-def _compile(network: keras.Model, config: ExperimentConfig, labels: LabelSpec, optimizer: Any, loss: str | None = None) -> None:
-    """The loss (a stage's own, else the config's) and metrics of every compile: training stages and the chief's served copy."""
+def _compile(
+    network: keras.Model, config: ExperimentConfig, labels: LabelSpec, optimizer: Any, loss: str | None = None, jit_compile: bool = False
+) -> None:
+    """The loss (a stage's own, else the config's) and metrics of every compile: training
+    stages (with `trainer.jit_compile`) and the chief's served copy."""
     metrics = SegmentationMetrics(labels.num_labels, labels.sigmoid, config.class_names)
-    network.compile(optimizer=optimizer, loss=build_loss(loss or config.loss, labels), metrics=[metrics])
+    network.compile(optimizer=optimizer, loss=build_loss(loss or config.loss, labels), metrics=[metrics], jit_compile=jit_compile)
 
 
 def _refresh_batchnorm(
@@ -553,6 +685,28 @@ def _refresh_batchnorm(
     used = recompute_batchnorm(copy, make_dataset(config, examples_dir, "train", tft_layer, pixels, epochs=(end_epoch - 1, end_epoch)))
     network.set_weights(copy.get_weights())
     return used
+
+
+def _build_trained_network(config: ExperimentConfig, plan: Plan) -> keras.Model:
+    """The network to train, in the strategy's scope and under `trainer.mixed_precision`'s
+    policy (its layers keep it; the global policy is restored, so every other copy is float32)."""
+    policy = keras.mixed_precision.global_policy()
+    if config.trainer.mixed_precision:
+        keras.mixed_precision.set_global_policy(config.trainer.mixed_precision)
+        if not tf.config.list_physical_devices("GPU"):
+            log(f"trainer: note: {config.trainer.mixed_precision} on a CPU is usually slower than float32 (no float16 units); it pays on GPUs and TPUs")
+    try:
+        with plan.strategy.scope():
+            return build_network(config)
+    finally:
+        keras.mixed_precision.set_global_policy(policy)
+
+
+def _completed_epochs(history: Path) -> int:
+    """Epochs a run's history.csv records (one row each, after the header); 0 without one."""
+    if not history.exists():
+        return 0
+    return max(len(history.read_text().splitlines()) - 1, 0)
 
 
 def _save_weights_atomically(network: keras.Model, target: Path) -> None:
