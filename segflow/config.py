@@ -265,6 +265,15 @@ class ExportConfig(_Strict):
     )
     onnx_opset: int = Field(17, ge=13, le=18, description="ONNX opset of the onnx and TensorRT exports (tf2onnx 1.17 writes 13..18)")
     calibration_examples: int = Field(64, ge=1, le=10000, description="train examples that calibrate int8 and int16x8 quantization")
+    quantizer: Literal["converter", "ai_edge_quantizer"] = Field(
+        "converter",
+        description=(
+            "who quantizes tflite_dynamic and tflite_int8 (the other TFLite rows always use the TFLite converter): converter, or "
+            "ai_edge_quantizer (LiteRT's ai-edge-quantizer, recipes dynamic_wi8_afp32 and static_wi8_ai8, with a per-layer error report "
+            "<file>.quantizer_report.json); the converter is the default because ai-edge-quantizer was no faster and no more accurate "
+            "on the ISBI U-Net (benchmarks/README.md, ai-edge-quantizer section)"
+        ),
+    )
 
     @field_validator("formats")
     @classmethod

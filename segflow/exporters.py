@@ -15,13 +15,16 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
 
+from segflow.io import write_json
+from segflow.litert_quantizer import RECIPES, REPORT_SUFFIX
+from segflow.litert_quantizer import quantize as ai_edge_quantize
 from segflow.preprocessing import luma
 from segflow.registry import EXPORT_FORMATS
 from segflow.runtime import log
@@ -47,6 +50,7 @@ class ExportOptions:
 
     representative: RepresentativeData | None = None
     onnx_opset: int = DEFAULT_ONNX_OPSET
+    quantizer: str = "converter"  # export.quantizer: who quantizes tflite_dynamic and tflite_int8 (see quantizer_of)
 
 
 def _always_available() -> str | None:
@@ -124,9 +128,12 @@ def sidecar_name(file_name: str) -> str:
     return f"{file_name}.json"
 
 
-def sidecar(export: ExportFormat, path: Path, spec: ServingSpec, source: dict[str, Any], calibration: dict[str, Any] | None) -> dict[str, Any]:
+def sidecar(
+    export: ExportFormat, path: Path, spec: ServingSpec, source: dict[str, Any], calibration: dict[str, Any] | None, quantizer: str = "converter"
+) -> dict[str, Any]:
     """What a client needs beside an export to use it without segflow: classes, input size,
-    normalisation, quantization (a TFLite file's tensors as built), where it came from, and
+    normalisation, quantization (a TFLite file's tensors as built, which quantizer made them
+    under export.quantizer `quantizer` and its per-layer report), where it came from, and
     for TFLite whether MediaPipe's metadata is in it (and why not)."""
     height, width, channels = spec.shape
     quantization: dict[str, Any] = {"scheme": export.quantization, **({"calibration": calibration} if calibration is not None else {})}
@@ -149,6 +156,9 @@ def sidecar(export: ExportFormat, path: Path, spec: ServingSpec, source: dict[st
     if path.suffix == ".tflite":
         model = path.read_bytes()
         quantization.update(tflite_tensors(model))
+        quantization["quantizer"] = quantizer_of(export, quantizer)
+        if quantization["quantizer"] == "ai_edge_quantizer":
+            quantization["report"] = quantizer_report_name(export.file_name)
         record["input_size"]["channels"] = quantization["input"]["shape"][-1]  # a grey model's TFLite input is colour
         reason = mediapipe_unsupported(quantization["input"])
         record["mediapipe"] = {"metadata": bool(read_labels(model)), **({"reason": reason} if reason is not None else {})}
@@ -202,28 +212,59 @@ def tflite_input_value(source: dict[str, Any], pixels: np.ndarray) -> np.ndarray
     return value
 
 
+def quantizer_of(export: ExportFormat, choice: str) -> str | None:
+    """Who quantizes a TFLite export under export.quantizer `choice`: ai-edge-quantizer for
+    the formats it has a recipe for (litert_quantizer.RECIPES), the TFLite converter for the
+    others; None for a format that is not TFLite."""
+    if not export.file_name.endswith(".tflite"):
+        return None
+    return "ai_edge_quantizer" if choice == "ai_edge_quantizer" and export.quantization in RECIPES else "converter"
+
+
+def quantizer_report_name(file_name: str) -> str:
+    """ai-edge-quantizer's per-layer report beside the export it made."""
+    return f"{file_name}{REPORT_SUFFIX}"
+
+
+def _ai_edge_quantized(serving_dir: Path, target: Path, quantization: str, representative: RepresentativeData | None) -> bytes:
+    """The converter's float32 model quantized by ai-edge-quantizer, its per-layer report
+    written beside `target`."""
+    if quantization == "int8" and representative is None:
+        raise ExportError(f"{target}: {quantization} quantization needs representative (calibration) data")
+    samples = [colour_pixels(sample, 3) for (sample,) in representative()] if representative is not None else None
+    model, report = ai_edge_quantize(_batch_one_converter(serving_dir).convert(), quantization, samples)
+    write_json(target.parent / quantizer_report_name(target.name), report)
+    return model
+
+
+def _converted(serving_dir: Path, target: Path, quantization: str, representative: RepresentativeData | None) -> bytes:
+    """The TFLite converter's model, quantized by the converter itself."""
+    converter = _batch_one_converter(serving_dir)
+    if quantization != "float32":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantization == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if quantization in ("int8", "int16x8"):
+        if representative is None:
+            raise ExportError(f"{target}: {quantization} quantization needs representative (calibration) data")
+        converter.representative_dataset = lambda: ([colour_pixels(sample, 3)] for (sample,) in representative())
+    if quantization == "int8":
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.uint8
+        converter.inference_output_type = tf.uint8
+    if quantization == "int16x8":  # float32 in and out; int16 activations, int8 weights inside
+        # LiteRT has no 16x8 kernels for some ops (SPACE_TO_DEPTH and DEPTH_TO_SPACE of
+        # model.pixel_shuffle): those stay float rather than failing the export.
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    return converter.convert()
+
+
 def _tflite_builder(quantization: str) -> Callable[[Path, Path, ExportOptions | None], None]:
     def build(serving_dir: Path, target: Path, options: ExportOptions | None) -> None:
-        representative = _options(options).representative
-        converter = _batch_one_converter(serving_dir)
-        if quantization != "float32":
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantization == "float16":
-            converter.target_spec.supported_types = [tf.float16]
-        if quantization in ("int8", "int16x8"):
-            if representative is None:
-                raise ExportError(f"{target}: {quantization} quantization needs representative (calibration) data")
-            converter.representative_dataset = lambda: ([colour_pixels(sample, 3)] for (sample,) in representative())
-        if quantization == "int8":
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            converter.inference_input_type = tf.uint8
-            converter.inference_output_type = tf.uint8
-        if quantization == "int16x8":  # float32 in and out; int16 activations, int8 weights inside
-            # LiteRT has no 16x8 kernels for some ops (SPACE_TO_DEPTH and DEPTH_TO_SPACE of
-            # model.pixel_shuffle): those stay float rather than failing the export.
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+        settings = _options(options)
+        quantize = _ai_edge_quantized if settings.quantizer == "ai_edge_quantizer" and quantization in RECIPES else _converted
+        model = quantize(serving_dir, target, quantization, settings.representative)
         spec = ServingSpec.load(serving_dir)
-        model = converter.convert()
         if quantization == "int8" and spec.input_dtype == "uint8":  # the uint8 input takes the raw 8-bit pixel
             model = raw_pixel_input(model)
         target.write_bytes(with_mediapipe_metadata(model, spec, target))
@@ -262,7 +303,7 @@ def _build_int8_qat(serving_dir: Path, target: Path, options: ExportOptions | No
     qat_dir = serving_dir.parent / QAT_SERVING_SUBDIR
     if not (qat_dir / "saved_model.pb").is_file():
         raise ExportError(f"{target}: no quantization-aware model in {qat_dir}; the trainer fine-tunes one when the config has `qat:`")
-    _tflite_builder("int8")(qat_dir, target, options)
+    _tflite_builder("int8")(qat_dir, target, replace(_options(options), quantizer="converter"))  # the converter reads the learned ranges
 
 
 def load_tflite(path: Path, spec: ServingSpec) -> MaskPredictor:

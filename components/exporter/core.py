@@ -22,7 +22,9 @@ from segflow.benchmark import BenchmarkSettings, markdown, measure, report
 from segflow.config import ExperimentConfig
 from segflow.evaluation import evaluate, predict_split
 from segflow.examples import SegmentationExample, iter_split
-from segflow.exporters import ExportError, ExportFormat, ExportOptions, RepresentativeData, parity_gate, sidecar, sidecar_name
+from segflow.exporters import (
+    ExportError, ExportFormat, ExportOptions, RepresentativeData, parity_gate, quantizer_of, quantizer_report_name, sidecar, sidecar_name,
+)
 from segflow.io import atomic_dir, read_json, write_json
 from segflow.registry import EXPORT_FORMATS
 from segflow.runtime import log
@@ -136,6 +138,11 @@ def run(
         for name in settings.formats:
             export: ExportFormat = EXPORT_FORMATS.get(name)
             row: dict[str, Any] = {"quantization": export.quantization, "runtime": export.runtime}
+            quantizer = quantizer_of(export, settings.quantizer)
+            if quantizer is not None:
+                row["quantizer"] = quantizer
+            if quantizer == "ai_edge_quantizer":
+                row["quantizer_report"] = quantizer_report_name(export.file_name)
             if export.name == QAT_FORMAT and config.qat is not None:
                 row["quantization_aware_training"] = config.qat.model_dump()
             reason = export.unavailable()
@@ -144,14 +151,14 @@ def run(
                 log(f"exporter: {name}: skipped: {reason}")
                 continue
             started = time.perf_counter()
-            options = ExportOptions(onnx_opset=settings.onnx_opset)
+            options = ExportOptions(onnx_opset=settings.onnx_opset, quantizer=settings.quantizer)
             if export.needs_representative_data:
                 if samples is None:
                     chosen, calibration = calibration_examples(examples_dir, settings.calibration_examples, spec.ignore_index, spec.class_names)
                     samples = [model_pixels_numpy(example.image, spec.shape) for example in chosen]
                     log(f"exporter: calibration: {len(samples)} train images, every class present in train included" if not calibration["classes_missing"]
                         else f"exporter: calibration: {len(samples)} train images miss {calibration['classes_missing']} (export.calibration_examples too small)")
-                options = ExportOptions(representative=_as_generator(samples), onnx_opset=settings.onnx_opset)
+                options = ExportOptions(representative=_as_generator(samples), onnx_opset=settings.onnx_opset, quantizer=settings.quantizer)
                 row["calibration_examples"] = len(samples)
                 row["calibration"] = calibration
             target = out / export.file_name
@@ -162,7 +169,7 @@ def run(
             except Exception as error:  # a converter's own exception: say which export and file
                 raise ExportError(f"exporter: building {name} into {target} failed: {type(error).__name__}: {error}") from error
             report = evaluate(export.load(target, spec), examples_dir, "eval", spec, reference=served)
-            write_json(out / sidecar_name(export.file_name), sidecar(export, target, spec, source, row.get("calibration")))
+            write_json(out / sidecar_name(export.file_name), sidecar(export, target, spec, source, row.get("calibration"), settings.quantizer))
             results[name] = {
                 "path": str(Path(exports_dir) / export.file_name),
                 "file": export.file_name,
