@@ -25,12 +25,14 @@ from segflow.components.example_gen.core import COUNTS_FILE, QUARANTINE_FILE, re
 from segflow.components.example_validator.core import ANOMALIES_FILE, read_anomalies
 from segflow.components.exporter.core import EXPORTS_FILE, read_exports
 from segflow.components.pusher.core import PUSH_FILE
+from segflow.components.trainer.core import TRAINING_FILE
 from segflow.config import ExperimentConfig
 from segflow.examples import read_fingerprint
 from segflow.io import atomic_write_text, read_json, write_json
 from segflow.runtime import log, read_record
 
 SUMMARY_FILE = "summary.json"
+RESUME_FOLDER = ".resume-backup"  # an interrupted run's trainer backup, kept until a resumed trainer takes it
 
 # Lines that every TensorFlow subprocess and the KFP executor print, which bury progress.
 NOISE = re.compile(
@@ -107,6 +109,48 @@ def run_local(
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"{output}: run folder exists and is not empty; choose another --output")
     summary = _execute(config, output, kind, verbose, shown=str(output), image=image)
+    write_json(output / SUMMARY_FILE, summary)
+    return summary
+
+
+def resume_local(output: str | os.PathLike[str], verbose: bool = False) -> dict[str, Any]:
+    """Rerun an interrupted local run in its folder with its own `config.yaml`: the data
+    components run again (they are deterministic), and the trainer continues from the
+    interrupted trainer's `backup/` (its last finished epoch, optimizer state included)."""
+    from segflow.components.trainer.core import BACKUP_FOLDER, RESUME_BACKUP_ENV
+    from segflow.config import load_config
+
+    if not storage.is_local(os.fspath(output)):
+        raise ValueError(f"{output}: --resume needs a local run folder")
+    output = Path(storage.local_path(os.fspath(output))).resolve()
+    if not (output / "config.yaml").exists():
+        raise FileNotFoundError(f"{output}: no config.yaml; not a segflow run folder")
+    if (output / SUMMARY_FILE).exists() and read_json(output / SUMMARY_FILE)["status"] == "succeeded":
+        raise FileExistsError(f"{output}: the run succeeded; nothing to resume")
+    config = load_config(output / "config.yaml")
+    kept = output / RESUME_FOLDER
+    # Killed with `segflow run` itself, the trainer's folder is still under kfp.local's root.
+    found = [*sorted((output / ".kfp").glob(f"*/trainer/{BACKUP_FOLDER}")), output / "trainer" / BACKUP_FOLDER]
+    backups = [path for path in found if path.is_dir()]
+    if backups:
+        shutil.rmtree(kept, ignore_errors=True)
+        os.replace(backups[-1], kept)
+    if kept.is_dir():
+        log(f"resuming {output}: the trainer continues from its backup")
+    else:
+        log(f"resuming {output}: no trainer backup (the run stopped before training); training starts at epoch 1")
+    for stale in (output / ".kfp", *(output / name for name in COMPONENTS["train"])):
+        shutil.rmtree(stale, ignore_errors=True)
+    (output / SUMMARY_FILE).unlink(missing_ok=True)
+    previous = os.environ.get(RESUME_BACKUP_ENV)
+    os.environ[RESUME_BACKUP_ENV] = str(kept)  # the trainer's subprocess inherits it
+    try:
+        summary = _execute(config, output, "train", verbose, shown=str(output))
+    finally:
+        if previous is None:
+            os.environ.pop(RESUME_BACKUP_ENV)
+        else:
+            os.environ[RESUME_BACKUP_ENV] = previous
     write_json(output / SUMMARY_FILE, summary)
     return summary
 
@@ -234,6 +278,9 @@ def build_summary(output: Path, config: ExperimentConfig, kind: str, seconds: fl
             if "path" in entry:  # a skipped export has none
                 entry["path"] = str(exports_dir / Path(entry["path"]).name)
         summary["exports"] = exports
+    training_file = output / "trainer" / "model_run" / TRAINING_FILE
+    if training_file.exists():
+        summary["training"] = read_json(training_file)
     push_file = output / "pusher" / "pushed" / PUSH_FILE
     if push_file.exists():
         summary["push"] = read_json(push_file)

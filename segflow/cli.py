@@ -16,8 +16,8 @@ def _load(args: argparse.Namespace) -> ExperimentConfig:
     return load_config(args.config, args.set or [])
 
 
-def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="experiment YAML file")
+def _add_config_arguments(parser: argparse.ArgumentParser, optional: bool = False) -> None:
+    parser.add_argument("config", nargs="?" if optional else None, help="experiment YAML file")
     parser.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a config key (repeatable); the value is YAML")
 
 
@@ -28,6 +28,11 @@ def _run(args: argparse.Namespace, kind: str) -> int:
 
     if args.image and not args.containers:
         print("segflow: error: --image is an option of --containers", file=sys.stderr)
+        return 2
+    if kind == "train" and args.resume:
+        return _resume(args)
+    if not args.config:
+        print(f"segflow: error: {args.command} needs a CONFIG.yaml (or --resume RUN_DIR)", file=sys.stderr)
         return 2
     config = _load(args)
     _warn_cluster_only(config, local_run=True)
@@ -42,6 +47,23 @@ def _run(args: argparse.Namespace, kind: str) -> int:
     return 0 if summary["status"] == "succeeded" else 1
 
 
+def _resume(args: argparse.Namespace) -> int:
+    """`segflow run --resume RUN_DIR`: the run folder's own config; nothing else may change."""
+    from segflow.pipelines.local import resume_local
+
+    conflicting = [flag for flag, value in (("CONFIG", args.config), ("--set", args.set), ("--output", args.output), ("--containers", args.containers)) if value]
+    if conflicting:
+        print(f"segflow: error: --resume continues RUN_DIR with its own config.yaml; drop {', '.join(conflicting)}", file=sys.stderr)
+        return 2
+    try:
+        summary = resume_local(args.resume, verbose=args.verbose)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"segflow: error: {error}", file=sys.stderr)
+        return 2
+    _report(summary, Path(args.resume).resolve())
+    return 0 if summary["status"] == "succeeded" else 1
+
+
 def _report(summary: dict, output: str | Path) -> None:
     print(f"\nrun folder: {output}")
     for name, entry in summary["components"].items():
@@ -50,6 +72,9 @@ def _report(summary: dict, output: str | Path) -> None:
     if "counts" in summary:
         counts = summary["counts"]
         print(f"examples: {counts['examples_in']} in, {counts['examples_written']} written, {counts['quarantined']} quarantined")
+    if "training" in summary and (summary["training"]["batch_halvings"] or summary["training"]["epochs_before_resume"]):
+        training = summary["training"]
+        print(f"training: batch {training['batch']} ({training['batch_halvings']} halvings), resumed after {training['epochs_before_resume']} epochs")
     if "metrics" in summary:
         print(f"mean IoU (eval): {summary['metrics']['eval']['mean_iou']:.4f}  blessed: {summary['blessed']}")
     for name, export in summary.get("exports", {}).items():
@@ -248,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("validate", "validate", "ExampleGen, statistics, schema and data validation only"),
     ):
         local_run = commands.add_parser(command, help=summary)
-        _add_config_arguments(local_run)
+        _add_config_arguments(local_run, optional=kind == "train")
         local_run.add_argument("--output", "-o", help="run folder: a path or a gs:// / s3:// URI, uploaded when the run ends (default runs/<name>-<timestamp>)")
         local_run.add_argument("--verbose", "-v", action="store_true", help="show all subprocess output, TensorFlow and KFP logs included")
         local_run.add_argument(
@@ -258,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
             "or podman's API service, started when needed); build the image with containers/build.sh",
         )
         local_run.add_argument("--image", metavar="NAME", help="the image for --containers (default segflow:<version>, what containers/build.sh tags)")
+        if kind == "train":
+            local_run.add_argument(
+                "--resume", metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR with its config.yaml: the data components run "
+                "again, the trainer continues from its last finished epoch with its optimizer state"
+            )
         local_run.set_defaults(handler=lambda args, kind=kind: _run(args, kind))
 
     compile_ = commands.add_parser("compile", help="write the KFP v2 pipeline YAML for Kubeflow")
