@@ -4,12 +4,16 @@ image over tflite_fp32's, measured side by side (interleaved rounds) at 1 and al
     .venv/bin/python benchmarks/export_latency.py RUN_DIR [--runs 15] [--formats tflite_fp32,tflite_dynamic,...]
     .venv/bin/python benchmarks/export_latency.py --model MODEL_DIR --examples EXAMPLES_DIR [...]
     .venv/bin/python benchmarks/export_latency.py RUN_DIR --existing     # the run's own exports as they are
+    .venv/bin/python benchmarks/export_latency.py RUN_DIR --quantizers converter,ai_edge_quantizer --formats tflite_fp32,tflite_dynamic,tflite_int8
 
 By default the exports are rebuilt with the current exporter (segflow.exporters, calibration
 and parity gate included) from the run's served model (trainer/model) and evaluated on its
 eval split (example_gen/examples), into a temporary folder; `--model` (a folder holding
-Format-Serving) and `--examples` (an ExampleGen output) name them directly. Prints the JSON
-table (ratios under "vs_tflite_fp32") and then the markdown table. Nothing in the run changes.
+Format-Serving) and `--examples` (an ExampleGen output) name them directly. `--quantizers`
+rebuilds once per export.quantizer and times the TFLite files of all in one interleaved table
+(a row per format and quantizer that built it; rows a quantizer does not change appear once,
+so machine load shared by the others falls on every row alike). Prints the JSON table (ratios
+under "vs_tflite_fp32") and then the markdown table. Nothing in the run changes.
 """
 from __future__ import annotations
 
@@ -19,22 +23,49 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any, get_args
 
-from segflow.benchmark import BenchmarkSettings, benchmark, markdown
+import numpy as np
+
+from segflow.benchmark import BenchmarkSettings, benchmark, interleave, make_call, markdown, report
 from segflow.components.exporter import core as exporter
-from segflow.config import ExperimentConfig, load_config, validate_config
+from segflow.config import ExperimentConfig, ExportConfig, load_config, validate_config
 from segflow.serving import SERVING_SUBDIR, ServingSpec
 
 DEFAULT_FORMATS = "saved_model,tflite_fp32,tflite_fp16,tflite_dynamic,tflite_int8,tflite_int16x8,onnx"
 
 
-def _config(run_dir: Path | None, spec: ServingSpec, formats: list[str]) -> ExperimentConfig:
-    """The run's config (its export settings) or, for a bare model, one made from its spec."""
+def _config(run_dir: Path | None, spec: ServingSpec, formats: list[str], quantizer: str | None) -> ExperimentConfig:
+    """The run's config (its export settings, `quantizer` as export.quantizer when given) or,
+    for a bare model, one made from its spec."""
     if run_dir is not None:
         config = load_config(run_dir / "config.yaml", [])
     else:
         config = validate_config({"name": "export-latency", "dataset": {"images": ".", "masks": "."}, "classes": list(spec.class_names), "shape": list(spec.shape)})
-    return config.model_copy(update={"export": config.export.model_copy(update={"formats": formats})})
+    settings: dict[str, Any] = {"formats": formats, **({"quantizer": quantizer} if quantizer is not None else {})}
+    return config.model_copy(update={"export": config.export.model_copy(update=settings)})
+
+
+def _compare(builds: dict[str, tuple[Path, dict[str, Any]]], spec: ServingSpec, settings: BenchmarkSettings) -> dict[str, Any]:
+    """One interleaved table of the TFLite files each quantizer's rebuild (folder, exports.json
+    entries) made: the converter's rows under the format's name, the others' as
+    `format (quantizer)`, each distinct build once."""
+    rows: dict[str, Any] = {}
+    files: dict[str, tuple[str, Path]] = {}
+    for out, results in builds.values():
+        for name, entry in results.items():
+            if not entry.get("file", "").endswith(".tflite"):
+                continue
+            label = name if entry["quantizer"] == "converter" else f"{name} ({entry['quantizer']})"
+            if label not in rows:
+                rows[label], files[label] = entry, (name, out / entry["file"])
+    pixels = np.random.default_rng(0).uniform(0, spec.value_max, (1, *spec.shape)).astype(np.float32)
+    seconds: dict[str, dict[int, list[float]]] = {label: {} for label in rows}
+    for threads in settings.threads:
+        calls = {label: make_call(name, path, pixels, threads) for label, (name, path) in files.items()}
+        for label, values in interleave(calls, settings.runs, settings.warmup).items():
+            seconds[label][threads] = values
+    return report(rows, seconds, settings)
 
 
 def main() -> None:
@@ -44,6 +75,7 @@ def main() -> None:
     parser.add_argument("--examples", type=Path, help="ExampleGen output with Split-train and Split-eval (with --model)")
     parser.add_argument("--existing", action="store_true", help="benchmark RUN_DIR's exports as they are, without rebuilding")
     parser.add_argument("--formats", default=DEFAULT_FORMATS, help=f"comma-separated (default {DEFAULT_FORMATS})")
+    parser.add_argument("--quantizers", help="comma-separated export.quantizer values to rebuild with and compare (default: the config's)")
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args()
@@ -56,11 +88,17 @@ def main() -> None:
         model_dir = args.model if args.model is not None else args.run_dir / "trainer" / "model"
         examples = args.examples if args.examples is not None else args.run_dir / "example_gen" / "examples"
         spec = ServingSpec.load(model_dir / SERVING_SUBDIR)
-        config = _config(args.run_dir, spec, args.formats.split(","))
+        quantizers = args.quantizers.split(",") if args.quantizers else [None]
+        unknown = set(quantizers) - {None, *get_args(ExportConfig.model_fields["quantizer"].annotation)}
+        if unknown:
+            parser.error(f"--quantizers: unknown {', '.join(sorted(map(str, unknown)))}")
         scratch = Path(tempfile.mkdtemp(prefix="segflow-export-latency-"))
         try:
-            exporter.run(config, examples, model_dir, scratch / "exports")
-            table = benchmark(scratch / "exports", settings, spec=spec)
+            builds: dict[str, tuple[Path, dict[str, Any]]] = {}
+            for quantizer in quantizers:
+                out = scratch / (quantizer or "exports")
+                builds[out.name] = (out, exporter.run(_config(args.run_dir, spec, args.formats.split(","), quantizer), examples, model_dir, out))
+            table = _compare(builds, spec, settings) if len(builds) > 1 else benchmark(out, settings, spec=spec)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     table["source"] = os.fspath(args.run_dir or args.model)
