@@ -414,7 +414,7 @@ class _StopOnNaN(keras.callbacks.Callback):
         _save_weights_atomically(self.model, self.last_good)
         raise TrainingDiverged(
             f"trainer: stage {self.stage}, epoch {self.epoch + 1} ({where}): {', '.join(f'{k} {v}' for k, v in bad.items())}; training stopped. "
-            f"The weights at the start of epoch {self.epoch + 1} are in {self.last_good} (its stage's checkpoint in {self.last_good.parent}); "
+            f"The weights at the start of epoch {self.epoch + 1} are in {self.last_good} (the stage's own checkpoint of that epoch in {self.last_good.parent / f'stage-{self.stage}'}); "
             "lower the learning rate, or restart from them with stages[].initial_weights"
         )
 
