@@ -2,7 +2,7 @@
 tflite_dynamic and tflite_int8 from the session's tiny trained model, with the contract
 every TFLite export has (segflow's loader runs it, uint8 in/out with raw-pixel input for
 int8, MediaPipe metadata, sidecar); ai-edge-quantizer's per-layer report lies beside its
-files and the sidecar names it."""
+files, the sidecar names it and the Pusher publishes it with them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,6 +14,7 @@ import pytest
 from segflow.components.exporter import core as exporter
 from segflow.config import ConfigError, validate_config
 from segflow.exporters import ExportFormat, quantizer_report_name
+from segflow.litert_quantizer import REPORT_SUFFIX
 from segflow.io import read_json
 from segflow.registry import EXPORT_FORMATS
 from segflow.serving import SERVING_SUBDIR, ServingSpec
@@ -80,3 +81,18 @@ def test_export_quantizer_config(tiny_data: Path) -> None:
     assert chosen.export.quantizer == "ai_edge_quantizer"
     with pytest.raises(ConfigError, match="export.quantizer: Input should be 'converter' or 'ai_edge_quantizer'"):
         validate_config(tiny_raw_config(tiny_data, export={"formats": ["tflite_int8"], "quantizer": "aeq"}))
+
+
+def test_the_pusher_publishes_the_report_with_the_export(quantized: tuple[str, dict, Path], trained: dict, tmp_path: Path) -> None:
+    from segflow.components.pusher import core as pusher
+
+    quantizer, results, out = quantized
+    config = trained["config"]
+    config = config.model_copy(update={"push": config.push.model_copy(update={"registry": str(tmp_path / "registry")})})
+    (tmp_path / "blessing").mkdir()
+    (tmp_path / "blessing" / "BLESSED").write_text("")
+    assert pusher.run(config, out, tmp_path / "blessing", tmp_path / "push")["pushed"]
+    reports = sorted(entry["quantizer_report"] for entry in results.values() if "quantizer_report" in entry)
+    assert len(reports) == (2 if quantizer == "ai_edge_quantizer" else 0)
+    version = tmp_path / "registry" / config.name / "1"
+    assert sorted(path.name for path in version.glob(f"*{REPORT_SUFFIX}")) == reports

@@ -118,8 +118,9 @@ def publish(source: str | os.PathLike[str], registry: str, name: str, origin: st
 
 
 def stage_passed_exports(exports_dir: str | os.PathLike[str], staging: Path) -> tuple[list[str], dict[str, str]]:
-    """Copy into `staging` the exports that passed the parity gate with their sidecar JSON and
-    an exports.json of only them; return (their names, {withheld name: reason})."""
+    """Copy into `staging` the exports that passed the parity gate with their sidecar JSON (and
+    ai-edge-quantizer's report, which the sidecar names) and an exports.json of only them;
+    return (their names, {withheld name: reason})."""
     from segflow.components.exporter.core import EXPORTS_FILE, read_exports
 
     exports = read_exports(exports_dir)
@@ -130,7 +131,9 @@ def stage_passed_exports(exports_dir: str | os.PathLike[str], staging: Path) -> 
             shutil.copytree(source, staging / entry["file"])
         else:
             shutil.copy2(source, staging / entry["file"])
-        shutil.copy2(Path(exports_dir) / entry["sidecar"], staging / entry["sidecar"])
+        for key in ("sidecar", "quantizer_report"):
+            if key in entry:
+                shutil.copy2(Path(exports_dir) / entry[key], staging / entry[key])
     write_json(staging / EXPORTS_FILE, passed)
     withheld = {name: f"{entry['status']}: {entry['reason']}" for name, entry in exports.items() if name not in passed}
     return list(passed), withheld
