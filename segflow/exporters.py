@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from segflow.io import write_json
-from segflow.litert_quantizer import RECIPES, REPORT_SUFFIX
+from segflow.litert_quantizer import RECIPES, REPORT_SUFFIX, VALIDATION_SAMPLES
 from segflow.litert_quantizer import quantize as ai_edge_quantize
 from segflow.preprocessing import luma
 from segflow.registry import EXPORT_FORMATS
@@ -228,11 +228,18 @@ def quantizer_report_name(file_name: str) -> str:
 
 def _ai_edge_quantized(serving_dir: Path, target: Path, quantization: str, representative: RepresentativeData | None) -> bytes:
     """The converter's float32 model quantized by ai-edge-quantizer, its per-layer report
-    written beside `target`."""
+    written beside `target`. The dynamic recipe needs no calibration; its report compares
+    the models on random images in the pixel range instead."""
     if quantization == "int8" and representative is None:
         raise ExportError(f"{target}: {quantization} quantization needs representative (calibration) data")
-    samples = [colour_pixels(sample, 3) for (sample,) in representative()] if representative is not None else None
-    model, report = ai_edge_quantize(_batch_one_converter(serving_dir).convert(), quantization, samples)
+    if representative is not None:
+        samples, described = [colour_pixels(sample, 3) for (sample,) in representative()], "calibration images"
+    else:
+        spec = ServingSpec.load(serving_dir)
+        channels = 3 if spec.shape[2] == 1 else spec.shape[2]  # the TFLite input of a grey model is colour (see _batch_one_converter)
+        random = np.random.default_rng(0).uniform(0, spec.value_max, (VALIDATION_SAMPLES, 1, *spec.shape[:2], channels)).astype(np.float32)
+        samples, described = list(random), f"random images, uniform raw pixel counts in 0..{spec.value_max}"
+    model, report = ai_edge_quantize(_batch_one_converter(serving_dir).convert(), quantization, samples, described)
     write_json(target.parent / quantizer_report_name(target.name), report)
     return model
 

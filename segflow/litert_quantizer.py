@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 from importlib.metadata import version
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +27,7 @@ from segflow.tflite_metadata import _pack
 
 RECIPES = {"dynamic-range int8": "dynamic_wi8_afp32", "int8": "static_wi8_ai8"}  # export quantization -> ai-edge-quantizer recipe
 REPORT_SUFFIX = ".quantizer_report.json"
-VALIDATION_SAMPLES = 4  # calibration images the per-layer comparison runs on (it keeps every tensor of both models)
+VALIDATION_SAMPLES = 4  # images the per-layer comparison runs on (it keeps every tensor of both models)
 
 
 def _threads() -> int:
@@ -43,11 +43,11 @@ def _tensors(results: dict[str, dict[str, float]]) -> dict[str, dict[str, float 
     return {name: {metric: _finite(value) for metric, value in metrics.items()} for name, metrics in results.items()}
 
 
-def quantize(float_model: bytes, quantization: str, samples: Iterable[np.ndarray] | None) -> tuple[bytes, dict[str, Any]]:
-    """`float_model` quantized with the recipe of `quantization` (RECIPES), and the per-layer
-    report: MSE and SNR of every tensor against the float model's on the first calibration
-    images (or one random image for the dynamic recipe, which has none). A full-integer
-    result gets the uint8 interface (see the module docstring)."""
+def quantize(float_model: bytes, quantization: str, samples: list[np.ndarray], described: str) -> tuple[bytes, dict[str, Any]]:
+    """`float_model` quantized with the recipe of `quantization` (RECIPES), calibrated on
+    `samples` when the recipe needs it, and the per-layer report: MSE and SNR of every tensor
+    against the float model's on the first of `samples` (`described` says what they are).
+    A full-integer result gets the uint8 interface (see the module docstring)."""
     from ai_edge_litert.interpreter import Interpreter
     from ai_edge_quantizer import quantizer, recipe
     from ai_edge_quantizer.utils.validation_utils import ValidationErrorMetric
@@ -56,23 +56,18 @@ def quantize(float_model: bytes, quantization: str, samples: Iterable[np.ndarray
     ((signature, names),) = Interpreter(model_content=float_model).get_signature_list().items()
     (pixels,) = names["inputs"]
     engine = quantizer.Quantizer(float_model, getattr(recipe, name)())
-    feed = [{pixels: sample} for sample in samples] if samples is not None else None
-    calibration = engine.calibrate({signature: feed}, num_threads=_threads()) if engine.need_calibration and feed is not None else None
-    if engine.need_calibration and calibration is None:
-        raise ValueError(f"ai-edge-quantizer's {name} recipe needs calibration data")
+    feed = [{pixels: sample} for sample in samples]
+    calibration = engine.calibrate({signature: feed}, num_threads=_threads()) if engine.need_calibration else None
     quantized = bytes(engine.quantize(calibration, enable_progress_report=False).quantized_model)
     compared = engine.validate(
-        {signature: feed[:VALIDATION_SAMPLES]} if feed is not None else None,
-        error_metrics=[ValidationErrorMetric.MSE, ValidationErrorMetric.SNR],
-        num_threads=_threads(),
+        {signature: feed[:VALIDATION_SAMPLES]}, error_metrics=[ValidationErrorMetric.MSE, ValidationErrorMetric.SNR], num_threads=_threads()
     ).get_signature_comparison_result(signature)
     report = {
         "quantizer": f"ai-edge-quantizer {version('ai-edge-quantizer')}",
         "recipe": name,
         "validation": (
             f"ai-edge-quantizer's validate: each tensor of the quantized model against the float32 TFLite model's, "
-            f"on {min(len(feed), VALIDATION_SAMPLES)} calibration images" if feed is not None else
-            "ai-edge-quantizer's validate: each tensor of the quantized model against the float32 TFLite model's, on one random-normal input"
+            f"on {len(feed[:VALIDATION_SAMPLES])} {described}"
         ),
         "metrics": {"mse": "mean squared error", "snr": "signal-to-noise ratio, signal power over error power (null: no error)"},
         "output": _tensors(compared.output_tensors),
