@@ -52,3 +52,15 @@ def test_killed_trainer_resumes_from_its_last_epoch_with_its_optimizer_steps(tin
     # A fresh optimizer would count from 0 again: epoch 3 ends at 3 epochs' steps only if epoch 2's count was restored.
     assert [int(float(row["optimizer_steps"])) for row in rows] == [steps, 2 * steps, 3 * steps, 4 * steps]
     assert not (run / ".resume-backup").exists() and not backup.exists()
+
+
+def test_resume_takes_only_the_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The run folder's config.yaml is the config: a CONFIG, --set or --output beside --resume is refused."""
+    from segflow.cli import main
+
+    assert main(["run", "other.yaml", "--set", "batch=2", "--resume", str(tmp_path)]) == 2
+    assert "drop CONFIG, --set" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert "no config.yaml; not a segflow run folder" in capsys.readouterr().err
+    assert main(["run"]) == 2
+    assert "needs a CONFIG.yaml (or --resume RUN_DIR)" in capsys.readouterr().err
