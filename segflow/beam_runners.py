@@ -93,14 +93,32 @@ def check_options(runner: str, options: dict[str, Any]) -> None:
         raise ValueError(f"Beam options for {runner}: " + "; ".join(errors))
 
 
+def disable_time_based_flush() -> None:
+    """Make the DirectRunner's in-process (multi_threading) SDK workers flush their output by
+    size only, as Beam's own SDK worker process does (`sdk_worker_main`: 0 ms by default).
+
+    Beam 2.77 starts those workers with a 1000 ms time-based flush, whose flusher thread runs
+    `callback(get())` and then `_clear()` while the bundle's thread keeps encoding elements into
+    the same buffer without the flush lock (`DataOutputOperation.process`): an element written in
+    between is cleared without being sent, and the next GroupByKey silently misses it. ExampleGen
+    lost 2-3 of CamVid's 367 pairs in most runs this way. 0 makes `ClosableOutputStream.create`
+    build the size-based stream, which only the bundle's thread flushes."""
+    from apache_beam.runners.portability.fn_api_runner import worker_handlers
+
+    worker_handlers.DATA_BUFFER_TIME_LIMIT_MS = 0
+
+
 def pipeline_options(running_mode: str, num_workers: int, temp_dir: str | os.PathLike[str], runner: str = "DirectRunner", options: dict[str, Any] | None = None) -> Any:
     """The PipelineOptions of a data component's Beam pipeline. DirectRunner: `running_mode`
-    and `num_workers` (0: one worker per available core); any runner: `options` on top,
+    and `num_workers` (0: one worker per available core), threads without Beam's racy
+    time-based output flush (`disable_time_based_flush`); any runner: `options` on top,
     and `temp_dir` as temp_location unless the options name one (Dataflow needs gs://)."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
     settings: dict[str, Any] = {"runner": runner, "temp_location": str(temp_dir)}
     if runner == "DirectRunner":
+        if running_mode == "multi_threading":
+            disable_time_based_flush()
         workers = 1 if running_mode == "in_memory" else num_workers or len(os.sched_getaffinity(0))
         settings.update(direct_running_mode=running_mode, direct_num_workers=workers)
     settings.update(options or {})
