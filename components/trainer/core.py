@@ -467,8 +467,7 @@ def _train(
     from segflow.components.transform.core import transform_layer
 
     keras.utils.set_random_seed(config.seed)
-    if config.deterministic:
-        tf.config.experimental.enable_op_determinism()
+    _set_op_determinism(config.deterministic)
     class_weights = resolve_class_weights(config.class_weights, examples_dir, config.class_names)
     labels = LabelSpec(config.num_labels, config.sigmoid_head, config.ignore_index, class_weights)
     pixels = PixelSpec.load(transform_dir)
@@ -625,6 +624,18 @@ def _train(
         shutil.rmtree(own_backup, ignore_errors=True)
     log(f"trainer: final loss {final.get('loss', float('nan')):.4f}, validation mean IoU {final.get('val_mean_iou', float('nan')):.4f}")
     return final, _weights_digest(weights)
+
+
+def _set_op_determinism(enabled: bool) -> None:
+    """Op determinism is process-wide and TensorFlow only offers to switch it on: a process
+    that trains several configs (lr-find, tests) must not carry one run's setting into the
+    next, e.g. into XLA, which has no deterministic MaxPool gradient and then fails."""
+    from tensorflow.python.framework import config as tf_config
+
+    if enabled:
+        tf.config.experimental.enable_op_determinism()
+    else:
+        tf_config.disable_op_determinism()
 
 
 def _quantization_aware(
