@@ -42,7 +42,14 @@ def _int8(model: keras.Model, sample: np.ndarray) -> bytes:
     return converter.convert()
 
 
-@pytest.mark.parametrize(("architecture", "backbone", "pixel_shuffle"), [*((name, "simple", 1) for name in ARCHITECTURES.names()), ("unet", "simple", 2), ("linknet", "resnet18", 1)])
+@pytest.mark.parametrize(
+    ("architecture", "backbone", "pixel_shuffle"),
+    [
+        *((name, "simple", 1) for name in ARCHITECTURES.names()),
+        ("unet", "simple", 2),
+        pytest.param("linknet", "resnet18", 1, marks=pytest.mark.slow),  # 45 s on 2 cores: `make test-slow`
+    ],
+)
 def test_quantization_aware_copy_fine_tunes_and_runs_as_int8(architecture: str, backbone: str, pixel_shuffle: int) -> None:
     from ai_edge_litert.interpreter import Interpreter
 
