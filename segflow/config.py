@@ -529,12 +529,12 @@ class ExperimentConfig(_Strict):
         if "tflite_int8_qat" in self.export.formats and self.qat is None:
             raise ValueError("export tflite_int8_qat converts the quantization-aware model the trainer fine-tunes: add `qat: {epochs: 2}`")
         if self.qat is not None:
-            from segflow.models import APPLICATIONS
+            from segflow.models import builtin_backbones
 
-            if self.backbone in APPLICATIONS:
+            if self.backbone not in builtin_backbones():
                 raise ValueError(
                     f"qat: tensorflow-model-optimization cannot quantize backbone {self.backbone} (a tf_keras.applications model "
-                    "nested in the network); use a built-in backbone (simple, resnet18, resnet34) or drop qat"
+                    f"nested in the network); use a built-in backbone ({', '.join(builtin_backbones())}) or drop qat"
                 )
         return self
 

@@ -468,32 +468,29 @@ def build_encoder(architecture_name: str, spec: ModelSpec) -> keras.Model:
     return keras.Model(inputs, features, name=ENCODER)
 
 
-class SpaceToDepth(keras.layers.Layer):
-    """Each factor x factor block of pixels becomes one pixel with factor**2 times the channels."""
+class PixelRearrange(keras.layers.Layer):
+    """A layer that moves pixels between positions and channels by a whole `factor`."""
 
     def __init__(self, factor: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.factor = factor
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "factor": self.factor}
+
+
+class SpaceToDepth(PixelRearrange):
+    """Each factor x factor block of pixels becomes one pixel with factor**2 times the channels."""
 
     def call(self, inputs: Tensor) -> Tensor:
         return tf.nn.space_to_depth(inputs, self.factor)
 
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "factor": self.factor}
 
-
-class DepthToSpace(keras.layers.Layer):
+class DepthToSpace(PixelRearrange):
     """The inverse of SpaceToDepth: channel groups become a factor x factor block of pixels."""
-
-    def __init__(self, factor: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.factor = factor
 
     def call(self, inputs: Tensor) -> Tensor:
         return tf.nn.depth_to_space(inputs, self.factor)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "factor": self.factor}
 
 
 def build_model(architecture_name: str, spec: ModelSpec, nested_encoder: bool = True) -> keras.Model:
@@ -520,31 +517,41 @@ def build_model(architecture_name: str, spec: ModelSpec, nested_encoder: bool = 
     return keras.Model(inputs, logits, name=f"{architecture_name}_{spec.backbone}")
 
 
+def builtin_backbones() -> list[str]:
+    """Backbones built from segflow's own layers (not a tf_keras.applications model)."""
+    return [name for name in BACKBONES.names() if name not in APPLICATIONS]
+
+
 def _network(architecture_name: str, spec: ModelSpec, inputs: Tensor, nested_encoder: bool) -> Tensor:
     """The logits of `spec`'s network on `inputs`."""
     entry: Backbone = BACKBONES.get(spec.backbone)
+    features = _encoded(architecture_name, spec, inputs) if nested_encoder else _encoded_inline(architecture_name, spec, inputs)
+    levels = list(range(entry.first_level, entry.first_level + len(features)))
+    return ARCHITECTURES.get(architecture_name).decode(features, levels, spec)
+
+
+def _encoded(architecture_name: str, spec: ModelSpec, inputs: Tensor) -> list[Tensor]:
+    """The pyramid through [the fixed input adapter and] the nested ENCODER model."""
     x = inputs
     application = APPLICATIONS.get(spec.backbone)
-    if not nested_encoder:
-        if application is not None:
-            raise ConfigError(
-                f"backbone {spec.backbone}: a tf_keras.applications encoder is a model of its own and cannot be built inline "
-                f"(as quantization-aware training needs); use a built-in backbone: {', '.join(name for name in BACKBONES.names() if name not in APPLICATIONS)}"
-            )
-        features = entry.build(x, spec, encoder_depth(architecture_name, spec))
-        levels = list(range(entry.first_level, entry.first_level + len(features)))
-        return ARCHITECTURES.get(architecture_name).decode(features, levels, spec)
     adapter = _adapter(application, spec.shape[2], spec.encoder_weights is not None) if application is not None else None
     if adapter is not None:
         kernel, bias = adapter
         layer = keras.layers.Conv2D(kernel.shape[1], 1, name=INPUT_ADAPTER, trainable=False)
         x = layer(x)
         layer.set_weights([kernel[None, None], bias])
-    encoder = build_encoder(architecture_name, spec)
-    features = encoder(x)
-    features = features if isinstance(features, list) else [features]
-    levels = list(range(entry.first_level, entry.first_level + len(features)))
-    return ARCHITECTURES.get(architecture_name).decode(features, levels, spec)
+    features = build_encoder(architecture_name, spec)(x)
+    return features if isinstance(features, list) else [features]
+
+
+def _encoded_inline(architecture_name: str, spec: ModelSpec, inputs: Tensor) -> list[Tensor]:
+    """The pyramid with the encoder's layers in the outer model (same layer names)."""
+    if spec.backbone in APPLICATIONS:
+        raise ConfigError(
+            f"backbone {spec.backbone}: a tf_keras.applications encoder is a model of its own and cannot be built inline "
+            f"(as quantization-aware training needs); use a built-in backbone: {', '.join(builtin_backbones())}"
+        )
+    return BACKBONES.get(spec.backbone).build(inputs, spec, encoder_depth(architecture_name, spec))
 
 
 def model_spec(shape: list[int], output_channels: int, backbone: str, model: ModelConfig) -> ModelSpec:

@@ -17,9 +17,8 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # tfmot builds on tf_keras (K
 import tensorflow_model_optimization as tfmot  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-from segflow.models import DepthToSpace, ModelSpec, SpaceToDepth, build_model  # noqa: E402
+from segflow.models import DepthToSpace, ModelSpec, SpaceToDepth, PixelRearrange, build_model  # noqa: E402
 
-_PASS_THROUGH_LAYERS = (SpaceToDepth, DepthToSpace)
 
 
 class PassThroughQuantizeConfig(tfmot.quantization.keras.QuantizeConfig):
@@ -72,7 +71,7 @@ def quantization_aware(network: keras.Model, architecture: str, spec: ModelSpec)
     flat = flat_copy(network, architecture, spec)
 
     def annotate(layer: keras.layers.Layer) -> keras.layers.Layer:
-        if isinstance(layer, _PASS_THROUGH_LAYERS):
+        if isinstance(layer, PixelRearrange):
             return tfmot.quantization.keras.quantize_annotate_layer(layer, PassThroughQuantizeConfig())
         return tfmot.quantization.keras.quantize_annotate_layer(layer) if not isinstance(layer, keras.layers.InputLayer) else layer
 
