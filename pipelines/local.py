@@ -30,6 +30,7 @@ from segflow.config import ExperimentConfig
 from segflow.examples import read_fingerprint
 from segflow.io import atomic_write_text, read_json, write_json
 from segflow.runtime import log, read_record
+from segflow.tracking import track_run
 
 SUMMARY_FILE = "summary.json"
 RESUME_FOLDER = ".resume-backup"  # an interrupted run's trainer backup, kept until a resumed trainer takes it
@@ -199,7 +200,9 @@ def _execute(config: ExperimentConfig, output: Path, kind: str, verbose: bool, s
             warnings.filterwarnings("ignore", category=RuntimeWarning, module="kfp.local.subprocess_task_handler")
             build_pipeline(config, kind)(**location_arguments(config, PARAMETERS[kind]))
     _collect_task_folders(kfp_root, output)
-    return build_summary(output, config, kind, time.perf_counter() - started)
+    summary = build_summary(output, config, kind, time.perf_counter() - started)
+    summary["tracking"] = track_run(output, config, summary)
+    return summary
 
 
 def relocate_summary(summary: dict[str, Any], local_dir: str | os.PathLike[str], location: str) -> dict[str, Any]:

@@ -230,6 +230,24 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from segflow.analyze import AnalyzeError, compare, console, load_runs, write_csv, write_html
+
+    try:
+        comparison = compare(load_runs(args.runs), args.metric)
+    except AnalyzeError as error:
+        print(f"segflow: error: {error}", file=sys.stderr)
+        return 2
+    print(console(comparison), end="")
+    if args.csv:
+        write_csv(comparison, args.csv)
+        print(f"wrote {Path(args.csv).resolve()}")
+    if args.html:
+        write_html(comparison, args.html)
+        print(f"wrote {Path(args.html).resolve()}")
+    return 0
+
+
 def _list(args: argparse.Namespace) -> int:
     from segflow.registry import REGISTRIES
 
@@ -397,6 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
     list_.add_argument("kind", choices=sorted(REGISTRIES))
     list_.add_argument("--json", action="store_true")
     list_.set_defaults(handler=_list)
+
+    analyze = commands.add_parser("analyze", help="compare runs: the config keys that differ and their metrics, best first")
+    analyze.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run folder, or a folder of run folders")
+    analyze.add_argument("--metric", default="mean_iou", help="rank by this eval metric, or SECTION.METRIC such as test.mean_iou (default mean_iou)")
+    analyze.add_argument("--csv", metavar="FILE", help="also write one row per run as CSV")
+    analyze.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with per-class IoU and training-curve plots")
+    analyze.set_defaults(handler=_analyze)
     return parser
 
 
