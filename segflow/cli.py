@@ -1,4 +1,4 @@
-"""`segflow` command line: run, validate, compile, submit, schedule, runs, predict, demo-data, list."""
+"""`segflow` command line: run, validate, compile, submit, schedule, runs, predict, report, demo-data, list."""
 from __future__ import annotations
 
 import argparse
@@ -222,6 +222,19 @@ def _benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _html_report(args: argparse.Namespace) -> int:
+    from segflow.report import ReportError, write_report
+
+    defaults_replaced = {name: getattr(args, name) for name in ("worst", "samples") if getattr(args, name) is not None}
+    try:
+        path = write_report(args.run_dir, args.output, **defaults_replaced)
+    except ReportError as error:
+        print(f"segflow: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
 def _demo_data(args: argparse.Namespace) -> int:
     from segflow.demo_data import CLASS_NAMES, write_demo_dataset
 
@@ -403,6 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", "-o", metavar="DIR", help="also write benchmark.json and benchmark.md there")
     bench.add_argument("--json", action="store_true", help="print the JSON table instead of markdown")
     bench.set_defaults(handler=_benchmark)
+
+    report = commands.add_parser("report", help="one self-contained HTML page of a run: curves, per-class IoU, confusion matrix, predictions, slices, exports, data")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `segflow run`")
+    report.add_argument("--output", "-o", metavar="FILE", help="the page to write (default RUN_DIR/report.html)")
+    report.add_argument("--worst", type=int, metavar="K", help="eval images with the lowest per-image mean IoU to show (default 6; 0: none)")
+    report.add_argument("--samples", type=int, metavar="N", help="eval images to show with the served model's prediction (default 4; 0: none)")
+    report.set_defaults(handler=_html_report)
 
     demo = commands.add_parser("demo-data", help="write the built-in synthetic dataset")
     demo.add_argument("directory")
