@@ -55,6 +55,7 @@ from segflow.runtime import log
 from segflow.preprocessing import PixelSpec, model_pixels, scale_pixels
 from segflow.serving import QAT_SERVING_SUBDIR, SegmentationServer, ServingSpec
 from segflow.storage import is_uri, localized
+from segflow.tf_augment import build_tf_policy, example_seed_tensor
 
 KERAS_FILE = "keras/model.keras"
 HISTORY_FILE = "history.csv"
@@ -107,11 +108,20 @@ def _decode(record: tf.Tensor, shape: list[int], pixels: PixelSpec) -> tuple[tf.
 
 
 def _augmenter(config: ExperimentConfig) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None:
-    """A tf.data map function applying the albumentations policy with a per-example,
-    per-epoch seed; each thread has its own policy object so seeding it is race-free."""
+    """A tf.data map function applying the augmentation policy with a per-example,
+    per-epoch seed: as TF ops when every entry has a TF version (segflow/tf_augment.py: no
+    GIL, parallel), else albumentations in a numpy_function, where each thread has its own
+    policy object so seeding it is race-free."""
     if not config.augmentation:
         return None
     height, width, channels = config.shape
+    graph_policy = build_tf_policy(build_policy(config.augmentation, ignore_index=config.ignore_index), (height, width, channels))
+    if graph_policy is not None:
+
+        def augment_graph(image: tf.Tensor, mask: tf.Tensor, filename: tf.Tensor, epoch: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            return graph_policy(image, mask, example_seed_tensor(config.seed, epoch, filename))
+
+        return augment_graph
     local = threading.local()
 
     def augment(image: np.ndarray, mask: np.ndarray, filename: bytes, epoch: np.int64) -> tuple[np.ndarray, np.ndarray]:

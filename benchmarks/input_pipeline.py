@@ -1,0 +1,163 @@
+"""Training input pipeline throughput on CamVid (192x256, batch 8), measured side by side.
+
+    .venv/bin/python benchmarks/input_pipeline.py [--steps 40] [--rounds 7] [--workdir /tmp/inbench]
+
+Variants, each fed the CamVid train split of pipelines/configs/camvid.yaml (as ExampleGen
+wrote it into --workdir) and the same policy (HorizontalFlip p 0.5, Affine and ColorJitter p 1, as YAML entries):
+(a) baseline: a keras.utils.Sequence as users of Keras segmentation libraries write it: PIL
+    reads the PNGs, albumentations resizes and augments each item; consumed as `model.fit`
+    does by default (OrderedEnqueuer, one worker thread, queue of 10);
+(b) segflow: the trainer's `make_dataset` training stream (epochs given; cache, seeded
+    shuffle, augmentation, batch, TFT normalisation, prefetch), without the model;
+(b0) segflow as before: the same stream with the policy forced onto the albumentations
+    `numpy_function` path (what (b) runs when an entry has no TensorFlow version);
+(c) the decode-only limit: TFRecords, the trainer's decode + resize, batch; no cache, no
+    augmentation.
+Every round starts a fresh iterator per variant, takes one batch untimed (start-up), then
+times `--steps` batches; variants interleave, order rotated each round. Prints a table of
+median images/s and the ratios b/a (target >= 2) and b/c (target >= 0.5). The ExampleGen and
+Transform outputs are made once in --workdir and reused.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+from unittest import mock
+
+import albumentations as A
+import numpy as np
+import tensorflow as tf
+import tf_keras as keras
+from PIL import Image
+
+from segflow.augment import build_policy
+from segflow.components.trainer import core as trainer
+from segflow.components.transform import core as transform
+from segflow.config import ExperimentConfig, load_config
+from segflow.examples import split_files
+from segflow.preprocessing import PixelSpec
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from trainer_throughput import prepare  # noqa: E402  (the data components, once)
+
+CAMVID = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "camvid"
+CONFIG = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "camvid.yaml"
+POLICY = (
+    "{HorizontalFlip: {p: 0.5}, Affine: {scale: [0.9, 1.1], translate_percent: [-0.05, 0.05], rotate: [-10, 10], p: 1.0},"
+    " ColorJitter: {brightness: 0.2, contrast: 0.2, saturation: 0.2, hue: 0.05, p: 1.0}}"
+)
+BATCH = 8
+Batches = Callable[[], Iterator[object]]
+
+
+class CamVidSequence(keras.utils.Sequence):
+    """The baseline loader: PNGs through PIL, albumentations per item, batches of arrays."""
+
+    def __init__(self, names: list[str], config: ExperimentConfig) -> None:
+        self.names = names
+        height, width = config.shape[:2]
+        policy = build_policy(config.augmentation, ignore_index=config.ignore_index)
+        self.augment = A.Compose([A.Resize(height, width), *policy.transforms], seed=config.seed)
+        self.lock = threading.Lock()  # fit's enqueuer may call from several threads; one policy object
+
+    def __len__(self) -> int:
+        return len(self.names) // BATCH
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        images, masks = [], []
+        for name in self.names[index * BATCH : (index + 1) * BATCH]:
+            image = np.asarray(Image.open(CAMVID / "train" / name).convert("RGB"))
+            mask = np.asarray(Image.open(CAMVID / "trainannot" / name))
+            with self.lock:
+                out = self.augment(image=image, mask=mask)
+            images.append(out["image"].astype(np.float32) / 255.0)
+            masks.append(out["mask"])
+        return np.stack(images), np.stack(masks)
+
+    def on_epoch_end(self) -> None:
+        np.random.default_rng(len(self.names)).shuffle(self.names)
+
+
+def train_names(examples: Path) -> list[str]:
+    """File names of the train split, as ExampleGen wrote them."""
+    records = tf.data.TFRecordDataset(split_files(examples, "train"), compression_type="GZIP")
+    parse = {"filename": tf.io.FixedLenFeature([], tf.string)}
+    return [tf.io.parse_single_example(record, parse)["filename"].numpy().decode() for record in records]
+
+
+def variants(config: ExperimentConfig, examples: Path, transform_dir: Path, steps: int) -> dict[str, Batches]:
+    layer, pixels = transform.transform_layer(transform_dir), PixelSpec.load(transform_dir)
+    names = train_names(examples)
+    per_epoch = len(names) // BATCH
+    epochs = (0, steps // per_epoch + 2)  # a fresh iterator per round never runs out
+    segflow = trainer.make_dataset(config, examples, "train", layer, pixels, epochs=epochs)
+    with mock.patch.object(trainer, "build_tf_policy", return_value=None):
+        segflow_numpy = trainer.make_dataset(config, examples, "train", layer, pixels, epochs=epochs)
+    decoded = tf.data.TFRecordDataset(split_files(examples, "train"), compression_type="GZIP").repeat()
+    decode_only = decoded.map(lambda record: trainer._decode(record, config.shape, pixels)[:2], num_parallel_calls=tf.data.AUTOTUNE).batch(BATCH).prefetch(tf.data.AUTOTUNE)
+    sequence = CamVidSequence(names, config)
+
+    def baseline() -> Iterator[object]:
+        enqueuer = keras.utils.OrderedEnqueuer(sequence, use_multiprocessing=False, shuffle=False)
+        enqueuer.start(workers=1, max_queue_size=10)  # model.fit's defaults
+        try:
+            yield from enqueuer.get()
+        finally:
+            enqueuer.stop()
+
+    for stream in (segflow, segflow_numpy):  # one full epoch fills the RAM cache for every later round
+        for _ in stream.take(per_epoch + 1):
+            pass
+    return {
+        "(a) baseline Sequence + albumentations": baseline,
+        "(b) segflow make_dataset": lambda: iter(segflow),
+        "(b0) segflow, albumentations numpy_function": lambda: iter(segflow_numpy),
+        "(c) decode-only limit": lambda: iter(decode_only),
+    }
+
+
+def measure(sides: dict[str, Batches], steps: int, rounds: int) -> dict[str, float]:
+    """Median images per second of each side over interleaved rounds."""
+    rates: dict[str, list[float]] = {name: [] for name in sides}
+    names = list(sides)
+    for round_ in range(rounds):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            batches = sides[name]()
+            next(batches)  # start-up: threads, first fill of the buffers
+            started = time.perf_counter()
+            for _ in range(steps):
+                next(batches)
+            rates[name].append(steps * BATCH / (time.perf_counter() - started))
+            getattr(batches, "close", lambda: None)()  # the baseline stops its enqueuer thread
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40, help="timed batches per variant and round (default 40)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    parser.add_argument("--workdir", default="/tmp/inbench", help="ExampleGen and Transform outputs, made once and reused")
+    args = parser.parse_args()
+    if not CAMVID.is_dir():
+        print(f"skipped: CamVid is absent ({CAMVID}); see ../shared/datasets/README.md")
+        return
+    config = load_config(CONFIG, [f"dataset.images={CAMVID / 'train'}", f"dataset.masks={CAMVID / 'trainannot'}", f"batch={BATCH}", f"augmentation={POLICY}"])
+    examples, transform_dir = prepare(config, Path(args.workdir))
+    rates = measure(variants(config, examples, transform_dir, args.steps), args.steps, args.rounds)
+    print(f"CamVid {config.shape[0]}x{config.shape[1]}, {len(train_names(examples))} train frames, batch {BATCH}, {args.steps} batches x {args.rounds} rounds, "
+          f"{len(os.sched_getaffinity(0))} cores, load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    print("| variant | images/s (median) |\n|---|---|")
+    for name, rate in rates.items():
+        print(f"| {name} | {rate:.1f} |")
+    a, b, b0, c = rates.values()
+    print(f"b/a = {b / a:.2f} (target >= 2)   b/c = {b / c:.2f} (target >= 0.5)   b/b0 = {b / b0:.2f}   b0/a = {b0 / a:.2f}")
+
+
+if __name__ == "__main__":
+    main()
