@@ -54,7 +54,7 @@ test-mediapipe: install $(MEDIAPIPE_VENV)/.installed-stamp
 	$(BIN)/pytest -m mediapipe -rs -s tests/test_mediapipe.py; status=$$?; \
 	echo "test-mediapipe: $$(( $$(date +%s) - start )) s"; exit $$status
 
-## golden: rewrite tests/golden/pipeline.yaml and pipeline-cluster.yaml after an intended change of the compiled pipeline
+## golden: rewrite tests/golden/pipeline.yaml, pipeline-kfold.yaml and pipeline-cluster.yaml after an intended change of the compiled pipeline
 golden: install
 	SEGFLOW_UPDATE_GOLDEN=1 $(BIN)/pytest tests/test_pipeline.py tests/test_cluster.py -k golden
 

@@ -20,7 +20,7 @@ from typing import Any, Iterator, TextIO
 
 from segflow import storage
 from segflow.component_config import location_arguments, resolve_locations
-from segflow.components.evaluator.core import METRICS_FILE, is_blessed, read_metrics
+from segflow.components.evaluator.core import METRICS_FILE, is_blessed, read_metrics, read_test_metrics
 from segflow.components.example_gen.core import COUNTS_FILE, QUARANTINE_FILE, read_counts
 from segflow.components.example_validator.core import ANOMALIES_FILE, read_anomalies
 from segflow.components.exporter.core import EXPORTS_FILE, read_exports
@@ -129,6 +129,8 @@ def resume_local(output: str | os.PathLike[str], verbose: bool = False) -> dict[
     if (output / SUMMARY_FILE).exists() and read_json(output / SUMMARY_FILE)["status"] == "succeeded":
         raise FileExistsError(f"{output}: the run succeeded; nothing to resume")
     config = load_config(output / "config.yaml")
+    if config.dataset.folds is not None:
+        raise ValueError(f"{output}: --resume does not continue k-fold runs (dataset.folds); run it again, or train the remaining folds with dataset.folds_to_train")
     kept = output / RESUME_FOLDER
     # Killed with `segflow run` itself, the trainer's folder is still under kfp.local's root.
     found = [*sorted((output / ".kfp").glob(f"*/trainer/{BACKUP_FOLDER}")), output / "trainer" / BACKUP_FOLDER]
@@ -199,10 +201,22 @@ def _execute(config: ExperimentConfig, output: Path, kind: str, verbose: bool, s
             # The SubprocessRunner warns that it ignores base_image: intended, it runs this environment.
             warnings.filterwarnings("ignore", category=RuntimeWarning, module="kfp.local.subprocess_task_handler")
             build_pipeline(config, kind)(**location_arguments(config, PARAMETERS[kind]))
-    _collect_task_folders(kfp_root, output)
+    _collect_task_folders(kfp_root, output, config.dataset.trained_folds())
     summary = build_summary(output, config, kind, time.perf_counter() - started)
     summary["tracking"] = track_run(output, config, summary)
     return summary
+
+
+def _split_metrics(evaluation: Path) -> dict[str, Any]:
+    """{"eval": ..., "test": ...} of an evaluation artifact, without the confusion matrices
+    (kept in its metrics files; too big for a summary)."""
+    found = {"eval": read_metrics(evaluation)}
+    test = read_test_metrics(evaluation)
+    if test is not None:
+        found["test"] = test
+    for metrics in found.values():
+        metrics.pop("confusion_matrix", None)
+    return found
 
 
 def relocate_summary(summary: dict[str, Any], local_dir: str | os.PathLike[str], location: str) -> dict[str, Any]:
@@ -230,11 +244,19 @@ def relocate_summary(summary: dict[str, Any], local_dir: str | os.PathLike[str],
     return summary
 
 
-def _collect_task_folders(kfp_root: Path, output: Path) -> None:
-    """Move kfp.local's `<root>/<pipeline-run>/<task-name>/` up to `<output>/<component>/`."""
+def _collect_task_folders(kfp_root: Path, output: Path, folds: list[int]) -> None:
+    """Move kfp.local's `<root>/<pipeline-run>/<task-name>/` up to `<output>/<component>/`; a
+    k-fold run's `for-loop-*-iteration-<i>/<task-name>/` to `<output>/<component>/fold-<fold>/`."""
     for run_dir in kfp_root.iterdir() if kfp_root.exists() else []:
         for task_dir in run_dir.iterdir():
-            os.replace(task_dir, output / task_dir.name.replace("-", "_"))
+            iteration = re.fullmatch(r"for-loop-\d+-iteration-(\d+)", task_dir.name)
+            if iteration is None:
+                os.replace(task_dir, output / task_dir.name.replace("-", "_"))
+                continue
+            for fold_task in task_dir.iterdir():
+                target = output / fold_task.name.replace("-", "_") / f"fold-{folds[int(iteration.group(1))]}"
+                target.parent.mkdir(exist_ok=True)
+                os.replace(fold_task, target)
     shutil.rmtree(kfp_root, ignore_errors=True)
 
 
@@ -244,11 +266,22 @@ COMPONENTS = {
     ],
     "validate": ["dataset_fingerprint", "example_gen", "statistics_gen", "schema_gen", "example_validator"],
 }
+FOLD_TASKS = ("trainer", "evaluator")  # run once per fold in a k-fold run
+
+
+def component_folders(config: ExperimentConfig, kind: str) -> list[str]:
+    """The run folder's component folders (relative), in DAG order: a k-fold run has a
+    trainer and evaluator folder per fold, then cross_validation, and no exporter or pusher."""
+    if kind != "train" or config.dataset.folds is None:
+        return COMPONENTS[kind]
+    data = COMPONENTS["train"][: COMPONENTS["train"].index("trainer")]
+    folds = config.dataset.trained_folds()
+    return data + [f"{task}/fold-{fold}" for task in FOLD_TASKS for fold in folds] + ["cross_validation"]
 
 
 def build_summary(output: Path, config: ExperimentConfig, kind: str, seconds: float) -> dict[str, Any]:
     components = {}
-    for name in COMPONENTS[kind]:
+    for name in component_folders(config, kind):
         record = read_record(output / name)
         components[name] = {"status": "not_run"} if record is None else {key: value for key, value in record.items() if key != "component"}
     succeeded = all(entry["status"] == "succeeded" for entry in components.values())
@@ -270,10 +303,15 @@ def build_summary(output: Path, config: ExperimentConfig, kind: str, seconds: fl
         summary["anomalies"] = read_anomalies(anomalies)
     evaluation = output / "evaluator" / "evaluation"
     if (evaluation / METRICS_FILE).exists():
-        metrics = read_metrics(evaluation)
-        metrics.pop("confusion_matrix", None)  # kept in metrics.json; too big for a summary
-        summary["metrics"] = {"eval": metrics}
+        summary["metrics"] = _split_metrics(evaluation)
         summary["blessed"] = is_blessed(output / "evaluator" / "blessing")
+    cross_validation = output / "cross_validation" / "evaluation"
+    if (cross_validation / METRICS_FILE).exists():
+        summary["metrics"] = _split_metrics(cross_validation)
+        summary["metrics"]["folds"] = [
+            {"fold": int(folder.parent.name.removeprefix("fold-")), **_split_metrics(folder)}
+            for folder in sorted((output / "evaluator").glob("fold-*/evaluation"), key=lambda path: int(path.parent.name.removeprefix("fold-")))
+        ]
     exports_dir = output / "exporter" / "exports"
     if (exports_dir / EXPORTS_FILE).exists():
         exports = read_exports(exports_dir)

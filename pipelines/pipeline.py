@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 from kfp import compiler, dsl
 
-from segflow.component_config import COMPONENT_KEYS, LOCATION_PARAMETERS, config_slice, location_arguments, locations, resolve_locations
+from segflow.component_config import COMPONENT_KEYS, DATASET_PARAMETERS, LOCATION_PARAMETERS, config_slice, location_arguments, locations, resolve_locations
+from segflow.components.cross_validation.component import cross_validation
 from segflow.components.dataset_fingerprint.component import dataset_fingerprint
 from segflow.components.evaluator.component import evaluator
 from segflow.components.example_gen.component import example_gen
@@ -32,7 +33,7 @@ from segflow.kfp_base import check_kubernetes, configure_task, local_only_warnin
 from segflow.storage import is_uri
 
 # The pipeline parameters of each kind of pipeline.
-PARAMETERS = {"train": ("images", "masks", "registry"), "validate": ("images", "masks")}
+PARAMETERS = {"train": (*DATASET_PARAMETERS, "registry"), "validate": DATASET_PARAMETERS}
 
 
 def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root: str | None = None, cluster: bool = False) -> Callable[..., Any]:
@@ -48,9 +49,9 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
     def step(component: Any, **arguments: Any) -> dsl.PipelineTask:
         return configure_task(component(**arguments), component.name.replace("-", "_"), config, cluster)
 
-    def data_checks(images: str, masks: str) -> tuple[dsl.PipelineTask, dsl.PipelineTask, dsl.PipelineTask]:
-        fingerprint = step(dataset_fingerprint, images=images, masks=masks)
-        examples = step(example_gen, config_slice=slices["example_gen"], images=images, masks=masks, dataset_fingerprint=fingerprint.outputs["Output"])
+    def data_checks(folders: dict[str, str]) -> tuple[dsl.PipelineTask, dsl.PipelineTask, dsl.PipelineTask]:
+        fingerprint = step(dataset_fingerprint, **folders)
+        examples = step(example_gen, config_slice=slices["example_gen"], **folders, dataset_fingerprint=fingerprint.outputs["Output"])
         statistics = step(statistics_gen, config_slice=slices["statistics_gen"], examples=examples.outputs["examples"])
         schema = step(schema_gen, config_slice=slices["schema_gen"], statistics=statistics.outputs["statistics"])
         validation = step(example_validator, config_slice=slices["example_validator"], statistics=statistics.outputs["statistics"], schema=schema.outputs["schema"])
@@ -59,15 +60,42 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
     if kind == "validate":
 
         @dsl.pipeline(name="segflow-validate", description="segflow: ExampleGen, statistics, schema and data validation only", pipeline_root=pipeline_root)
-        def validation_pipeline(images: str = defaults["images"], masks: str = defaults["masks"]) -> None:
-            data_checks(images, masks)
+        def validation_pipeline(
+            images: str = defaults["images"],
+            masks: str = defaults["masks"],
+            eval_images: str = defaults["eval_images"],
+            eval_masks: str = defaults["eval_masks"],
+            test_images: str = defaults["test_images"],
+            test_masks: str = defaults["test_masks"],
+        ) -> None:
+            data_checks(dict(images=images, masks=masks, eval_images=eval_images, eval_masks=eval_masks, test_images=test_images, test_masks=test_masks))
 
         return validation_pipeline
 
     @dsl.pipeline(name="segflow", description="segflow: ExampleGen to Pusher for image segmentation", pipeline_root=pipeline_root)
-    def training_pipeline(images: str = defaults["images"], masks: str = defaults["masks"], registry: str = defaults["registry"]) -> None:
-        examples, schema, validation = data_checks(images, masks)
+    def training_pipeline(
+        images: str = defaults["images"],
+        masks: str = defaults["masks"],
+        eval_images: str = defaults["eval_images"],
+        eval_masks: str = defaults["eval_masks"],
+        test_images: str = defaults["test_images"],
+        test_masks: str = defaults["test_masks"],
+        registry: str = defaults["registry"],
+    ) -> None:
+        folders = dict(images=images, masks=masks, eval_images=eval_images, eval_masks=eval_masks, test_images=test_images, test_masks=test_masks)
+        examples, schema, validation = data_checks(folders)
         graph = step(transform, config_slice=slices["transform"], examples=examples.outputs["examples"], schema=schema.outputs["schema"])
+        if config.dataset.folds is not None:
+            # One trainer and evaluator per fold; locally one at a time (2 cores), on a cluster all at once.
+            with dsl.ParallelFor(items=config.dataset.trained_folds(), parallelism=None if cluster else 1) as fold:
+                model = step(trainer, config_slice=slices["trainer"], examples=examples.outputs["examples"], transform_graph=graph.outputs["transform_graph"], fold=fold)
+                model.after(validation)
+                evaluation = step(evaluator, config_slice=slices["evaluator"], examples=examples.outputs["examples"], model=model.outputs["model"], fold=fold)
+            step(
+                cross_validation, config_slice=slices["cross_validation"], examples=examples.outputs["examples"],
+                models=dsl.Collected(model.outputs["model"]), evaluations=dsl.Collected(evaluation.outputs["evaluation"]),
+            )
+            return  # a k-fold run measures a config; the model to export and push comes from a run without folds
         model = step(trainer, config_slice=slices["trainer"], examples=examples.outputs["examples"], transform_graph=graph.outputs["transform_graph"])
         model.after(validation)  # with on_anomaly 'fail', bad data stops the run before training
         evaluation = step(evaluator, config_slice=slices["evaluator"], examples=examples.outputs["examples"], model=model.outputs["model"])

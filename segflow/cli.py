@@ -75,8 +75,18 @@ def _report(summary: dict, output: str | Path) -> None:
     if "training" in summary and (summary["training"]["batch_halvings"] or summary["training"]["epochs_before_resume"]):
         training = summary["training"]
         print(f"training: batch {training['batch']} ({training['batch_halvings']} halvings), resumed after {training['epochs_before_resume']} epochs")
-    if "metrics" in summary:
-        print(f"mean IoU (eval): {summary['metrics']['eval']['mean_iou']:.4f}  blessed: {summary['blessed']}")
+    metrics = summary.get("metrics", {})
+    if "folds" in metrics:
+        pooled = metrics["eval"]
+        folds = ", ".join(f"fold {entry['fold']} {entry['eval']['mean_iou']:.4f}" for entry in metrics["folds"])
+        print(f"mean IoU over {len(metrics['folds'])} folds: {pooled['mean_iou_fold_mean']:.4f} +- {pooled['mean_iou_fold_std']:.4f} ({folds})")
+        print(f"mean IoU out of fold (pooled, {pooled['examples']} examples): {pooled['mean_iou']:.4f}")
+        if "test" in metrics:
+            print(f"mean IoU (test, ensemble of the folds, {metrics['test']['examples']} examples): {metrics['test']['mean_iou']:.4f}")
+    elif metrics:
+        print(f"mean IoU (eval): {metrics['eval']['mean_iou']:.4f}  blessed: {summary['blessed']}")
+        if "test" in metrics:
+            print(f"mean IoU (test, {metrics['test']['examples']} examples): {metrics['test']['mean_iou']:.4f}")
     for name, export in summary.get("exports", {}).items():
         if "bytes" not in export:  # skipped: no runtime or hardware for it here
             print(f"  export {name:<15} {export.get('status', 'skipped')}: {export.get('reason', '')}")

@@ -26,7 +26,7 @@ from segflow.storage import absolute
 # component -> the config keys its core reads ("beam" is the whole section, "dataset.eval_split" one key).
 COMPONENT_KEYS: dict[str, tuple[str, ...]] = {
     # dataset.group_by and dataset.multipage shape the examples: listed before ExampleGen reads them.
-    "example_gen": ("dataset.eval_split", "dataset.group_by", "dataset.multipage", "classes", "mask_values", "ignore_index", "beam"),
+    "example_gen": ("dataset.eval_split", "dataset.group_by", "dataset.multipage", "dataset.folds", "classes", "mask_values", "ignore_index", "beam"),
     "statistics_gen": ("classes", "ignore_index", "shape", "beam"),
     "schema_gen": ("classes", "validation.schema"),
     "example_validator": ("classes", "validation"),
@@ -38,25 +38,43 @@ COMPONENT_KEYS: dict[str, tuple[str, ...]] = {
         "name", "kubernetes",  # the multi-worker launcher names and places its worker pods with them (segflow/k8s_objects.py)
     ),
     "evaluator": ("evaluation", "dataset.group_by", "beam"),  # group_by: the `source` slice
+    "cross_validation": ("evaluation", "dataset.group_by", "dataset.folds", "dataset.folds_to_train", "beam"),
     "exporter": ("export", "qat", "name"),  # qat: recorded with the tflite_int8_qat export; name: the sidecars' source run
     "pusher": ("name", "evaluation"),
 }
 
 # pipeline parameter -> the config key it overrides.
-LOCATION_PARAMETERS = {"images": "dataset.images", "masks": "dataset.masks", "registry": "push.registry"}
+LOCATION_PARAMETERS = {
+    "images": "dataset.images",
+    "masks": "dataset.masks",
+    "eval_images": "dataset.eval.images",
+    "eval_masks": "dataset.eval.masks",
+    "test_images": "dataset.test.images",
+    "test_masks": "dataset.test.masks",
+    "registry": "push.registry",
+}
+# The named split folders are optional: their parameters are "" when the config has none.
+OPTIONAL_PARAMETERS = ("eval_images", "eval_masks", "test_images", "test_masks")
+DATASET_PARAMETERS = ("images", "masks", *OPTIONAL_PARAMETERS)
 
 # component -> the pipeline parameters it receives (and lays over its slice).
-COMPONENT_LOCATIONS = {"example_gen": ("images", "masks"), "pusher": ("registry",)}
+COMPONENT_LOCATIONS = {"example_gen": DATASET_PARAMETERS, "pusher": ("registry",)}
 
 # Every config key that names a file, folder or registry (a path or a URI).
-LOCATIONS = ("dataset.images", "dataset.masks", "push.registry", "validation.schema", "validation.baseline_statistics")
+LOCATIONS = (
+    "dataset.images", "dataset.masks", "dataset.eval.images", "dataset.eval.masks", "dataset.test.images", "dataset.test.masks",
+    "push.registry", "validation.schema", "validation.baseline_statistics",
+)
 
 # What a slice leaves out and a valid config needs; every other key takes its default.
 PLACEHOLDERS: dict[str, Any] = {"name": "sliced", "dataset": {"images": "", "masks": ""}}
 
 
 def _get(raw: dict[str, Any], key: str) -> Any:
+    """The value at a dotted key; None when a section on the way is unset (dataset.eval)."""
     for part in key.split("."):
+        if raw is None:
+            return None
         raw = raw[part]
     return raw
 
@@ -64,7 +82,9 @@ def _get(raw: dict[str, Any], key: str) -> Any:
 def _set(raw: dict[str, Any], key: str, value: Any) -> None:
     *parents, last = key.split(".")
     for part in parents:
-        raw = raw.setdefault(part, {})
+        if raw.get(part) is None:
+            raw[part] = {}
+        raw = raw[part]
     raw[last] = value
 
 
@@ -92,14 +112,16 @@ def config_from_slice(text: str, **locations: str) -> ExperimentConfig:
     for key, value in json.loads(text).items():
         raw[key] = {**raw[key], **value} if isinstance(raw.get(key), dict) else value
     for parameter, value in locations.items():
-        _set(raw, LOCATION_PARAMETERS[parameter], value)
+        if value or parameter not in OPTIONAL_PARAMETERS:
+            _set(raw, LOCATION_PARAMETERS[parameter], value)
     return _validated(raw)
 
 
 def location_arguments(config: ExperimentConfig, parameters: tuple[str, ...] | None = None) -> dict[str, str]:
-    """The pipeline parameters (all, or the named ones) with this config's values."""
+    """The pipeline parameters (all, or the named ones) with this config's values ("" for
+    named split folders the config does not have)."""
     raw = _raw(config)
-    return {name: _get(raw, LOCATION_PARAMETERS[name]) for name in parameters or LOCATION_PARAMETERS}
+    return {name: _get(raw, LOCATION_PARAMETERS[name]) or "" for name in parameters or LOCATION_PARAMETERS}
 
 
 def locations(config: ExperimentConfig) -> dict[str, str]:
@@ -117,12 +139,14 @@ def resolve_locations(config: ExperimentConfig, base: str | os.PathLike[str] | N
     return _validated(raw)
 
 
-def run_core(name: str, config_slice: str, *paths: str, **locations: str) -> Any:
+def run_core(name: str, config_slice: str, *paths: str, fold: int = -1, **locations: str) -> Any:
     """The body of a KFP wrapper: `segflow.components.<name>.core.run(config, *paths)` with the
     config rebuilt from the task's slice and location parameters, under `runtime.execute`.
     The last path is an output artifact's: its folder, the task's, gets `component.json`.
+    `fold` (a k-fold run's trainers and evaluators; -1: none) is passed on to the core.
     (Not in segflow.kfp_base: inside a KFP executor `kfp.dsl` has no `component` decorator.)"""
     from segflow.runtime import execute
 
     core = importlib.import_module(f"segflow.components.{name}.core")
-    return execute(name, os.path.dirname(paths[-1]), core.run, config_from_slice(config_slice, **locations), *paths)
+    folded = {"fold": fold} if fold >= 0 else {}
+    return execute(name, os.path.dirname(paths[-1]), core.run, config_from_slice(config_slice, **locations), *paths, **folded)

@@ -24,18 +24,66 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class DatasetConfig(_Strict):
-    """Where the data is (local paths or gs:// / s3:// URIs) and how it is split."""
+DEFAULT_EVAL_SPLIT = 0.2
+
+
+class SplitFolders(_Strict):
+    """The image and mask folders of one named split (a dataset's official eval or test set)."""
 
     images: str
     masks: str
-    eval_split: float = Field(0.2, gt=0.0, lt=1.0, description="exact share of examples (or groups) in the eval split")
+
+
+class DatasetConfig(_Strict):
+    """Where the data is (local paths or gs:// / s3:// URIs) and how it is split: a hash split
+    of `images`/`masks` (eval_split), named `eval`/`test` folders, or k folds."""
+
+    images: str
+    masks: str
+    eval_split: float | None = Field(
+        None, gt=0.0, lt=1.0, description=f"exact share of examples (or groups) in the eval split; null: {DEFAULT_EVAL_SPLIT} unless eval folders or folds are given"
+    )
     group_by: str | None = Field(
         None, description="regex on the file stem; files whose match is equal stay in one split (video sequence, patient, slide)"
     )
     multipage: Literal["quarantine", "expand"] = Field(
         "quarantine", description="multi-page TIFFs: quarantined, or one example per page (image and mask page counts must match)"
     )
+    eval: SplitFolders | None = Field(None, description="the eval split's own folders instead of a hash split of images/masks")
+    test: SplitFolders | None = Field(
+        None, description="a test split: scored by the evaluator only, never used to choose checkpoints or thresholds"
+    )
+    folds: int | None = Field(
+        None, ge=2, le=20, description="k-fold cross-validation over images/masks: one trainer per fold, fold ids from a hash of the file name (group)"
+    )
+    folds_to_train: list[int] | None = Field(None, min_length=1, description="train only these folds (ids from 0); null: all")
+
+    @model_validator(mode="after")
+    def _split_choice(self) -> "DatasetConfig":
+        if self.eval is not None and self.eval_split is not None:
+            raise ValueError("eval_split and eval are exclusive: the eval folders are the eval split")
+        if self.folds is not None and (self.eval is not None or self.eval_split is not None):
+            raise ValueError("folds replaces the eval split: remove eval / eval_split (each fold is the eval split of its trainer)")
+        if self.folds_to_train is not None:
+            if self.folds is None:
+                raise ValueError("folds_to_train needs folds")
+            wrong = sorted({fold for fold in self.folds_to_train if not 0 <= fold < self.folds})
+            if wrong:
+                raise ValueError(f"folds_to_train: fold ids {wrong} outside 0..{self.folds - 1}")
+            if len(set(self.folds_to_train)) != len(self.folds_to_train):
+                raise ValueError("folds_to_train: a fold is listed twice")
+        return self
+
+    @property
+    def eval_share(self) -> float:
+        """The hash split's eval share (eval_split, or its default)."""
+        return DEFAULT_EVAL_SPLIT if self.eval_split is None else self.eval_split
+
+    def trained_folds(self) -> list[int]:
+        """The folds a k-fold run trains (none without folds)."""
+        if self.folds is None:
+            return []
+        return sorted(self.folds_to_train) if self.folds_to_train is not None else list(range(self.folds))
 
     @field_validator("group_by")
     @classmethod
@@ -630,7 +678,12 @@ class ExperimentConfig(_Strict):
         from segflow.storage import absolute
 
         root = base or os.getcwd()
-        dataset = self.dataset.model_copy(update={"images": absolute(self.dataset.images, root), "masks": absolute(self.dataset.masks, root)})
+        named = {
+            split: folders.model_copy(update={"images": absolute(folders.images, root), "masks": absolute(folders.masks, root)})
+            for split, folders in (("eval", self.dataset.eval), ("test", self.dataset.test))
+            if folders is not None
+        }
+        dataset = self.dataset.model_copy(update={"images": absolute(self.dataset.images, root), "masks": absolute(self.dataset.masks, root), **named})
         push = self.push.model_copy(update={"registry": absolute(self.push.registry, root)})
         update: dict[str, Any] = {"dataset": dataset, "push": push}
         if self.model.encoder_weights not in (None, "imagenet"):

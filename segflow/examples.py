@@ -17,9 +17,11 @@ import numpy as np
 
 from segflow.io import read_json, write_json
 
-SPLITS = ("train", "eval")
+SPLITS = ("train", "eval")  # the hash split's splits: every run without folds has both
+ALL_SPLITS = ("train", "eval", "test")  # test only when the dataset names test folders; no eval with folds
 SHARD_PATTERN = "data-*.tfrecord.gz"
 FINGERPRINT_FILE = "fingerprint.json"
+FOLD_FEATURE = "fold"
 
 
 def split_dir(examples_dir: str | os.PathLike[str], split: str) -> Path:
@@ -72,6 +74,30 @@ def assign_splits(stems: list[str], eval_split: float, group_by: str | None = No
     return {stem: "eval" if key in eval_keys else "train" for key, members in groups.items() for stem in members}
 
 
+def assign_folds(stems: list[str], folds: int, group_by: str | None = None) -> dict[str, int]:
+    """stem -> fold id in 0..folds-1. Groups are ranked by the sha256 of their key (so a
+    file's fold depends on its name, not on the experiment) and each goes, largest first,
+    to the fold with the fewest examples so far (lowest id on ties): the folds differ in
+    size by at most the largest group. Every fold gets at least one group."""
+    groups: dict[str, list[str]] = {}
+    for stem in stems:
+        groups.setdefault(group_key(stem, group_by), []).append(stem)
+    if len(groups) < folds:
+        raise ValueError(f"cannot split {len(stems)} example(s) in {len(groups)} group(s) into {folds} folds: every fold needs a group")
+    sizes = [0] * folds
+    assigned: dict[str, int] = {}
+    for key in sorted(groups, key=lambda key: (-len(groups[key]), _digest(key))):
+        fold = min(range(folds), key=lambda index: (sizes[index], index))
+        sizes[fold] += len(groups[key])
+        assigned.update({stem: fold for stem in groups[key]})
+    return assigned
+
+
+def present_splits(examples_dir: str | os.PathLike[str]) -> list[str]:
+    """The splits an Examples artifact holds, in ALL_SPLITS order."""
+    return [split for split in ALL_SPLITS if split_dir(examples_dir, split).is_dir()]
+
+
 def shard_name(index: int, count: int) -> str:
     """File name of shard `index` of `count` in a split folder (matches SHARD_PATTERN)."""
     return f"data-{index:05d}-of-{count:05d}.tfrecord.gz"
@@ -100,7 +126,7 @@ def write_fingerprint(examples_dir: str | os.PathLike[str]) -> dict[str, Any]:
     root = Path(examples_dir)
     shards = {
         Path(file).relative_to(root).as_posix(): hashlib.sha256(Path(file).read_bytes()).hexdigest()
-        for split in SPLITS
+        for split in present_splits(root)
         for file in split_files(root, split)
     }
     fingerprint = {"sha256": _digest(json.dumps(shards, sort_keys=True)), "shards": shards}
@@ -117,6 +143,7 @@ class SegmentationExample:
     filename: str
     image: np.ndarray  # HxWxC uint8/uint16, RGB order
     mask: np.ndarray  # HxW uint8 class ids (ignore_index allowed)
+    fold: int | None = None  # k-fold runs: the example's fold id
 
     @property
     def bit_depth(self) -> int:
@@ -145,6 +172,8 @@ def serialize(example: SegmentationExample) -> bytes:
         "bit_depth": number(example.bit_depth),
         "filename": raw(example.filename.encode()),
     }
+    if example.fold is not None:
+        features[FOLD_FEATURE] = number(example.fold)
     # `feature` is a proto map: without `deterministic` its order follows the process's string
     # hash seed, so the same example would serialize differently in every run.
     return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
@@ -159,11 +188,12 @@ def deserialize(record: bytes) -> SegmentationExample:
     filename = feature["filename"].bytes_list.value[0].decode()
     image = decode_image(feature["image"].bytes_list.value[0], filename)
     mask = decode_image(feature["mask"].bytes_list.value[0], filename)[:, :, 0]
-    return SegmentationExample(filename=filename, image=image, mask=mask)
+    fold = feature[FOLD_FEATURE].int64_list.value[0] if FOLD_FEATURE in feature else None
+    return SegmentationExample(filename=filename, image=image, mask=mask, fold=fold)
 
 
 # Features of every example that are pixels or identify one image, not facts to slice by.
-PIXEL_AND_ID_FEATURES = ("image", "mask", "filename")
+PIXEL_AND_ID_FEATURES = ("image", "mask", "filename", FOLD_FEATURE)
 
 
 def scalar_features(record: bytes) -> dict[str, int | float | str]:
@@ -194,6 +224,17 @@ def iter_split(examples_dir: str | os.PathLike[str], split: str) -> Iterator[Seg
 
     for record in tf.data.TFRecordDataset(split_files(examples_dir, split), compression_type="GZIP"):
         yield deserialize(record.numpy())
+
+
+def fold_counts(examples_dir: str | os.PathLike[str], folds: int) -> list[int]:
+    """Examples per fold in the train split of a k-fold run (after quarantine)."""
+    import tensorflow as tf
+
+    counts = [0] * folds
+    records = tf.data.TFRecordDataset(split_files(examples_dir, "train"), compression_type="GZIP")
+    for fold in records.map(lambda record: tf.io.parse_single_example(record, {FOLD_FEATURE: tf.io.FixedLenFeature([], tf.int64)})[FOLD_FEATURE]):
+        counts[int(fold)] += 1
+    return counts
 
 
 def pixel_scale(bit_depth: int) -> float:

@@ -28,7 +28,7 @@ component: Callable[[Callable[..., Any]], Any] = functools.partial(dsl.component
 # Every task of the DAG (a pipeline task's name with '_' for '-'); all but the trainer run in the data pool.
 TASKS = (
     "dataset_fingerprint", "example_gen", "statistics_gen", "schema_gen", "example_validator",
-    "transform", "trainer", "evaluator", "exporter", "pusher",
+    "transform", "trainer", "evaluator", "cross_validation", "exporter", "pusher",
 )
 GPU_TASKS = ("trainer",)
 DEFAULT_ACCELERATOR = "nvidia.com/gpu"

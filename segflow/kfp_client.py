@@ -99,11 +99,13 @@ def _compile(config: ExperimentConfig, directory: str, resolve_paths: bool, pipe
 
 
 def run_parameters(config: ExperimentConfig, resolve_paths: bool = False) -> dict[str, str]:
-    """The run's pipeline parameters: the config's dataset folders and registry."""
-    from segflow.component_config import location_arguments, resolve_locations
+    """The run's pipeline parameters: the config's dataset folders and registry (named eval/test
+    folders only when the config has them; the compiled default of the others is "")."""
+    from segflow.component_config import OPTIONAL_PARAMETERS, location_arguments, resolve_locations
     from segflow.pipelines.pipeline import PARAMETERS
 
-    return location_arguments(resolve_locations(config) if resolve_paths else config, PARAMETERS["train"])
+    arguments = location_arguments(resolve_locations(config) if resolve_paths else config, PARAMETERS["train"])
+    return {name: value for name, value in arguments.items() if value or name not in OPTIONAL_PARAMETERS}
 
 
 def _experiment_id(client: Any, connection: Connection, name: str) -> str:

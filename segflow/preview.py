@@ -37,7 +37,8 @@ def _examples(config: ExperimentConfig, count: int) -> list[tuple[str, np.ndarra
     pairs, _, _ = pair_files(config.dataset.images, config.dataset.masks)
     if not pairs:
         raise ConfigError(f"no image/mask pairs in {config.dataset.images} and {config.dataset.masks}")
-    splits = assign_splits([stem for stem, _, _ in pairs], config.dataset.eval_split, config.dataset.group_by) if len(pairs) > 1 else {}
+    hash_split = len(pairs) > 1 and config.dataset.eval is None and config.dataset.folds is None  # else every pair of images/masks trains
+    splits = assign_splits([stem for stem, _, _ in pairs], config.dataset.eval_share, config.dataset.group_by) if hash_split else {}
     table = label_lookup(config)
     found = []
     for stem, image_path, mask_path in pairs:

@@ -89,8 +89,8 @@ def test_locations_are_parameters_not_part_of_any_slice() -> None:
         (("schedule", {"name": "cosine"}), {"trainer"}),
         (("callbacks", {"keep_best": 2}), {"trainer"}),
         (("export", ["saved_model"]), {"exporter"}),
-        (("evaluation", {"min_mean_iou": 0.9}), {"evaluator", "pusher"}),
-        (("beam", {"running_mode": "multi_threading", "num_workers": 2}), {"example_gen", "statistics_gen", "transform", "evaluator"}),
+        (("evaluation", {"min_mean_iou": 0.9}), {"evaluator", "cross_validation", "pusher"}),
+        (("beam", {"running_mode": "multi_threading", "num_workers": 2}), {"example_gen", "statistics_gen", "transform", "evaluator", "cross_validation"}),
     ],
 )
 def test_a_key_change_changes_only_the_slices_of_its_readers(assignment: tuple[str, Any], readers: set[str]) -> None:
@@ -128,6 +128,19 @@ def _property_fields(name: str) -> set[str]:
     return fields
 
 
+def _member_fields(model: type[BaseModel], name: str) -> set[str]:
+    """The fields of `model` that its property or method `name` reads (`self.<field>`)."""
+    member = getattr(model, name)
+    source = textwrap.dedent(inspect.getsource(member.fget if isinstance(member, property) else member))
+    return {
+        key
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
+        for key in [_field_key(model, node.attr)]
+        if key
+    }
+
+
 def _is_config(node: ast.AST) -> bool:
     """`config` or `self.config`."""
     if isinstance(node, ast.Attribute) and node.attr == "config":
@@ -154,7 +167,11 @@ def config_reads(source: str) -> tuple[set[str], list[str]]:
             section = ExperimentConfig.model_fields[node.attr].annotation
             parent = parents.get(node)
             if inspect.isclass(section) and issubclass(section, BaseModel) and isinstance(parent, ast.Attribute) and parent.value is node:
-                key = f"{key}.{_field_key(section, parent.attr) or parent.attr}"
+                field = _field_key(section, parent.attr)
+                if field is None and hasattr(section, parent.attr):  # a property or method of the section: the fields it uses
+                    reads |= {f"{key}.{name}" for name in _member_fields(section, parent.attr)}
+                    continue
+                key = f"{key}.{field or parent.attr}"
             reads.add(key)
         if isinstance(node, ast.Call) and any(_is_config(arg) for arg in [*node.args, *(keyword.value for keyword in node.keywords)]):
             callee = node.func.id if isinstance(node.func, ast.Name) else None
@@ -164,7 +181,8 @@ def config_reads(source: str) -> tuple[set[str], list[str]]:
 
 
 def _covered(key: str, table: tuple[str, ...]) -> bool:
-    return any(key == entry or key.startswith(entry + ".") for entry in table)
+    """In the slice: the key itself, a section holding it, or a section whose keys the slice has (dataset.eval: its folders)."""
+    return any(key == entry or key.startswith(entry + ".") or entry.startswith(key + ".") for entry in table)
 
 
 @pytest.mark.parametrize("component", sorted(COMPONENT_KEYS))
@@ -214,13 +232,24 @@ def _folders(root: Path) -> tuple[str, str]:
 
 def test_fingerprint_changes_when_the_data_changes(tmp_path: Path) -> None:
     images, masks = _folders(tmp_path / "data")
-    first = fingerprint_core.run(images, masks, tmp_path / "listing1")
-    assert len(first) == 64 and fingerprint_core.run(images, masks, tmp_path / "listing2") == first
+    first = fingerprint_core.run({"images": images, "masks": masks}, tmp_path / "listing1")
+    assert len(first) == 64 and fingerprint_core.run({"images": images, "masks": masks}, tmp_path / "listing2") == first
     (tmp_path / "data" / "images" / "003.png").write_bytes(b"new image")
-    added = fingerprint_core.run(images, masks, tmp_path / "listing3")
+    added = fingerprint_core.run({"images": images, "masks": masks}, tmp_path / "listing3")
     assert added != first
     os.utime(tmp_path / "data" / "masks" / "000.png", (1_000_000_000, 1_000_000_000))
-    assert fingerprint_core.run(images, masks, tmp_path / "listing4") not in (first, added)
+    assert fingerprint_core.run({"images": images, "masks": masks}, tmp_path / "listing4") not in (first, added)
+
+
+def test_fingerprint_lists_named_split_folders_and_ignores_absent_ones(tmp_path: Path) -> None:
+    images, masks = _folders(tmp_path / "train")
+    test_images, test_masks = _folders(tmp_path / "test")
+    without = fingerprint_core.run({"images": images, "masks": masks, "test_images": "", "test_masks": ""}, tmp_path / "listing1")
+    assert without == fingerprint_core.run({"images": images, "masks": masks}, tmp_path / "listing2")
+    with_test = fingerprint_core.run({"images": images, "masks": masks, "test_images": test_images, "test_masks": test_masks}, tmp_path / "listing3")
+    assert with_test != without
+    (tmp_path / "test" / "images" / "003.png").write_bytes(b"new test image")
+    assert fingerprint_core.run({"images": images, "masks": masks, "test_images": test_images, "test_masks": test_masks}, tmp_path / "listing4") != with_test
 
 
 def test_fingerprint_is_of_the_content_listing_not_the_location(tmp_path: Path) -> None:
@@ -228,12 +257,12 @@ def test_fingerprint_is_of_the_content_listing_not_the_location(tmp_path: Path) 
 
     images, masks = _folders(tmp_path / "a")
     shutil.copytree(tmp_path / "a", tmp_path / "b", copy_function=shutil.copy2)
-    digest = fingerprint_core.run(images, masks, tmp_path / "listing-a")
-    assert fingerprint_core.run(str(tmp_path / "b" / "images"), str(tmp_path / "b" / "masks"), tmp_path / "listing-b") == digest
+    digest = fingerprint_core.run({"images": images, "masks": masks}, tmp_path / "listing-a")
+    assert fingerprint_core.run({"images": str(tmp_path / "b" / "images"), "masks": str(tmp_path / "b" / "masks")}, tmp_path / "listing-b") == digest
     listing = json.loads((tmp_path / "listing-a" / fingerprint_core.LISTING_FILE).read_text())
     assert listing["fingerprint"] == digest and [entry["name"] for entry in listing["images"]] == ["000.png", "001.png", "002.png"]
 
 
 def test_fingerprint_of_a_missing_folder_names_it(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        fingerprint_core.run(str(tmp_path / "nowhere"), str(tmp_path), tmp_path / "listing")
+        fingerprint_core.run({"images": str(tmp_path / "nowhere"), "masks": str(tmp_path)}, tmp_path / "listing")

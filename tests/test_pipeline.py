@@ -17,6 +17,7 @@ from segflow.pipelines.pipeline import compile_pipeline
 
 HERE = Path(__file__).resolve().parent
 GOLDEN = HERE / "golden" / "pipeline.yaml"
+GOLDEN_KFOLD = HERE / "golden" / "pipeline-kfold.yaml"
 
 
 def test_compiled_pipeline_matches_golden(tmp_path: Path) -> None:
@@ -25,6 +26,22 @@ def test_compiled_pipeline_matches_golden(tmp_path: Path) -> None:
     if os.environ.get("SEGFLOW_UPDATE_GOLDEN"):
         GOLDEN.write_text(compiled.read_text())
     assert compiled.read_text() == GOLDEN.read_text(), "compiled pipeline changed; run `make golden` if intended"
+
+
+def test_compiled_kfold_pipeline_matches_golden(tmp_path: Path) -> None:
+    """A k-fold config with a test folder: a ParallelFor of trainer and evaluator over the
+    trained folds, their outputs collected by cross_validation; no exporter or pusher."""
+    overrides = ["dataset.folds=5", "dataset.folds_to_train=[0, 1, 3]", "dataset.eval_split=null", "dataset.test={images: /data/test/images, masks: /data/test/masks}"]
+    compiled = compile_pipeline(load_config(HERE / "data" / "golden.yaml", overrides), tmp_path / "pipeline.yaml")
+    if os.environ.get("SEGFLOW_UPDATE_GOLDEN"):
+        GOLDEN_KFOLD.write_text(compiled.read_text())
+    assert compiled.read_text() == GOLDEN_KFOLD.read_text(), "compiled pipeline changed; run `make golden` if intended"
+    spec = yaml.safe_load(compiled.read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    assert set(tasks) == {"dataset-fingerprint", "example-gen", "statistics-gen", "schema-gen", "example-validator", "transform", "for-loop-2", "cross-validation"}
+    assert tasks["for-loop-2"]["parameterIterator"]["items"]["raw"] == "[0, 1, 3]"
+    assert set(spec["components"]["comp-for-loop-2"]["dag"]["tasks"]) == {"trainer", "evaluator"}
+    assert spec["root"]["inputDefinitions"]["parameters"]["test_images"]["defaultValue"] == "/data/test/images"
 
 
 def test_compiled_yaml_loads_with_kfp_loader(tmp_path: Path) -> None:
@@ -54,14 +71,16 @@ def test_locations_are_pipeline_parameters_with_the_config_as_defaults(tmp_path:
     assert {name: entry["defaultValue"] for name, entry in parameters.items()} == {
         "images": "gs://segflow-golden/images",
         "masks": "gs://segflow-golden/masks",
+        **{name: "" for name in ("eval_images", "eval_masks", "test_images", "test_masks")},  # no named eval/test folders
         "registry": "gs://segflow-golden/registry",
     }
-    assert set(_compiled(tmp_path, kind="validate")["root"]["inputDefinitions"]["parameters"]) == {"images", "masks"}
+    dataset_parameters = {"images", "masks", "eval_images", "eval_masks", "test_images", "test_masks"}
+    assert set(_compiled(tmp_path, kind="validate")["root"]["inputDefinitions"]["parameters"]) == dataset_parameters
     from segflow.component_config import COMPONENT_LOCATIONS
 
     for name, task in compiled["root"]["dag"]["tasks"].items():
         taken = {key for key, value in task["inputs"].get("parameters", {}).items() if "componentInputParameter" in value}
-        expected = {"images", "masks"} if name == "dataset-fingerprint" else set(COMPONENT_LOCATIONS.get(name.replace("-", "_"), ()))
+        expected = dataset_parameters if name == "dataset-fingerprint" else set(COMPONENT_LOCATIONS.get(name.replace("-", "_"), ()))
         assert taken == expected, name
     assert "gs://segflow-golden" not in yaml.safe_dump(compiled["root"]["dag"])  # only as the parameters' defaults
 
@@ -101,7 +120,10 @@ def test_compile_rejects_relative_locations_or_resolves_them(tmp_path: Path, mon
     assert main(["compile", str(config), "-o", "p.yaml", "--resolve-paths"]) == 0
     compiled = yaml.safe_load((tmp_path / "p.yaml").read_text())
     defaults = {name: entry["defaultValue"] for name, entry in compiled["root"]["inputDefinitions"]["parameters"].items()}
-    assert defaults == {"images": str(tmp_path / "data" / "images"), "masks": "s3://bucket/masks", "registry": str(tmp_path / "model-registry")}
+    assert defaults == {
+        "images": str(tmp_path / "data" / "images"), "masks": "s3://bucket/masks", "registry": str(tmp_path / "model-registry"),
+        **{name: "" for name in ("eval_images", "eval_masks", "test_images", "test_masks")},
+    }
     validator = compiled["root"]["dag"]["tasks"]["example-validator"]["inputs"]["parameters"]
     assert str(tmp_path / "runs" / "old" / "schema") in validator["config_slice"]["runtimeValue"]["constant"]
 

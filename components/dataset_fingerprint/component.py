@@ -5,11 +5,14 @@ from segflow.kfp_base import component
 
 
 @component
-def dataset_fingerprint(images: str, masks: str, listing: Output[Artifact]) -> str:
-    """sha256 of the image and mask folders' listings; part of ExampleGen's cache key."""
+def dataset_fingerprint(
+    images: str, masks: str, eval_images: str, eval_masks: str, test_images: str, test_masks: str, listing: Output[Artifact]
+) -> str:
+    """sha256 of the dataset folders' listings (named eval/test folders: "" when none); part of ExampleGen's cache key."""
     import os
 
     from segflow.components.dataset_fingerprint import core
     from segflow.runtime import execute
 
-    return execute("dataset_fingerprint", os.path.dirname(listing.path), core.run, images, masks, listing.path)
+    folders = {"images": images, "masks": masks, "eval_images": eval_images, "eval_masks": eval_masks, "test_images": test_images, "test_masks": test_masks}
+    return execute("dataset_fingerprint", os.path.dirname(listing.path), core.run, folders, listing.path)

@@ -1,4 +1,4 @@
-"""DatasetFingerprint: a sha256 of the image and mask folders' listings.
+"""DatasetFingerprint: a sha256 of the dataset's image and mask folders' listings.
 
 ExampleGen's cache key is its inputs; the folder locations alone stay the same when
 images are added, changed or removed, and KFP's cache would replay the old examples.
@@ -32,11 +32,13 @@ def fingerprint(listings: dict[str, list[dict[str, Any]]]) -> str:
     return hashlib.sha256(json.dumps(listings, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def run(images: str, masks: str, listing_dir: str | os.PathLike[str]) -> str:
-    """Write the listings and the fingerprint to `listing_dir`; return the fingerprint."""
-    listings = {"images": folder_listing(images), "masks": folder_listing(masks)}
+def run(folders: dict[str, str], listing_dir: str | os.PathLike[str]) -> str:
+    """Write the listings of the dataset folders (parameter name -> location; "" for a named
+    split the dataset does not have) and their fingerprint to `listing_dir`; return it."""
+    locations = {name: location for name, location in folders.items() if location}
+    listings = {name: folder_listing(location) for name, location in locations.items()}
     digest = fingerprint(listings)
     with atomic_dir(listing_dir) as out:
-        write_json(out / LISTING_FILE, {"fingerprint": digest, "locations": {"images": images, "masks": masks}, **listings})
-    log(f"dataset_fingerprint: {len(listings['images'])} image and {len(listings['masks'])} mask folder entries, sha256 {digest[:16]}")
+        write_json(out / LISTING_FILE, {"fingerprint": digest, "locations": locations, **listings})
+    log(f"dataset_fingerprint: {', '.join(f'{len(entries)} {name}' for name, entries in listings.items())} folder entries, sha256 {digest[:16]}")
     return digest

@@ -1,7 +1,9 @@
-"""ExampleGen: folders of images and masks -> Split-train/Split-eval TFRecords + quarantine.
+"""ExampleGen: folders of images and masks -> Split-train/Split-eval(/Split-test) TFRecords + quarantine.
 
-Pairs images and masks by file stem, decides every pair's split once before Beam
-(`segflow.examples.assign_splits`: exact eval share, optional `dataset.group_by`), decodes
+Pairs images and masks by file stem, decides every pair's split once before Beam (`assign`:
+the dataset's named eval/test folders, or `segflow.examples.assign_splits`: exact eval share,
+optional `dataset.group_by`; with `dataset.folds` every train example carries its fold id
+from `segflow.examples.assign_folds`, and there is no eval split), decodes
 and checks each pair in an Apache Beam pipeline (DirectRunner, one worker per core) and
 writes GZIP TFRecord shards of tf.train.Example.
 
@@ -29,10 +31,12 @@ import numpy as np
 from segflow import storage
 from segflow.config import ExperimentConfig
 from segflow.examples import (
-    SPLITS,
     SegmentationExample,
+    assign_folds,
     assign_splits,
+    FOLD_FEATURE,
     count_records,
+    fold_counts,
     group_key,
     serialize,
     shard_name,
@@ -133,8 +137,9 @@ def label_lookup(config: ExperimentConfig) -> np.ndarray:
     return table
 
 
-def process_pair(pair: tuple[str, str, str], config: ExperimentConfig, table: np.ndarray) -> list[tuple[str, Any]]:
-    """[('example', serialized example)] or [('quarantine', entry)]. With `dataset.multipage:
+def process_pair(pair: tuple[str, str, str], config: ExperimentConfig, table: np.ndarray, fold: int | None = None) -> list[tuple[str, Any]]:
+    """[('example', serialized example)] or [('quarantine', entry)]; `fold`: the examples'
+    fold id in a k-fold run. With `dataset.multipage:
     expand` a pair of multi-page TIFFs gives one of those per page, named `<file>#page<k>`
     (k from 1); image and mask must have the same page count."""
     stem, image_path, mask_path = pair
@@ -162,7 +167,7 @@ def process_pair(pair: tuple[str, str, str], config: ExperimentConfig, table: np
             allowed = config.mask_values if config.mask_values is not None else f"class ids 0..{config.num_labels - 1}"
             shown = ", ".join(str(v) for v in bad[:10]) + (" ..." if len(bad) > 10 else "")
             return "quarantine", {"file": mask_path, "reason": f"mask values {shown} not in {allowed} (ignore_index {config.ignore_index})"}
-        example = SegmentationExample(filename=storage.basename(image_path), image=image, mask=mapped.astype(np.uint8))
+        example = SegmentationExample(filename=storage.basename(image_path), image=image, mask=mapped.astype(np.uint8), fold=fold)
         return "example", serialize(example)
 
     if len(images) == 1:
@@ -171,35 +176,45 @@ def process_pair(pair: tuple[str, str, str], config: ExperimentConfig, table: np
 
 
 class DecodeCheckSerialize:
-    """Beam step: ((split, shard), pair) in; ((split, shard), ((stem, page), example bytes)) out,
-    a quarantine entry on the QUARANTINE output, and on the PAGES output how many examples
-    more than one the pair expanded into (multi-page TIFFs). The 64k-entry label table is
-    built once per worker, not once per example."""
+    """Beam step: ((split, shard), (pair, fold)) in; ((split, shard), ((stem, page), example
+    bytes)) out, a quarantine entry on the QUARANTINE output, and on the PAGES output how
+    many examples more than one the pair expanded into (multi-page TIFFs). The 64k-entry
+    label table is built once per worker, not once per example."""
 
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
         self.table: np.ndarray | None = None
 
-    def __call__(self, item: tuple[tuple[str, int], tuple[str, str, str]]) -> Iterator[Any]:
+    def __call__(self, item: tuple[tuple[str, int], tuple[tuple[str, str, str], int | None]]) -> Iterator[Any]:
         from apache_beam import pvalue
 
         if self.table is None:
             self.table = label_lookup(self.config)
-        shard, pair = item
-        results = process_pair(pair, self.config, self.table)
+        shard, (pair, fold) = item
+        results = process_pair(pair, self.config, self.table, fold)
         if len(results) > 1:
             yield pvalue.TaggedOutput(PAGES, len(results) - 1)
         for page, (kind, value) in enumerate(results):
             yield pvalue.TaggedOutput(QUARANTINE, value) if kind == "quarantine" else (shard, ((pair[0], page), value))
 
 
-def plan_shards(pairs: list[tuple[str, str, str]], splits: dict[str, str]) -> tuple[list[tuple[tuple[str, int], tuple[str, str, str]]], dict[str, int]]:
-    """Each pair keyed by (split, shard): a split's stems in name order dealt round-robin over
-    a shard count that depends only on the split's size. Returns the keyed pairs and the counts."""
-    ranked = {split: sorted(stem for stem, name in splits.items() if name == split) for split in SPLITS}
+Assigned = list[tuple[str, tuple[str, str, str]]]  # (split, (stem, image, mask)) for every pair
+
+
+def plan_shards(
+    assigned: Assigned, folds: dict[str, int]
+) -> tuple[list[tuple[tuple[str, int], tuple[tuple[str, str, str], int | None]]], dict[str, int]]:
+    """Each pair keyed by (split, shard), with its fold (train split of a k-fold run): a
+    split's stems in name order dealt round-robin over a shard count that depends only on
+    the split's size. Returns the keyed pairs and the shard count of every split."""
+    ranked: dict[str, list[str]] = {}
+    for split, (stem, _, _) in assigned:
+        ranked.setdefault(split, []).append(stem)
     shard_counts = {split: max(1, min(MAX_SHARDS, math.ceil(len(stems) / EXAMPLES_PER_SHARD))) for split, stems in ranked.items()}
-    rank = {stem: index for stems in ranked.values() for index, stem in enumerate(stems)}
-    keyed = [((splits[pair[0]], rank[pair[0]] % shard_counts[splits[pair[0]]]), pair) for pair in pairs]
+    rank = {(split, stem): index for split, stems in ranked.items() for index, stem in enumerate(sorted(stems))}
+    keyed = [
+        ((split, rank[split, pair[0]] % shard_counts[split]), (pair, folds.get(pair[0]) if split == "train" else None)) for split, pair in assigned
+    ]
     return keyed, shard_counts
 
 
@@ -209,19 +224,41 @@ def write_split_shard(group: tuple[tuple[str, int], Iterable[tuple[tuple[str, in
     write_shard(split_dir(examples_dir, split) / shard_name(index, shard_counts[split]), (record for _, record in sorted(items)))
 
 
+def assign(config: ExperimentConfig) -> tuple[Assigned, dict[str, int], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The one place every pair gets its split (and fold): named eval/test folders as given,
+    else a hash split (or k folds) of dataset.images/masks. Returns the assigned pairs, the
+    folds by stem (k-fold runs), and the unpairable and skipped entries of every folder."""
+    pairs, unpaired, skipped = pair_files(config.dataset.images, config.dataset.masks)
+    folds: dict[str, int] = {}
+    named = {split: folders for split, folders in (("eval", config.dataset.eval), ("test", config.dataset.test)) if folders is not None}
+    try:
+        if config.dataset.folds is not None:
+            folds = assign_folds([stem for stem, _, _ in pairs], config.dataset.folds, config.dataset.group_by)
+            assigned: Assigned = [("train", pair) for pair in pairs]
+        elif "eval" in named:
+            assigned = [("train", pair) for pair in pairs]
+        else:
+            splits = assign_splits([stem for stem, _, _ in pairs], config.dataset.eval_share, config.dataset.group_by)
+            assigned = [(splits[pair[0]], pair) for pair in pairs]
+    except ValueError as error:
+        raise NoUsableExamplesError(f"no usable examples to split in {config.dataset.images} / {config.dataset.masks}: {error}") from None
+    for split, folders in named.items():
+        split_pairs, split_unpaired, split_skipped = pair_files(folders.images, folders.masks)
+        assigned += [(split, pair) for pair in split_pairs]
+        unpaired += split_unpaired
+        skipped += split_skipped
+    return assigned, folds, unpaired, skipped
+
+
 def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str]) -> dict[str, int]:
     """Write the Examples artifact to `examples_dir`; return the counts for summary.json."""
     import apache_beam as beam
 
-    pairs, unpaired, skipped = pair_files(config.dataset.images, config.dataset.masks)
+    assigned, folds, unpaired, skipped = assign(config)
     skipped = _sorted_entries(skipped)
-    log(f"example_gen: {len(pairs)} image/mask pairs, {len(unpaired)} unpairable files, {len(skipped)} skipped entries")
-    try:
-        splits = assign_splits([stem for stem, _, _ in pairs], config.dataset.eval_split, config.dataset.group_by)
-    except ValueError as error:
-        raise NoUsableExamplesError(f"no usable examples to split in {config.dataset.images} / {config.dataset.masks}: {error}") from None
-    _log_splits(splits, config)
-    keyed, shard_counts = plan_shards(pairs, splits)
+    log(f"example_gen: {len(assigned)} image/mask pairs, {len(unpaired)} unpairable files, {len(skipped)} skipped entries")
+    _log_splits(assigned, folds, config)
+    keyed, shard_counts = plan_shards(assigned, folds)
     with atomic_dir(examples_dir) as out:
         scratch = out / BEAM_SCRATCH  # inside the artifact, so that every worker of any runner can reach it
         with beam.Pipeline(options=beam_options(config.beam, scratch / "tmp")) as pipeline:
@@ -250,14 +287,16 @@ def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str]) -> dict[
                 if not (split_dir(out, split) / shard_name(index, count)).exists():
                     write_shard(split_dir(out, split) / shard_name(index, count), [])
         entries = _sorted_entries(unpaired + [json.loads(line) for line in _lines(scratch / QUARANTINE)])
-        written = {split: sum(count_records(file) for file in split_files(out, split)) for split in SPLITS}
-        counts = {
-            "examples_in": len(pairs) + len(unpaired) + sum(int(line) for line in _lines(scratch / PAGES)),
+        written = {split: sum(count_records(file) for file in split_files(out, split)) for split in shard_counts}
+        counts: dict[str, Any] = {
+            "examples_in": len(assigned) + len(unpaired) + sum(int(line) for line in _lines(scratch / PAGES)),
             "examples_written": sum(written.values()),
             "quarantined": len(entries),
             "skipped": len(skipped),
             **{f"{split}_examples": count for split, count in written.items()},
         }
+        if config.dataset.folds is not None:
+            counts["fold_examples"] = fold_counts(out, config.dataset.folds)
         _check_accounting(counts)
         _check(counts, config, entries)
         shutil.rmtree(scratch)
@@ -269,9 +308,12 @@ def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str]) -> dict[
         log(f"example_gen: skipped {entry['file']}: {entry['reason']}")
     for entry in entries:
         log(f"example_gen: quarantined {entry['file']}: {entry['reason']}")
+    written_splits = " + ".join(f"{counts[f'{split}_examples']} {split}" for split in shard_counts)
+    shards = " + ".join(str(count) for count in shard_counts.values())
+    by_fold = f" (folds {counts['fold_examples']})" if "fold_examples" in counts else ""
     log(
-        f"example_gen: wrote {counts['train_examples']} train + {counts['eval_examples']} eval examples in "
-        f"{shard_counts['train']} + {shard_counts['eval']} shards (sha256 {fingerprint['sha256'][:12]}), quarantined {counts['quarantined']}"
+        f"example_gen: wrote {written_splits} examples{by_fold} in {shards} shards (sha256 {fingerprint['sha256'][:12]}), "
+        f"quarantined {counts['quarantined']}"
     )
     return counts
 
@@ -280,14 +322,28 @@ def _sorted_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(entries, key=lambda entry: (entry["file"], entry["reason"]))
 
 
-def _log_splits(splits: dict[str, str], config: ExperimentConfig) -> None:
-    message = ", ".join(f"{sum(1 for name in splits.values() if name == split)} {split}" for split in SPLITS)
-    if config.dataset.group_by:
-        for split in SPLITS:
-            keys = sorted({group_key(stem, config.dataset.group_by) for stem, name in splits.items() if name == split})
-            shown = ", ".join(keys[:10]) + (f" (+{len(keys) - 10} more)" if len(keys) > 10 else "")
-            message += f"; {split}: {len(keys)} group(s) {shown}"
-    log(f"example_gen: split {message} (eval_split {config.dataset.eval_split}, group_by {config.dataset.group_by!r})")
+def _log_splits(assigned: Assigned, folds: dict[str, int], config: ExperimentConfig) -> None:
+    group_by = config.dataset.group_by
+    by_split: dict[str, list[str]] = {}
+    for split, (stem, _, _) in assigned:
+        by_split.setdefault(split, []).append(stem)
+    message = ", ".join(f"{len(stems)} {split}" for split, stems in by_split.items())
+    if config.dataset.folds is not None:
+        how = f"{config.dataset.folds} folds of {[sum(1 for fold in folds.values() if fold == index) for index in range(config.dataset.folds)]} pairs"
+    elif config.dataset.eval is not None:
+        how = "named eval folders"
+    else:
+        how = f"eval_split {config.dataset.eval_share}"
+    if group_by:
+        keys = {split: sorted({group_key(stem, group_by) for stem in stems}) for split, stems in by_split.items()}
+        for split, found in keys.items():
+            shown = ", ".join(found[:10]) + (f" (+{len(found) - 10} more)" if len(found) > 10 else "")
+            message += f"; {split}: {len(found)} group(s) {shown}"
+        for split, other in (("train", "eval"), ("train", "test"), ("eval", "test")):
+            shared = sorted(set(keys.get(split, [])) & set(keys.get(other, [])))
+            if shared:  # only possible with named folders: the hash split never shares a group
+                log(f"example_gen: WARNING: group(s) {', '.join(shared[:10])} of dataset.group_by are in both {split} and {other}")
+    log(f"example_gen: split {message} ({how}, group_by {group_by!r})")
 
 
 def _check_accounting(counts: dict[str, int]) -> None:
@@ -303,19 +359,63 @@ def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-def _check(counts: dict[str, int], config: ExperimentConfig, entries: list[dict[str, Any]]) -> None:
+def _check(counts: dict[str, Any], config: ExperimentConfig, entries: list[dict[str, Any]]) -> None:
     if counts["examples_written"] == 0:
         reasons = "; ".join(f"{storage.basename(e['file'])}: {e['reason']}" for e in entries[:5])
         raise NoUsableExamplesError(
             f"no usable example in {config.dataset.images} / {config.dataset.masks} "
             f"({counts['examples_in']} inputs, all quarantined{': ' + reasons if reasons else ''})"
         )
-    for split in SPLITS:
-        if counts[f"{split}_examples"] == 0:
-            raise NoUsableExamplesError(
-                f"the {split} split is empty ({counts['examples_written']} usable examples, eval_split "
-                f"{config.dataset.eval_split}); add data or change dataset.eval_split"
-            )
+    required = {"train": f"{config.dataset.images} / {config.dataset.masks}"}
+    if config.dataset.folds is None:
+        named = config.dataset.eval
+        required["eval"] = f"{named.images} / {named.masks}" if named else f"eval_split {config.dataset.eval_share}; change dataset.eval_split"
+    if config.dataset.test is not None:
+        required["test"] = f"{config.dataset.test.images} / {config.dataset.test.masks}"
+    for split, source in required.items():
+        if counts.get(f"{split}_examples", 0) == 0:
+            raise NoUsableExamplesError(f"the {split} split is empty ({counts['examples_written']} usable examples; {source})")
+    for fold, count in enumerate(counts.get("fold_examples", [])):
+        if count == 0:
+            raise NoUsableExamplesError(f"fold {fold} of {config.dataset.folds} has no usable example (its pairs were all quarantined)")
+
+
+def write_fold_view(examples_dir: str | os.PathLike[str], fold: int, target: str | os.PathLike[str]) -> Path:
+    """The Examples of one fold's trainer and evaluator, written atomically to `target`:
+    Split-train holds the train examples of every other fold, Split-eval those of `fold`,
+    Split-test (when there is one) is copied. Records are copied as they are (no decoding),
+    in their order, with ExampleGen's shard layout; counts.json and fingerprint.json as
+    ExampleGen writes them, plus `fold`."""
+    import tensorflow as tf
+
+    source = Path(examples_dir)
+    counts = read_counts(source)
+    if "fold_examples" not in counts:
+        raise ValueError(f"{source}: not the Examples of a k-fold run (no fold_examples in {COUNTS_FILE}); set dataset.folds")
+    if not 0 <= fold < len(counts["fold_examples"]):
+        raise ValueError(f"fold {fold} outside 0..{len(counts['fold_examples']) - 1} of {source}")
+    records: dict[str, list[bytes]] = {"train": [], "eval": []}
+    parse = {FOLD_FEATURE: tf.io.FixedLenFeature([], tf.int64)}
+    for record in tf.data.TFRecordDataset(split_files(source, "train"), compression_type="GZIP"):
+        held_out = int(tf.io.parse_single_example(record, parse)[FOLD_FEATURE]) == fold
+        records["eval" if held_out else "train"].append(record.numpy())
+    with atomic_dir(target) as out:
+        for split, split_records in records.items():
+            shards = max(1, min(MAX_SHARDS, math.ceil(len(split_records) / EXAMPLES_PER_SHARD)))
+            for index in range(shards):
+                write_shard(split_dir(out, split) / shard_name(index, shards), split_records[index::shards])
+        if split_dir(source, "test").is_dir():
+            shutil.copytree(split_dir(source, "test"), split_dir(out, "test"))
+        view = {
+            "fold": fold,
+            "examples_written": sum(map(len, records.values())) + counts.get("test_examples", 0),
+            "train_examples": len(records["train"]),
+            "eval_examples": len(records["eval"]),
+            **({"test_examples": counts["test_examples"]} if "test_examples" in counts else {}),
+        }
+        write_json(out / COUNTS_FILE, view)
+        write_fingerprint(out)
+    return Path(target)
 
 
 def read_counts(examples_dir: str | os.PathLike[str]) -> dict[str, int]:

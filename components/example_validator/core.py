@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from segflow.config import ExperimentConfig
-from segflow.examples import SPLITS
+from segflow.examples import ALL_SPLITS
 from segflow.io import atomic_dir, read_json, write_json
 from segflow.runtime import log
 
@@ -39,7 +39,9 @@ def find_anomalies(
     from segflow.components.schema_gen.core import PIXEL_VALUE, int_domains, value_max
 
     names = config.class_names
-    train, evaluation = statistics["train"], statistics["eval"]
+    train = statistics["train"]
+    splits = [split for split in ALL_SPLITS if split in statistics]
+    held_out = [split for split in splits if split != "train"]  # eval and test; a k-fold run has no eval split
     anomalies: list[dict[str, str]] = []
 
     def add(code: str, split: str, message: str) -> None:
@@ -48,18 +50,22 @@ def find_anomalies(
     for index, name in enumerate(names):
         if train["class_pixels"][index] == 0:
             add("CLASS_ABSENT_FROM_TRAIN", "train", f"class {name!r} (id {index}) has no pixel in the train split")
-        elif evaluation["class_pixels"][index] == 0:
-            add("CLASS_ABSENT_FROM_EVAL", "eval", f"class {name!r} (id {index}) has no pixel in the eval split; its IoU is undefined")
-    shift = max(abs(a - b) for a, b in zip(train["class_frequency"], evaluation["class_frequency"]))
-    if shift > config.validation.max_class_shift:
-        add(
-            "CLASS_DISTRIBUTION_SHIFT",
-            "eval",
-            f"eval class frequencies differ from train by {shift:.3f} (L-infinity) > validation.max_class_shift {config.validation.max_class_shift}",
-        )
+            continue
+        for split in held_out:
+            if statistics[split]["class_pixels"][index] == 0:
+                add(f"CLASS_ABSENT_FROM_{split.upper()}", split, f"class {name!r} (id {index}) has no pixel in the {split} split; its IoU is undefined")
+    for split in held_out:
+        shift = max(abs(a - b) for a, b in zip(train["class_frequency"], statistics[split]["class_frequency"]))
+        if shift > config.validation.max_class_shift:
+            add(
+                "CLASS_DISTRIBUTION_SHIFT",
+                split,
+                f"{split} class frequencies differ from train by {shift:.3f} (L-infinity) > validation.max_class_shift {config.validation.max_class_shift}",
+            )
     domains = int_domains(schema)
     scale = value_max(schema)
-    for split, stats in (("train", train), ("eval", evaluation)):
+    for split in splits:
+        stats = statistics[split]
         if stats["empty_mask_share"] == 1.0:
             add("ALL_MASKS_EMPTY", split, f"every {split} mask is background only")
         if len(stats["bit_depths"]) > 1:
@@ -128,7 +134,7 @@ def drift_anomalies(statistics: dict[str, Any], baseline: dict[str, Any], config
                 f"train class frequencies differ from the baseline run's by {shift:.3f} (L-infinity) > validation.max_class_shift "
                 f"{config.validation.max_class_shift}: " + ", ".join(f"{name} {a:.3f} (was {b:.3f})" for name, a, b in zip(config.class_names, now, before)),
             )
-    for split in SPLITS:
+    for split in (split for split in ALL_SPLITS if split in statistics and split in baseline):
         stats, old = statistics[split], baseline[split]
         old_sizes, sizes = _sizes(old), _sizes(stats)
         if old_sizes:

@@ -62,6 +62,7 @@ HISTORY_FILE = "history.csv"
 TRAINING_FILE = "training.json"  # in model_run/: batch used, halvings, resumed epoch
 LAST_GOOD_FILE = "last-good.weights.h5"  # in backup/ after a diverged stage: the weights before it
 BACKUP_FOLDER = "backup"  # beside the trainer's outputs, not inside their temporary folders
+FOLD_EXAMPLES = "fold_examples"  # a k-fold trainer's view of the Examples, beside its outputs while it trains
 CACHE_BUDGET_BYTES = 2 * 1024**3  # decoded, resized examples kept in RAM up to this size
 SHUFFLE_BUFFER = 1024
 WORKERS_FILE = "workers.json"  # in model_run/ after a multi-worker run: each worker's result
@@ -199,12 +200,27 @@ def run(
     transform_dir: str | os.PathLike[str],
     model_dir: str | os.PathLike[str],
     model_run_dir: str | os.PathLike[str],
+    fold: int | None = None,
 ) -> dict[str, Any]:
-    """Train every stage, then write the served model. The inputs may be gs:// or s3:// URIs
+    """Train every stage, then write the served model. `fold` (k-fold runs): train on the
+    other folds, choose checkpoints on this one (a fold view of the Examples, beside
+    `model_run_dir` so that every worker can read it; removed at the end). The inputs may be gs:// or s3:// URIs
     (copied to local disk first: tf.data cannot read s3 and the TFT graph wants a folder).
     A crash resumes from `backup/` beside `model_run_dir`: finished stages are skipped, the
     running one continues at its last epoch. With `trainer.workers` > 1 the training runs
     in launched workers (`_launch`) and this process waits for them."""
+    if fold is not None:
+        from segflow.components.example_gen.core import read_counts, write_fold_view
+
+        view = Path(model_run_dir).parent / FOLD_EXAMPLES
+        with localized(examples_dir) as local_examples:
+            write_fold_view(local_examples, fold, view)
+        counts = read_counts(view)
+        log(f"trainer: fold {fold}: training on {counts['train_examples']} examples of the other folds, choosing checkpoints on its {counts['eval_examples']}")
+        try:
+            return run(config, view, transform_dir, model_dir, model_run_dir)
+        finally:
+            shutil.rmtree(view, ignore_errors=True)
     _adopt_backup(Path(model_run_dir).parent / BACKUP_FOLDER)
     if config.trainer.workers > 1:
         return _launch(config, examples_dir, transform_dir, model_dir, model_run_dir)

@@ -1,0 +1,1 @@
+"""cross_validation component: core.run (no KFP) and component.py (KFP wrapper)."""
