@@ -1,5 +1,6 @@
 """A stage's configured callbacks: early stopping, the N best checkpoints, the weights the
-stage ends with (best or last), and PNGs of predictions on a few eval images.
+stage ends with (best or last), and panels of predictions on a few eval images (PNGs and
+TensorBoard images), plus the resolved config as TensorBoard text.
 
 All decisions read the epoch's logs, whose validation metrics every worker of a
 multi-worker run shares, so every worker keeps the same files and restores the same weights
@@ -20,6 +21,8 @@ from segflow.config import CallbacksConfig
 
 CHECKPOINTS_FOLDER = "checkpoints"
 PREDICTIONS_FOLDER = "predictions"
+TENSORBOARD_IMAGES = "images"  # beside Keras' train/ and validation/ in the TensorBoard log folder
+TENSORBOARD_CONFIG = "config"
 
 
 def early_stopping(settings: CallbacksConfig) -> list[keras.callbacks.Callback]:
@@ -92,9 +95,12 @@ def _colour(labels: np.ndarray, num_labels: int, ignore_index: int | None) -> np
 
 class LivePredictions(keras.callbacks.Callback):
     """Every `every` epochs, `predictions/epoch<E>.png`: one row per eval image with the
-    image, its truth and the model's prediction, to watch the model learn."""
+    image, its truth and the model's prediction, to watch the model learn; the same rows as
+    TensorBoard images (`<log_dir>/images`, one step per epoch) when `log_dir` is given."""
 
-    def __init__(self, folder: Path, every: int, images: tf.Tensor, masks: tf.Tensor, num_labels: int, ignore_index: int | None) -> None:
+    def __init__(
+        self, folder: Path, every: int, images: tf.Tensor, masks: tf.Tensor, num_labels: int, ignore_index: int | None, log_dir: Path | None = None
+    ) -> None:
         super().__init__()
         self.folder = folder
         self.every = every
@@ -102,6 +108,7 @@ class LivePredictions(keras.callbacks.Callback):
         self.masks = masks.numpy()
         self.num_labels = num_labels
         self.ignore_index = ignore_index
+        self.log_dir = log_dir
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if (epoch + 1) % self.every:
@@ -114,13 +121,23 @@ class LivePredictions(keras.callbacks.Callback):
         ]
         self.folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(np.concatenate(rows, axis=0)).save(self.folder / f"epoch{epoch + 1:03d}.png")
+        if self.log_dir is not None:
+            with tf.summary.create_file_writer(str(self.log_dir / TENSORBOARD_IMAGES)).as_default():
+                tf.summary.image("image | truth | prediction", np.stack(rows), step=epoch + 1, max_outputs=len(rows))
+
+
+def write_config_text(log_dir: Path, config_yaml: str) -> None:
+    """The resolved config as TensorBoard text (`<log_dir>/config`), so a TensorBoard of many
+    runs shows what each one trained with."""
+    with tf.summary.create_file_writer(str(log_dir / TENSORBOARD_CONFIG)).as_default():
+        tf.summary.text("config", f"```\n{config_yaml}\n```", step=0)
 
 
 def live_predictions(
-    settings: CallbacksConfig, folder: Path, validation: tf.data.Dataset, num_labels: int, ignore_index: int | None
+    settings: CallbacksConfig, folder: Path, validation: tf.data.Dataset, num_labels: int, ignore_index: int | None, log_dir: Path | None = None
 ) -> list[keras.callbacks.Callback]:
     """The predictions callback on the first `prediction_images` of the eval stream, or none."""
     if not settings.predictions_every:
         return []
     images, masks = next(iter(validation.unbatch().batch(settings.prediction_images).take(1)))
-    return [LivePredictions(folder, settings.predictions_every, images, masks, num_labels, ignore_index)]
+    return [LivePredictions(folder, settings.predictions_every, images, masks, num_labels, ignore_index, log_dir)]

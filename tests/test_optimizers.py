@@ -159,8 +159,26 @@ def test_stages_override_and_callbacks_act(tiny_data: Path, tmp_path: Path, monk
     best = sorted((model_run / "checkpoints").glob("stage1-*.weights.h5"))
     assert len(best) == 2
     assert sorted(path.name for path in (model_run / "predictions").glob("*.png")) == ["epoch001.png", "epoch002.png", "epoch003.png"]
+    panels = _tensorboard_values(model_run / "logs" / "images")
+    assert sorted(step for step, _ in panels["image | truth | prediction"]) == [1, 2, 3]
+    (_, text), = _tensorboard_values(model_run / "logs" / "config")["config"]
+    assert "predictions_every: 1" in text and "loss: dice" in text
     logged = capfd.readouterr().err
     assert "stage 2: initial weights from" in logged and "weights averaged over 2 epochs (SWA)" in logged
+
+
+def _tensorboard_values(folder: Path) -> dict[str, list[tuple[int, str]]]:
+    """tag -> [(step, text or image count)] of the TensorBoard event files in `folder`."""
+    import tensorflow as tf
+
+    found: dict[str, list[tuple[int, str]]] = {}
+    for file in folder.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(file)):
+            for value in event.summary.value:
+                tensor = tf.make_ndarray(value.tensor)
+                shown = tensor.item().decode() if tensor.dtype == object and tensor.ndim == 0 else str(len(tensor) - 2)  # images: width, height, then PNGs
+                found.setdefault(value.tag, []).append((event.step, shown))
+    return found
 
 
 def test_two_workers_agree_with_every_stage_feature(tiny_data: Path, tmp_path: Path) -> None:

@@ -40,7 +40,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from segflow.augment import apply_policy, build_policy, example_seed
-from segflow.callbacks import CHECKPOINTS_FOLDER, PREDICTIONS_FOLDER, KeepBest, early_stopping, live_predictions
+from segflow.callbacks import CHECKPOINTS_FOLDER, PREDICTIONS_FOLDER, KeepBest, early_stopping, live_predictions, write_config_text
 from segflow.config import ExperimentConfig, StageConfig
 from segflow.distribute import Plan, evaluation_batch, make_plan, scaled_learning_rate, shard_by_data
 from segflow.examples import split_files
@@ -62,6 +62,7 @@ HISTORY_FILE = "history.csv"
 TRAINING_FILE = "training.json"  # in model_run/: batch used, halvings, resumed epoch
 LAST_GOOD_FILE = "last-good.weights.h5"  # in backup/ after a diverged stage: the weights before it
 BACKUP_FOLDER = "backup"  # beside the trainer's outputs, not inside their temporary folders
+TENSORBOARD_FOLDER = "logs"  # in model_run/: Keras' scalars, prediction panels, the resolved config
 FOLD_EXAMPLES = "fold_examples"  # a k-fold trainer's view of the Examples, beside its outputs while it trains
 CACHE_BUDGET_BYTES = 2 * 1024**3  # decoded, resized examples kept in RAM up to this size
 SHUFFLE_BUFFER = 1024
@@ -529,6 +530,7 @@ def _train(
     if resumed:
         log(f"trainer: {resumed} epochs finished before a restart; training continues at epoch {resumed + 1}")
     with atomic_dir(model_run_dir) as run_out:
+        write_config_text(run_out / TENSORBOARD_FOLDER, config.to_yaml())
         first_epoch = 0
         history: dict[str, list[float]] = {}
 
@@ -557,9 +559,9 @@ def _train(
                 *([ReduceOnPlateau(rates, schedule.reduce_on_plateau, watch.monitor, watch.monitor_mode)] if schedule.reduce_on_plateau else []),
                 *([KeepBest(run_out / CHECKPOINTS_FOLDER, number, watch)] if watch.keep_best else []),
                 *early_stopping(watch),
-                *live_predictions(watch, run_out / PREDICTIONS_FOLDER, validation, labels.num_labels, config.ignore_index),
+                *live_predictions(watch, run_out / PREDICTIONS_FOLDER, validation, labels.num_labels, config.ignore_index, run_out / TENSORBOARD_FOLDER),
                 keras.callbacks.CSVLogger(str(own_backup / HISTORY_FILE), append=True),
-                keras.callbacks.TensorBoard(log_dir=str(run_out / "logs"), profile_batch=0),
+                keras.callbacks.TensorBoard(log_dir=str(run_out / TENSORBOARD_FOLDER), profile_batch=0),
                 keras.callbacks.ModelCheckpoint(str(run_out / CHECKPOINTS_FOLDER / "last.weights.h5"), save_weights_only=True),
                 *_fault_callbacks(plan),
             ]
