@@ -126,11 +126,11 @@ class LivePredictions(keras.callbacks.Callback):
                 tf.summary.image("image | truth | prediction", np.stack(rows), step=epoch + 1, max_outputs=len(rows))
 
 
-def write_config_text(log_dir: Path, config_yaml: str) -> None:
-    """The resolved config as TensorBoard text (`<log_dir>/config`), so a TensorBoard of many
-    runs shows what each one trained with."""
+def write_config_text(log_dir: Path, settings_yaml: str) -> None:
+    """The settings a model trained with as TensorBoard text (`<log_dir>/config`), so a
+    TensorBoard of many runs shows what each one trained with."""
     with tf.summary.create_file_writer(str(log_dir / TENSORBOARD_CONFIG)).as_default():
-        tf.summary.text("config", f"```\n{config_yaml}\n```", step=0)
+        tf.summary.text("config", f"```\n{settings_yaml}\n```", step=0)
 
 
 def live_predictions(

@@ -37,7 +37,7 @@ COMPONENT_KEYS: dict[str, tuple[str, ...]] = {
         "trainer",
         "name", "kubernetes",  # the multi-worker launcher names and places its worker pods with them (segflow/k8s_objects.py)
     ),
-    "evaluator": ("evaluation", "dataset.group_by", "beam"),  # group_by: the `source` slice
+    "evaluator": ("evaluation", "dataset.group_by", "beam", "name"),  # group_by: the `source` slice; name: the baseline in the registry
     "cross_validation": ("evaluation", "dataset.group_by", "dataset.folds", "dataset.folds_to_train", "beam"),
     "exporter": ("export", "qat", "name"),  # qat: recorded with the tflite_int8_qat export; name: the sidecars' source run
     "pusher": ("name", "evaluation"),
@@ -58,7 +58,7 @@ OPTIONAL_PARAMETERS = ("eval_images", "eval_masks", "test_images", "test_masks")
 DATASET_PARAMETERS = ("images", "masks", *OPTIONAL_PARAMETERS)
 
 # component -> the pipeline parameters it receives (and lays over its slice).
-COMPONENT_LOCATIONS = {"example_gen": DATASET_PARAMETERS, "pusher": ("registry",)}
+COMPONENT_LOCATIONS = {"example_gen": DATASET_PARAMETERS, "evaluator": ("registry",), "pusher": ("registry",)}
 
 # Every config key that names a file, folder or registry (a path or a URI).
 LOCATIONS = (
@@ -70,22 +70,29 @@ LOCATIONS = (
 PLACEHOLDERS: dict[str, Any] = {"name": "sliced", "dataset": {"images": "", "masks": ""}}
 
 
-def _get(raw: dict[str, Any], key: str) -> Any:
-    """The value at a dotted key; None when a section on the way is unset (dataset.eval)."""
+def _get(raw: Any, key: str) -> Any:
+    """The value at a dotted key (list items by index: stages.0.initial_weights); None when a
+    section on the way is unset (dataset.eval)."""
     for part in key.split("."):
         if raw is None:
             return None
-        raw = raw[part]
+        raw = raw[int(part)] if isinstance(raw, list) else raw[part]
     return raw
 
 
-def _set(raw: dict[str, Any], key: str, value: Any) -> None:
+def _set(raw: Any, key: str, value: Any) -> None:
     *parents, last = key.split(".")
     for part in parents:
+        if isinstance(raw, list):
+            raw = raw[int(part)]
+            continue
         if raw.get(part) is None:
             raw[part] = {}
         raw = raw[part]
-    raw[last] = value
+    if isinstance(raw, list):
+        raw[int(last)] = value
+    else:
+        raw[last] = value
 
 
 def _raw(config: ExperimentConfig) -> dict[str, Any]:
@@ -125,9 +132,14 @@ def location_arguments(config: ExperimentConfig, parameters: tuple[str, ...] | N
 
 
 def locations(config: ExperimentConfig) -> dict[str, str]:
-    """Every location key that is set, with its value."""
+    """Every location key that is set, with its value: LOCATIONS, a weights file given as
+    model.encoder_weights (not `imagenet`, which is looked up in the Keras cache) and each
+    stage's initial_weights."""
     raw = _raw(config)
-    found = {key: _get(raw, key) for key in LOCATIONS}
+    keys = [*LOCATIONS, *(f"stages.{index}.initial_weights" for index in range(len(config.stages)))]
+    if config.model.encoder_weights != "imagenet":
+        keys.append("model.encoder_weights")
+    found = {key: _get(raw, key) for key in keys}
     return {key: value for key, value in found.items() if value is not None}
 
 
@@ -149,4 +161,5 @@ def run_core(name: str, config_slice: str, *paths: str, fold: int = -1, **locati
 
     core = importlib.import_module(f"segflow.components.{name}.core")
     folded = {"fold": fold} if fold >= 0 else {}
-    return execute(name, os.path.dirname(paths[-1]), core.run, config_from_slice(config_slice, **locations), *paths, **folded)
+    # The config is rebuilt inside `execute`, so that an error in it is in the task's log and record.
+    return execute(name, os.path.dirname(paths[-1]), lambda: core.run(config_from_slice(config_slice, **locations), *paths, **folded))

@@ -266,3 +266,17 @@ def test_fingerprint_is_of_the_content_listing_not_the_location(tmp_path: Path) 
 def test_fingerprint_of_a_missing_folder_names_it(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere"):
         fingerprint_core.run({"images": str(tmp_path / "nowhere"), "masks": str(tmp_path)}, tmp_path / "listing")
+
+
+def test_weights_files_are_locations_made_absolute(tmp_path: Path) -> None:
+    """model.encoder_weights (a file, not `imagenet`) and stages' initial_weights name files:
+    a local run resolves them like the dataset folders, and a compiled pipeline refuses them relative."""
+    raw = rich_raw()
+    raw["model"] = {**raw.get("model", {}), "encoder_weights": "weights/encoder.h5"}
+    raw["stages"] = [{"epochs": 1, "learning_rate": 0.01}, {"epochs": 1, "learning_rate": 0.001, "initial_weights": "weights/stage.h5"}]
+    resolved = resolve_locations(validate_config(raw), tmp_path)
+    assert resolved.model.encoder_weights == str(tmp_path / "weights" / "encoder.h5")
+    assert resolved.stages[1].initial_weights == str(tmp_path / "weights" / "stage.h5") and resolved.stages[0].initial_weights is None
+    assert {"model.encoder_weights", "stages.1.initial_weights"} <= set(locations(validate_config(raw)))
+    raw.update(backbone="mobilenetv2", shape=[64, 64, 3], model={"encoder_weights": "imagenet"})  # from the Keras cache: not a location
+    assert "model.encoder_weights" not in locations(validate_config(raw))

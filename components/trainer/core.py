@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import yaml
 import tensorflow as tf
 import tf_keras as keras
 
@@ -470,6 +471,14 @@ class _ResetSteps(keras.callbacks.Callback):
             self.done = True
 
 
+def trainer_settings(config: ExperimentConfig) -> str:
+    """The config keys the trainer reads (its slice; the others are not its to show), as YAML."""
+    from segflow.component_config import COMPONENT_KEYS
+
+    sections = {key.split(".")[0] for key in COMPONENT_KEYS["trainer"]}
+    return yaml.safe_dump({key: value for key, value in json.loads(config.to_json()).items() if key in sections}, sort_keys=False)
+
+
 def _weights_digest(weights: list[np.ndarray]) -> str:
     digest = hashlib.sha256()
     for array in weights:
@@ -530,7 +539,7 @@ def _train(
     if resumed:
         log(f"trainer: {resumed} epochs finished before a restart; training continues at epoch {resumed + 1}")
     with atomic_dir(model_run_dir) as run_out:
-        write_config_text(run_out / TENSORBOARD_FOLDER, config.to_yaml())
+        write_config_text(run_out / TENSORBOARD_FOLDER, trainer_settings(config))
         first_epoch = 0
         history: dict[str, list[float]] = {}
 
