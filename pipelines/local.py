@@ -27,6 +27,7 @@ from segflow.components.exporter.core import EXPORTS_FILE, read_exports
 from segflow.components.pusher.core import PUSH_FILE
 from segflow.components.trainer.core import TRAINING_FILE
 from segflow.config import ExperimentConfig
+from segflow.console import LOG_FILE, MARK, Renderer, parse_record
 from segflow.examples import read_fingerprint
 from segflow.io import atomic_write_text, read_json, write_json
 from segflow.runtime import log, read_record
@@ -35,20 +36,19 @@ from segflow.tracking import track_run
 SUMMARY_FILE = "summary.json"
 RESUME_FOLDER = ".resume-backup"  # an interrupted run's trainer backup, kept until a resumed trainer takes it
 
-# Lines that every TensorFlow subprocess and the KFP executor print, which bury progress.
-NOISE = re.compile(
-    r"^\s*(I0000|W0000|E0000|WARNING: All log messages before absl|.*oneDNN custom operations|.*Could not find cuda drivers"
-    r"|.*failed call to cuInit|.*TF-TRT Warning|.*Unable to register cu|.*computation placer already registered)"
-)
 
+class _Console(io.TextIOBase):
+    """What the run prints while kfp.local runs the DAG: kfp.local's banners, output dumps and
+    the relayed output of each component's subprocess come in; segflow's own lines go out,
+    and progress records become bars (segflow.console). `verbose`: every line goes out.
+    Every line also goes to `transcript` (the run folder's log); each component's whole
+    output is in its own folder's log too (segflow.runtime)."""
 
-class _FilteredStream(io.TextIOBase):
-    """Passes lines through except known noise and KFP's executor-input JSON dumps."""
-
-    def __init__(self, target: TextIO) -> None:
-        self.target = target
+    def __init__(self, target: TextIO, transcript: TextIO, verbose: bool = False) -> None:
+        self.renderer = Renderer(target)
+        self.transcript = transcript
+        self.verbose = verbose
         self.pending = ""
-        self.in_dump = False
 
     def write(self, text: str) -> int:
         self.pending += text
@@ -58,34 +58,31 @@ class _FilteredStream(io.TextIOBase):
         return len(text)
 
     def _line(self, line: str) -> None:
-        stripped = line.strip()
-        if self.in_dump:
-            if line.rstrip() == "    }":  # the dump's closing brace, at the stream's indentation
-                self.in_dump = False
-            return
-        if stripped.endswith("Got executor_input:"):
-            self.in_dump = True
-            return
-        if NOISE.match(line):
-            return
-        self.target.write(line + "\n")
-        self.target.flush()
+        self.transcript.write(line + "\n")
+        record = parse_record(line)
+        if record is not None:
+            self.renderer.record(record)
+        elif self.verbose:
+            self.renderer.line(line)
+        elif line.lstrip().startswith(MARK) or " - ERROR - " in line:  # kfp.local's errors: a task that failed before segflow's code ran
+            self.renderer.line(line.strip())
 
     def flush(self) -> None:
-        self.target.flush()
+        self.transcript.flush()
+        self.renderer.stream.flush()
 
 
 @contextlib.contextmanager
-def _quiet(enabled: bool) -> Iterator[None]:
-    if not enabled:
-        yield
-        return
+def _console(verbose: bool, transcript: Path) -> Iterator[None]:
     stdout = sys.stdout
-    sys.stdout = _FilteredStream(stdout)  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        sys.stdout = stdout
+    with open(transcript, "a", encoding="utf-8") as file:
+        console = _Console(stdout, file, verbose)
+        sys.stdout = console  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            sys.stdout = stdout
+            console.renderer.close()
 
 
 def default_output(config: ExperimentConfig) -> Path:
@@ -197,7 +194,7 @@ def _execute(config: ExperimentConfig, output: Path, kind: str, verbose: bool, s
         runner = docker_runner(config, image)
     with runner as chosen:
         local.init(runner=chosen, pipeline_root=str(kfp_root), raise_on_error=False)
-        with warnings.catch_warnings(), _quiet(not verbose):
+        with warnings.catch_warnings(), _console(verbose, output / LOG_FILE):
             # The SubprocessRunner warns that it ignores base_image: intended, it runs this environment.
             warnings.filterwarnings("ignore", category=RuntimeWarning, module="kfp.local.subprocess_task_handler")
             build_pipeline(config, kind)(**location_arguments(config, PARAMETERS[kind]))

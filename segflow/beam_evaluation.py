@@ -26,6 +26,7 @@ from tensorflow_model_analysis.metrics import metric_types
 
 from segflow.examples import deserialize, group_key, scalar_features, split_files
 from segflow.io import _jsonable
+from segflow.console import Progress
 from segflow.metrics import ConfusionMatrix, boundary_counts, boundary_report, matrix_report, probability_histograms, threshold_sweep
 
 BatchPredictor = Callable[[np.ndarray], np.ndarray]  # [B,H,W,C] raw pixels -> [B,H,W,K] probabilities
@@ -169,6 +170,14 @@ class PredictAndScoreFn(beam.DoFn):
                     STATS_KEY: stats,
                     IMAGE_KEY: {"split": self.split, "filename": example.filename, "features": features, **metrics},
                 }
+        self.counter.add(len(records))
+
+    def start_bundle(self) -> None:
+        """A counter per bundle, so that each bundle's count is reported when it ends."""
+        self.counter = Progress(f"evaluator: {self.split} split", unit="images")
+
+    def finish_bundle(self) -> None:
+        self.counter.flush()
 
 
 class StatsPreprocessor(metric_types.Preprocessor):
@@ -319,7 +328,11 @@ def run_pipeline(
     from tensorflow_model_analysis.writers.eval_config_writer import EvalConfigWriter
     from tensorflow_model_analysis.writers.metrics_plots_and_validations_writer import MetricsPlotsAndValidationsWriter, load_and_deserialize_metrics
 
+    from segflow.components.example_gen.core import read_counts
+
     out = Path(out_dir)
+    sizes = {split: read_counts(examples_dir)[f"{split}_examples"] for split in splits}
+    counters = [Progress(f"evaluator: {split} split", sizes[split], "images") for split in splits]  # the console's bars; the DoFns count
     with beam.Pipeline(options=options) as pipeline:
         for split, config in splits.items():
             folder = out / f"Split-{split}"
@@ -345,6 +358,8 @@ def run_pipeline(
             _ = evaluation | f"Write{split}" >> MetricsPlotsAndValidationsWriter(paths, config).ptransform
             location = f"{os.fspath(examples_dir)}/Split-{split}"
             _ = evaluation | f"Config{split}" >> EvalConfigWriter(str(folder), config, data_location=location, data_file_format="tfrecords_gzip", model_locations={"": model_location}).ptransform
+    for counter, size in zip(counters, sizes.values()):
+        counter.end(done=size)
     entries = {}
     for split in splits:
         records = []

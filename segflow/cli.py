@@ -6,10 +6,13 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from segflow.config import ConfigError, ExperimentConfig, load_config
 from segflow.kfp_client import KubeflowError
+
+if TYPE_CHECKING:
+    from segflow.console import NativeOutput
 
 
 def _load(args: argparse.Namespace) -> ExperimentConfig:
@@ -22,6 +25,15 @@ def _add_config_arguments(parser: argparse.ArgumentParser, optional: bool = Fals
 
 
 def _run(args: argparse.Namespace, kind: str) -> int:
+    """`segflow run/validate`. Without --verbose, what the runner process writes natively
+    (TensorFlow's banners as it is imported here) goes to the run folder's log.txt."""
+    from segflow.console import native_output
+
+    with native_output(not args.verbose) as native:
+        return _run_local(args, kind, native)
+
+
+def _run_local(args: argparse.Namespace, kind: str, native: NativeOutput | None) -> int:
     from segflow.containers import DEFAULT_IMAGE, ContainerEngineError
     from segflow.pipelines.local import default_output, run_local
     from segflow.storage import is_uri
@@ -30,7 +42,7 @@ def _run(args: argparse.Namespace, kind: str) -> int:
         print("segflow: error: --image is an option of --containers", file=sys.stderr)
         return 2
     if kind == "train" and args.resume:
-        return _resume(args)
+        return _resume(args, native)
     if not args.config:
         print(f"segflow: error: {args.command} needs a CONFIG.yaml (or --resume RUN_DIR)", file=sys.stderr)
         return 2
@@ -40,6 +52,8 @@ def _run(args: argparse.Namespace, kind: str) -> int:
     image = (args.image or DEFAULT_IMAGE) if args.containers else None
     try:
         summary = run_local(config, output, kind=kind, verbose=args.verbose, image=image)
+        if native is not None and not is_uri(str(output)):
+            native.keep(output)  # only now: a refused --output may be another run's folder
     except ContainerEngineError as error:
         print(f"segflow: error: {error}", file=sys.stderr)
         return 2
@@ -47,7 +61,7 @@ def _run(args: argparse.Namespace, kind: str) -> int:
     return 0 if summary["status"] == "succeeded" else 1
 
 
-def _resume(args: argparse.Namespace) -> int:
+def _resume(args: argparse.Namespace, native: NativeOutput | None) -> int:
     """`segflow run --resume RUN_DIR`: the run folder's own config; nothing else may change."""
     from segflow.pipelines.local import resume_local
 
@@ -57,6 +71,8 @@ def _resume(args: argparse.Namespace) -> int:
         return 2
     try:
         summary = resume_local(args.resume, verbose=args.verbose)
+        if native is not None:
+            native.keep(args.resume)
     except (ValueError, FileNotFoundError) as error:
         print(f"segflow: error: {error}", file=sys.stderr)
         return 2

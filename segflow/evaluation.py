@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
-from segflow.examples import iter_split
+from segflow.console import progress
+from segflow.examples import SegmentationExample, iter_split
 from segflow.metrics import ConfusionMatrix
 from segflow.serving import MaskPredictor, ServingSpec
 
@@ -17,13 +18,15 @@ def evaluate(
     split: str,
     spec: ServingSpec,
     reference: dict[str, np.ndarray] | None = None,
+    step: str | None = None,
 ) -> dict[str, Any]:
     """Dataset-level metrics at each image's original resolution (masks are never resized).
     With `reference` (file name -> mask of the served model), also the share of pixels on
-    which this predictor agrees with it: how much an export changes what users get."""
+    which this predictor agrees with it: how much an export changes what users get.
+    `step`: the console's progress label (segflow.console), else no progress."""
     matrix = ConfusionMatrix(len(spec.class_names), spec.ignore_index)
     count = agreeing = compared = 0
-    for example in iter_split(examples_dir, split):
+    for example in _examples(examples_dir, split, step):
         mask = predict(example.image)
         matrix.update(example.mask, mask)
         count += 1
@@ -37,6 +40,15 @@ def evaluate(
     return report
 
 
-def predict_split(predict: MaskPredictor, examples_dir: str | os.PathLike[str], split: str) -> dict[str, np.ndarray]:
+def predict_split(predict: MaskPredictor, examples_dir: str | os.PathLike[str], split: str, step: str | None = None) -> dict[str, np.ndarray]:
     """File name -> predicted mask for every example of a split (the reference for exports)."""
-    return {example.filename: predict(example.image) for example in iter_split(examples_dir, split)}
+    return {example.filename: predict(example.image) for example in _examples(examples_dir, split, step)}
+
+
+def _examples(examples_dir: str | os.PathLike[str], split: str, step: str | None) -> Iterator[SegmentationExample]:
+    """The split's examples, counted into the console step `step` (its size from ExampleGen's counts)."""
+    if step is None:
+        return iter_split(examples_dir, split)
+    from segflow.components.example_gen.core import read_counts
+
+    return progress(iter_split(examples_dir, split), step, total=read_counts(examples_dir)[f"{split}_examples"], unit="images")

@@ -29,7 +29,6 @@ import csv
 import io
 import json
 import os
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -39,6 +38,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
+from segflow import console
+from segflow.console import progress
 from segflow.io import IMAGE_SUFFIXES, ImageReadError, encode_png, read_image, write_json
 from segflow.preprocessing import model_pixels, resize_back, scale_pixels, to_model_channels
 from segflow.serving import SERVING_SUBDIR, SPEC_FILE, FixedSizePredictor, ServingSpec, saved_model_predictor
@@ -536,42 +537,6 @@ def list_inputs(source: str | os.PathLike[str]) -> list[Path]:
 # --- the command -----------------------------------------------------------------------------
 
 
-class _Counter:
-    """A plain `n/total` line on stderr, where tqdm is not installed."""
-
-    def __init__(self, items: Sequence[Path]) -> None:
-        self.items = items
-
-    def __iter__(self) -> Iterator[Path]:
-        for index, item in enumerate(self.items, 1):
-            print(f"\rpredict: {index}/{len(self.items)} {item.name}", end="", file=sys.stderr, flush=True)
-            yield item
-        print(file=sys.stderr)
-
-    @staticmethod
-    def write(line: str, file: Any = None) -> None:
-        print(f"\n{line}", file=file or sys.stderr)
-
-
-def _progress(items: Sequence[Path]) -> Any:
-    """A progress bar for several inputs (tqdm if installed), nothing for one."""
-    if len(items) < 2:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _Counter(items)
-    return tqdm(items, unit="image", file=sys.stderr)
-
-
-def _warn(bar: Any, line: str) -> None:
-    """A line on stderr that does not break the progress bar."""
-    if bar is None:
-        print(line, file=sys.stderr)
-    else:
-        bar.write(line, file=sys.stderr)
-
-
 def resolve_scale(options: PredictOptions, model: LoadedModel) -> tuple[tuple[float, float], str]:
     """The scale to predict at and where it came from: the option, else the training scale."""
     if options.scale is not None:
@@ -592,20 +557,19 @@ def predict_files(
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     files = list(inputs)
-    bar = _progress(files)
     started = time.perf_counter()
     written: list[str] = []
     skipped: list[dict[str, str]] = []
     rows: list[tuple[str, int, str]] = []
-    for path in bar if bar is not None else files:
+    for path in progress(files, "predict", unit="images") if len(files) > 1 else files:  # no bar for one input
         try:
             image = read_image(path)
         except ImageReadError as error:
             skipped.append({"file": str(path), "reason": str(error)})
-            _warn(bar, f"predict: skipped {error}")
+            console.line(f"predict: skipped {error}")
             continue
         if image.max() > model.spec.value_max:
-            _warn(bar, f"predict: warning: {path}: pixel values up to {int(image.max())} exceed the model's value range (value_max {model.spec.value_max:g})")
+            console.line(f"predict: warning: {path}: pixel values up to {int(image.max())} exceed the model's value range (value_max {model.spec.value_max:g})")
         mask = predict_large_image(model.predict_fixed, image, model.spec, options.overlap, options.tta, options.threshold, options.batch, scale)
         mask = remove_small_regions(mask, options.min_object, options.min_hole)
         if "png" in formats:

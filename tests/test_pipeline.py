@@ -235,17 +235,37 @@ def test_failed_component_gives_failed_summary_and_exit_code(tiny_data: Path, tm
     assert summary["components"]["example_gen"]["status"] == "succeeded"
 
 
-def test_progress_filter_drops_executor_dumps_and_tf_noise() -> None:
+def test_console_keeps_segflow_lines_and_draws_progress_records() -> None:
+    """The default console: segflow's lines (kfp.local indents relayed ones) and kfp.local's
+    errors; executor dumps, TensorFlow's noise and kfp's banners only in the transcript."""
     import io
 
-    from segflow.pipelines.local import _FilteredStream
+    from segflow.pipelines.local import _Console
 
-    sink = io.StringIO()
-    stream = _FilteredStream(sink)
-    stream.write("    [KFP Executor 2026 INFO]: Got executor_input:\n    {\n        \"inputs\": {}\n    }\n")
-    stream.write("    I0000 00:00:1 port.cc:153] oneDNN custom operations are on.\n")
-    stream.write("    [segflow] trainer: started\n    Epoch 1/2\n")
-    assert sink.getvalue() == "    [segflow] trainer: started\n    Epoch 1/2\n"
+    sink, transcript = io.StringIO(), io.StringIO()
+    stream = _Console(sink, transcript)
+    relayed = (
+        "12:00:00.000 - INFO - Executing task 'trainer'\n"
+        "    [KFP Executor 2026 INFO]: Got executor_input:\n    {\n        \"inputs\": {}\n    }\n"
+        "    I0000 00:00:1 port.cc:153] oneDNN custom operations are on.\n"
+        "    [segflow] trainer: started\n    Epoch 1/2\n"
+        '    [segflow:progress] {"step": "trainer: x", "total": 2, "unit": "images"}\n'
+        '    [segflow:progress] {"step": "trainer: x", "add": 2}\n'
+        '    [segflow:progress] {"step": "trainer: x", "end": true}\n'
+        "12:00:01.000 - ERROR - Task 'trainer' finished with status FAILURE\n"
+    )
+    stream.write(relayed)
+    lines = sink.getvalue().splitlines()
+    assert lines[0] == "[segflow] trainer: started"
+    assert lines[1].startswith("[segflow] trainer: x: 2/2 images in ")
+    assert lines[2] == "12:00:01.000 - ERROR - Task 'trainer' finished with status FAILURE"
+    assert len(lines) == 3
+    assert transcript.getvalue() == relayed
+
+    verbose = io.StringIO()
+    _Console(verbose, io.StringIO(), verbose=True).write(relayed)
+    assert "Got executor_input:" in verbose.getvalue() and "Executing task" in verbose.getvalue()
+    assert "[segflow:progress]" not in verbose.getvalue()  # records are drawn, never shown raw
 
 
 @pytest.mark.parametrize("kind", ["train", "validate"])

@@ -30,6 +30,7 @@ import numpy as np
 
 from segflow import storage
 from segflow.config import ExperimentConfig
+from segflow.console import Progress
 from segflow.examples import (
     SegmentationExample,
     assign_folds,
@@ -175,6 +176,9 @@ def process_pair(pair: tuple[str, str, str], config: ExperimentConfig, table: np
     return [one(f"{image_path}#page{k}", f"{mask_path}#page{k}", image, mask) for k, (image, mask) in enumerate(zip(images, masks), 1)]
 
 
+DECODE_STEP = "example_gen: decode, check, serialize"  # the console's progress step
+
+
 class DecodeCheckSerialize:
     """Beam step: ((split, shard), (pair, fold)) in; ((split, shard), ((stem, page), example
     bytes)) out, a quarantine entry on the QUARANTINE output, and on the PAGES output how
@@ -184,14 +188,18 @@ class DecodeCheckSerialize:
     def __init__(self, config: ExperimentConfig) -> None:
         self.config = config
         self.table: np.ndarray | None = None
+        self.counter: Progress | None = None  # made on the worker, like the table
 
     def __call__(self, item: tuple[tuple[str, int], tuple[tuple[str, str, str], int | None]]) -> Iterator[Any]:
         from apache_beam import pvalue
 
         if self.table is None:
             self.table = label_lookup(self.config)
+        if self.counter is None:
+            self.counter = Progress(DECODE_STEP, unit="pairs")
         shard, (pair, fold) = item
         results = process_pair(pair, self.config, self.table, fold)
+        self.counter.add()
         if len(results) > 1:
             yield pvalue.TaggedOutput(PAGES, len(results) - 1)
         for page, (kind, value) in enumerate(results):
@@ -261,6 +269,7 @@ def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str]) -> dict[
     keyed, shard_counts = plan_shards(assigned, folds)
     with atomic_dir(examples_dir) as out:
         scratch = out / BEAM_SCRATCH  # inside the artifact, so that every worker of any runner can reach it
+        counter = Progress(DECODE_STEP, len(keyed), "pairs")  # the workers count; their last counts may come unreported
         with beam.Pipeline(options=beam_options(config.beam, scratch / "tmp")) as pipeline:
             processed = (
                 pipeline
@@ -282,6 +291,7 @@ def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str]) -> dict[
                 | "ExtraPages" >> beam.CombineGlobally(sum)
                 | "WritePages" >> beam.io.WriteToText(str(scratch / PAGES), shard_name_template="")
             )
+        counter.end(done=len(keyed))
         for split, count in shard_counts.items():  # a shard whose pairs were all quarantined is written empty
             for index in range(count):
                 if not (split_dir(out, split) / shard_name(index, count)).exists():

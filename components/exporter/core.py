@@ -130,8 +130,8 @@ def run(
     calibration: dict[str, Any] = {}
     results: dict[str, Any] = {}
     served_predictor = serving_mask_predictor(serving)
-    reference_mean_iou = evaluate(served_predictor, examples_dir, "eval", spec)["mean_iou"]
-    served = predict_split(served_predictor, examples_dir, "eval")
+    reference_mean_iou = evaluate(served_predictor, examples_dir, "eval", spec, step="exporter: float served model")["mean_iou"]
+    served = predict_split(served_predictor, examples_dir, "eval", step="exporter: reference masks")
     source = {"name": config.name, "model": os.fspath(model_dir), "examples": os.fspath(examples_dir)}
     log(f"exporter: float served model: eval mean IoU {reference_mean_iou:.4f}; exports more than {settings.max_drop} below it fail the parity gate")
     with atomic_dir(exports_dir) as out:
@@ -168,7 +168,7 @@ def run(
                 raise
             except Exception as error:  # a converter's own exception: say which export and file
                 raise ExportError(f"exporter: building {name} into {target} failed: {type(error).__name__}: {error}") from error
-            report = evaluate(export.load(target, spec), examples_dir, "eval", spec, reference=served)
+            report = evaluate(export.load(target, spec), examples_dir, "eval", spec, reference=served, step=f"exporter: {name} parity")
             write_json(out / sidecar_name(export.file_name), sidecar(export, target, spec, source, row.get("calibration"), settings.quantizer))
             results[name] = {
                 "path": str(Path(exports_dir) / export.file_name),

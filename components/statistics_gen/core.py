@@ -18,6 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 from segflow.config import ExperimentConfig
+from segflow.console import Progress
 from segflow.examples import deserialize, pixel_scale, present_splits, split_dir, split_files
 from segflow.io import atomic_dir, read_json, write_json
 from segflow.preprocessing import to_model_channels
@@ -30,6 +31,9 @@ PROTO_FILE = "FeatureStats.pb"
 MAX_SOURCE_CHANNELS = 4
 
 
+STEP = "statistics_gen: statistics"  # the console's progress step
+
+
 class SplitStatisticsFn(beam.CombineFn):
     """Sums over examples; image statistics are on pixels scaled to [0, 1] in the model's channels,
     except the raw value range (`max_pixel_value`, `channel_raw_min`/`channel_raw_max` per source
@@ -39,6 +43,7 @@ class SplitStatisticsFn(beam.CombineFn):
         self.num_labels = num_labels
         self.channels = channels
         self.ignore_index = ignore_index
+        self.counter: Progress | None = None  # made on the worker
 
     def create_accumulator(self) -> dict[str, Any]:
         return {
@@ -57,6 +62,9 @@ class SplitStatisticsFn(beam.CombineFn):
         }
 
     def add_input(self, acc: dict[str, Any], record: bytes) -> dict[str, Any]:
+        if self.counter is None:
+            self.counter = Progress(STEP)
+        self.counter.add()
         example = deserialize(record)
         height, width, channels = example.image.shape
         # The model's channels, converted as the model input is (one definition of that).
@@ -145,10 +153,14 @@ def to_proto(statistics: dict[str, Any], split: str, class_names: list[str]) -> 
 
 
 def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str], statistics_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    from segflow.components.example_gen.core import read_counts
+
     scratch = Path(tempfile.mkdtemp(prefix="segflow-beam-"))
     combine = SplitStatisticsFn(config.num_labels, config.shape[2], config.ignore_index)
     try:
         splits = present_splits(examples_dir)
+        total = sum(read_counts(examples_dir)[f"{split}_examples"] for split in splits)
+        counter = Progress(STEP, total)  # the workers count; their last counts may come unreported
         with beam.Pipeline(options=beam_options(config.beam, scratch)) as pipeline:
             for split in splits:
                 (
@@ -159,6 +171,7 @@ def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str], statisti
                     | f"Json{split}" >> beam.Map(json.dumps)
                     | f"Write{split}" >> beam.io.WriteToText(str(scratch / split), shard_name_template="")
                 )
+        counter.end(done=total)
         statistics = {"class_names": config.class_names}
         for split in splits:
             statistics[split] = read_json(scratch / split)

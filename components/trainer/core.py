@@ -32,6 +32,7 @@ import shutil
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -456,6 +457,25 @@ class _StepLogger(keras.callbacks.Callback):
             logs["optimizer_steps"] = int(self.model.optimizer.iterations.numpy())
 
 
+class _EpochLine(keras.callbacks.Callback):
+    """segflow's console line per epoch (Keras' own verbose=2 lines go to the log file only);
+    after the loggers, so the values are the ones history.csv gets."""
+
+    SHOWN = ("loss", "mean_iou", "val_loss", "val_mean_iou", "lr")
+
+    def __init__(self, label: str, epochs: int, first: int = 0) -> None:
+        super().__init__()
+        self.label, self.epochs, self.first = label, epochs, first  # `first`: Keras' index of this fit's epoch 1
+        self.started = time.perf_counter()
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        values = ", ".join(f"{name} {float(logs[name]):.4g}" for name in self.SHOWN if logs and name in logs)
+        log(f"{self.label}: epoch {epoch + 1 - self.first}/{self.epochs}: {values} ({time.perf_counter() - self.started:.1f} s)")
+
+
 class _ResetSteps(keras.callbacks.Callback):
     """After a batch halving: the restored step count was in the old batch's steps; the
     stage's schedule counts in the new ones, so set it to the restored epochs' new steps."""
@@ -565,6 +585,7 @@ def _train(
                 *([averaging] if averaging else []),
                 LearningRateLogger(),  # before the loggers: they write what it adds
                 _StepLogger(),
+                *([_EpochLine("trainer", config.total_epochs)] if plan.chief else []),
                 *([ReduceOnPlateau(rates, schedule.reduce_on_plateau, watch.monitor, watch.monitor_mode)] if schedule.reduce_on_plateau else []),
                 *([KeepBest(run_out / CHECKPOINTS_FOLDER, number, watch)] if watch.keep_best else []),
                 *early_stopping(watch),
@@ -700,6 +721,7 @@ def _quantization_aware(
         steps_per_epoch=math.ceil(read_counts(examples_dir)["train_examples"] / config.batch),
         initial_epoch=start,
         epochs=start + settings.epochs,
+        callbacks=[_EpochLine("trainer: quantization-aware training", settings.epochs, first=start)],
         verbose=2,
     )
     log(f"trainer: quantization-aware model: validation mean IoU {fit.history['val_mean_iou'][-1]:.4f} (fake-quantized)")
