@@ -5,6 +5,8 @@ segflow.io, mapped to class ids, brought to the model size and [0, 1] as the tra
 pipeline does, and augmented by the same policy with the same per-example, per-epoch seeds.
 Each cell shows the augmented image and the image with its augmented mask overlaid (ignored
 pixels white); beside the PNG goes the resolved policy (albumentations' to_dict) as JSON.
+The trainer writes the same grid of the train split it reads into its run artifact
+(`model_run/augmentation/preview.png`), so every pipeline run keeps a picture of its policy.
 """
 from __future__ import annotations
 
@@ -85,14 +87,21 @@ def _overlay(image: np.ndarray, mask: np.ndarray, ignore_index: int | None) -> t
 
 
 def write_preview(config: ExperimentConfig, output: str | os.PathLike[str], count: int = 8) -> dict[str, Any]:
-    """Write the grid PNG at `output` and `<stem>.policy.json` beside it; return both paths."""
+    """The grid of the first train examples of the dataset folders (what `segflow preview`
+    shows before any run): see `write_grid`."""
+    if count < 1:
+        raise ConfigError(f"preview: -n must be at least 1, got {count}")
+    return write_grid(config, _examples(config, count), output, count)
+
+
+def write_grid(config: ExperimentConfig, examples: list[tuple[str, np.ndarray, np.ndarray]], output: str | os.PathLike[str], count: int) -> dict[str, Any]:
+    """Write the grid PNG of `count` cells (image, and image with the augmented mask
+    blended in) at `output` and `<stem>.policy.json` beside it; return both paths. Fewer
+    examples than cells: later cells show the same examples in later epochs."""
     from segflow.augment import apply_policy, build_policy, example_seed, policy_dict
     from segflow.components.schema_gen.core import effective_value_max
     from segflow.io import write_json
 
-    if count < 1:
-        raise ConfigError(f"preview: -n must be at least 1, got {count}")
-    examples = _examples(config, count)
     value_max = float(effective_value_max(max(int(image.max()) for _, image, _ in examples)))
     policy = build_policy(config.augmentation, ignore_index=config.ignore_index)
     height, width, _ = config.shape
@@ -102,7 +111,6 @@ def write_preview(config: ExperimentConfig, output: str | os.PathLike[str], coun
     grid = Image.new("RGB", (columns * (cell_width + GAP) - GAP, rows * (cell_height + GAP) - GAP), (32, 32, 32))
     draw = ImageDraw.Draw(grid)
     for index in range(count):
-        # Fewer examples than cells: later cells show the same examples in later epochs.
         filename, image, mask = examples[index % len(examples)]
         epoch = index // len(examples)
         pixels, labels = _model_input(config, image, mask, value_max)

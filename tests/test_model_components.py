@@ -26,13 +26,19 @@ def test_transform_standardises_train_pixels(trained: dict) -> None:
     normalized = layer({RAW_FEATURE: tf.constant(pixels)})[TRANSFORMED_FEATURE].numpy()
     np.testing.assert_allclose(normalized.mean(axis=(0, 1, 2)), 0.0, atol=1e-3)
     np.testing.assert_allclose(normalized.std(axis=(0, 1, 2)), 1.0, atol=1e-2)
-    assert read_json(Path(trained["transform"]) / NORMALIZATION_FILE)["normalization"] == config.normalization
+    assert read_json(Path(trained["transform"]) / NORMALIZATION_FILE)["normalization"] == config.normalization.method
 
 
 def test_trainer_writes_model_history_logs_and_checkpoint(trained: dict) -> None:
     history = (Path(trained["model_run"]) / HISTORY_FILE).read_text().splitlines()
     assert history[0].split(",")[:2] == ["epoch", "loss"] and len(history) == 2
     assert any((Path(trained["model_run"]) / "logs").rglob("events.out.tfevents.*"))
+    # The augmentation preview of this run's train examples, and its policy, are in the run artifact.
+    from PIL import Image
+
+    preview = Path(trained["model_run"]) / "augmentation" / "preview.png"
+    assert Image.open(preview).size[0] > 2 * trained["config"].shape[1]
+    assert "HorizontalFlip" in preview.with_suffix(".policy.json").read_text()
     assert (Path(trained["model_run"]) / "checkpoints" / "last.weights.h5").exists()
     assert (Path(trained["model"]) / SERVING_SUBDIR / "saved_model.pb").exists()
     assert not (Path(trained["model_run"]).parent / BACKUP_FOLDER).exists()  # removed once the run is complete

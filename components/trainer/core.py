@@ -64,6 +64,8 @@ HISTORY_FILE = "history.csv"
 TRAINING_FILE = "training.json"  # in model_run/: batch used, halvings, resumed epoch
 LAST_GOOD_FILE = "last-good.weights.h5"  # in backup/ after a diverged stage: the weights before it
 BACKUP_FOLDER = "backup"  # beside the trainer's outputs, not inside their temporary folders
+AUGMENTATION_FOLDER = "augmentation"  # in model_run/: preview.png and preview.policy.json (segflow.preview)
+PREVIEW_EXAMPLES = 8
 TENSORBOARD_FOLDER = "logs"  # in model_run/: Keras' scalars, prediction panels, the resolved config
 FOLD_EXAMPLES = "fold_examples"  # a k-fold trainer's view of the Examples, beside its outputs while it trains
 CACHE_BUDGET_BYTES = 2 * 1024**3  # decoded, resized examples kept in RAM up to this size
@@ -491,6 +493,17 @@ class _ResetSteps(keras.callbacks.Callback):
             self.done = True
 
 
+def _preview_augmentation(config: ExperimentConfig, examples_dir: str | os.PathLike[str], output: Path) -> None:
+    """The `segflow preview` grid of the first train examples and the resolved policy, in the
+    run artifact: what this run's augmentation did, kept with the model it trained."""
+    from segflow.examples import iter_split
+    from segflow.preview import write_grid
+
+    examples = [(example.filename, example.image, example.mask) for example, _ in zip(iter_split(examples_dir, "train"), range(PREVIEW_EXAMPLES))]
+    written = write_grid(config, examples, output, PREVIEW_EXAMPLES)
+    log(f"trainer: augmentation preview of {written['examples']} train examples in {output.parent.name}/{output.name}")
+
+
 def trainer_settings(config: ExperimentConfig) -> str:
     """The config keys the trainer reads (its slice; the others are not its to show), as YAML."""
     from segflow.component_config import COMPONENT_KEYS
@@ -560,6 +573,8 @@ def _train(
         log(f"trainer: {resumed} epochs finished before a restart; training continues at epoch {resumed + 1}")
     with atomic_dir(model_run_dir) as run_out:
         write_config_text(run_out / TENSORBOARD_FOLDER, trainer_settings(config))
+        if config.augmentation:
+            _preview_augmentation(config, examples_dir, run_out / AUGMENTATION_FOLDER / "preview.png")
         first_epoch = 0
         history: dict[str, list[float]] = {}
 
