@@ -20,7 +20,7 @@ from typing import Any, Iterator, TextIO
 
 from segflow import storage
 from segflow.component_config import location_arguments, resolve_locations
-from segflow.components.evaluator.core import METRICS_FILE, is_blessed, read_metrics, read_test_metrics
+from segflow.components.evaluator.core import METRICS_FILE, is_blessed, read_blessing, read_metrics, read_test_metrics
 from segflow.components.example_gen.core import COUNTS_FILE, QUARANTINE_FILE, read_counts
 from segflow.components.example_validator.core import ANOMALIES_FILE, read_anomalies
 from segflow.components.exporter.core import EXPORTS_FILE, read_exports
@@ -213,6 +213,7 @@ def _split_metrics(evaluation: Path) -> dict[str, Any]:
         found["test"] = test
     for metrics in found.values():
         metrics.pop("confusion_matrix", None)
+        metrics.get("baseline", {}).pop("confusion_matrix", None)
     return found
 
 
@@ -264,6 +265,7 @@ COMPONENTS = {
     "validate": ["dataset_fingerprint", "example_gen", "statistics_gen", "schema_gen", "example_validator"],
 }
 FOLD_TASKS = ("trainer", "evaluator")  # run once per fold in a k-fold run
+BLESSED_ONLY = ("exporter", "pusher")  # run only for a blessed model (dsl.If in the DAG)
 
 
 def component_folders(config: ExperimentConfig, kind: str) -> list[str]:
@@ -277,11 +279,18 @@ def component_folders(config: ExperimentConfig, kind: str) -> list[str]:
 
 
 def build_summary(output: Path, config: ExperimentConfig, kind: str, seconds: float) -> dict[str, Any]:
+    """summary.json. A model that is not blessed is not exported or pushed (the DAG's dsl.If):
+    those components are "skipped" and the run still "succeeded", with `blessed` false and
+    the failed thresholds under `blessing`."""
+    blessing = read_blessing(output / "evaluator" / "blessing")
     components = {}
     for name in component_folders(config, kind):
         record = read_record(output / name)
-        components[name] = {"status": "not_run"} if record is None else {key: value for key, value in record.items() if key != "component"}
-    succeeded = all(entry["status"] == "succeeded" for entry in components.values())
+        if record is None and name in BLESSED_ONLY and blessing is not None and not blessing["blessed"]:
+            components[name] = {"status": "skipped", "reason": "model not blessed"}
+        else:
+            components[name] = {"status": "not_run"} if record is None else {key: value for key, value in record.items() if key != "component"}
+    succeeded = all(entry["status"] in ("succeeded", "skipped") for entry in components.values())
     summary: dict[str, Any] = {
         "status": "succeeded" if succeeded else "failed",
         "name": config.name,
@@ -302,6 +311,8 @@ def build_summary(output: Path, config: ExperimentConfig, kind: str, seconds: fl
     if (evaluation / METRICS_FILE).exists():
         summary["metrics"] = _split_metrics(evaluation)
         summary["blessed"] = is_blessed(output / "evaluator" / "blessing")
+    if blessing is not None:
+        summary["blessing"] = {key: blessing[key] for key in ("failed", "thresholds", "baseline")}
     cross_validation = output / "cross_validation" / "evaluation"
     if (cross_validation / METRICS_FILE).exists():
         summary["metrics"] = _split_metrics(cross_validation)

@@ -90,7 +90,9 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
             with dsl.ParallelFor(items=config.dataset.trained_folds(), parallelism=None if cluster else 1) as fold:
                 model = step(trainer, config_slice=slices["trainer"], examples=examples.outputs["examples"], transform_graph=graph.outputs["transform_graph"], fold=fold)
                 model.after(validation)
-                evaluation = step(evaluator, config_slice=slices["evaluator"], examples=examples.outputs["examples"], model=model.outputs["model"], fold=fold)
+                evaluation = step(
+                    evaluator, config_slice=slices["evaluator"], registry=registry, examples=examples.outputs["examples"], model=model.outputs["model"], fold=fold
+                )
             step(
                 cross_validation, config_slice=slices["cross_validation"], examples=examples.outputs["examples"],
                 models=dsl.Collected(model.outputs["model"]), evaluations=dsl.Collected(evaluation.outputs["evaluation"]),
@@ -98,9 +100,11 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
             return  # a k-fold run measures a config; the model to export and push comes from a run without folds
         model = step(trainer, config_slice=slices["trainer"], examples=examples.outputs["examples"], transform_graph=graph.outputs["transform_graph"])
         model.after(validation)  # with on_anomaly 'fail', bad data stops the run before training
-        evaluation = step(evaluator, config_slice=slices["evaluator"], examples=examples.outputs["examples"], model=model.outputs["model"])
-        exports = step(exporter, config_slice=slices["exporter"], examples=examples.outputs["examples"], model=model.outputs["model"])
-        step(pusher, config_slice=slices["pusher"], registry=registry, exports=exports.outputs["exports"], blessing=evaluation.outputs["blessing"])
+        evaluation = step(evaluator, config_slice=slices["evaluator"], registry=registry, examples=examples.outputs["examples"], model=model.outputs["model"])
+        # A model that is not blessed (value thresholds, or worse than the registry's latest version) is neither exported nor pushed.
+        with dsl.If(evaluation.outputs["Output"] == True, name="blessed"):  # noqa: E712  (a KFP condition, not a Python comparison)
+            exports = step(exporter, config_slice=slices["exporter"], examples=examples.outputs["examples"], model=model.outputs["model"])
+            step(pusher, config_slice=slices["pusher"], registry=registry, exports=exports.outputs["exports"], blessing=evaluation.outputs["blessing"])
 
     return training_pipeline
 

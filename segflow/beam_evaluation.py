@@ -5,8 +5,14 @@ runs on the same runners as the data components (`beam` config section).
 TFMA runs everything after the model: its SliceKeyExtractor (slicing specs), its
 MetricsPlotsAndValidationsEvaluator with the segmentation metrics as one custom TFMA metric
 (`SegmentationMetrics`: a preprocessor that hands over each image's stats and a combiner that
-sums them), its validator (the blessing's value threshold) and its writers (MetricsForSlice,
-ValidationResult, eval_config.json). Per-class values are under a class_id sub key. The
+sums them), its validator (the blessing's thresholds) and its writers (MetricsForSlice,
+ValidationResult, eval_config.json). Per-class values are under a class_id sub key.
+
+With a baseline (the registry's latest version) both models score every image in the same
+pipeline: the EvalConfig has two model specs (the baseline's is_baseline), each image's
+extract holds both models' stats keyed by model name, and SegmentationMetrics yields one
+computation per model name. TFMA then adds the diff metrics (candidate minus baseline) and
+checks the change thresholds on them with its own validator. The
 per-image step is ours: TFMA's standard inputs are one label and one prediction per
 example, and its predictions extractor feeds serialized examples to a signature, while a
 mask is a label per pixel at the image's own size and the served model takes decoded pixels.
@@ -41,6 +47,18 @@ DERIVED_FEATURES = ("image_size", "object_size", "mask_empty")
 SOURCE_FEATURE = "source"
 # height and width are in image_size (a bucket); one slice per distinct size would be per image.
 NOT_SLICED_BY_DEFAULT = ("height", "width")
+CANDIDATE, BASELINE = "candidate", "baseline"  # TFMA model names when a baseline is evaluated too (else "")
+
+
+@dataclass(frozen=True)
+class BlessingThresholds:
+    """The blessing's thresholds on the eval split's overall slice: value thresholds on mean
+    IoU and per-class IoU (class index -> lower bound) and, with a baseline, the largest
+    allowed mean IoU drop (a TFMA change threshold, HIGHER_IS_BETTER, absolute -drop)."""
+
+    min_mean_iou: float
+    min_class_iou: dict[int, float]
+    max_mean_iou_drop: float | None
 
 
 @dataclass(frozen=True)
@@ -136,33 +154,36 @@ def report(stats: dict[str, np.ndarray], class_names: tuple[str, ...]) -> dict[s
 
 
 class PredictAndScoreFn(beam.DoFn):
-    """Runs the model on a batch of serialized examples (same-size images in one call), and
-    emits one TFMA extract per image: its slicing features, its stats and its own metrics.
-    The model is loaded once per worker (DoFn.setup), not per batch."""
+    """Runs the models (model name -> loader; the first is the candidate) on a batch of
+    serialized examples (same-size images in one call), and emits one TFMA extract per image:
+    its slicing features, each model's stats and the candidate's own metrics. The models are
+    loaded once per worker (DoFn.setup), not per batch."""
 
-    def __init__(self, loader: Callable[[], BatchPredictor], settings: EvalSettings, split: str) -> None:
-        self.loader = loader
+    def __init__(self, loaders: dict[str, Callable[[], BatchPredictor]], settings: EvalSettings, split: str) -> None:
+        self.loaders = loaders
         self.settings = settings
         self.split = split
-        self.predict: BatchPredictor | None = None
+        self.predictors: dict[str, BatchPredictor] = {}
 
     def setup(self) -> None:
-        predict = self.loader()
-        self.predict = with_flip_tta(predict) if self.settings.flip_tta else predict
+        for name, loader in self.loaders.items():
+            predict = loader()
+            self.predictors[name] = with_flip_tta(predict) if self.settings.flip_tta else predict
 
     def process(self, records: list[bytes]) -> Iterator[dict[str, Any]]:
         examples = [(deserialize(record), scalar_features(record)) for record in records]
         groups: dict[tuple[Any, ...], list[int]] = {}
         for index, (example, _) in enumerate(examples):
             groups.setdefault((example.image.shape, example.image.dtype.str), []).append(index)
-        assert self.predict is not None  # set in setup
+        candidate = next(iter(self.loaders))
         for indices in groups.values():
-            probabilities = self.predict(np.stack([examples[index][0].image for index in indices]))
-            for index, probs in zip(indices, probabilities):
+            images = np.stack([examples[index][0].image for index in indices])
+            probabilities = {name: predict(images) for name, predict in self.predictors.items()}
+            for position, index in enumerate(indices):
                 example, record_features = examples[index]
                 features = image_features(example.mask, example.filename, record_features, self.settings)
-                stats = image_stats(example.mask, probs, self.settings)
-                metrics = report(stats, self.settings.class_names)
+                stats = {name: image_stats(example.mask, probs[position], self.settings) for name, probs in probabilities.items()}
+                metrics = report(stats[candidate], self.settings.class_names)
                 metrics.pop("confusion_matrix")
                 metrics.pop("threshold_sweep", None)
                 yield {
@@ -181,20 +202,25 @@ class PredictAndScoreFn(beam.DoFn):
 
 
 class StatsPreprocessor(metric_types.Preprocessor):
-    """TFMA preprocessor: hands the combiner each image's stats instead of TFMA's standard
-    inputs (one label and one prediction per example, which a mask is not)."""
+    """TFMA preprocessor: hands the combiner each image's stats of one model instead of TFMA's
+    standard inputs (one label and one prediction per example, which a mask is not)."""
+
+    def __init__(self, model_name: str) -> None:
+        super().__init__(name=f"StatsPreprocessor_{model_name}")
+        self.model_name = model_name
 
     def process(self, extracts: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
-        yield extracts[STATS_KEY]
+        yield extracts[STATS_KEY][self.model_name]
 
 
 class SegmentationCombineFn(beam.CombineFn):
     """Sums per-image stats; the output is `report` of the sums (dataset-level metrics, the
     numbers the literature reports, not means of per-image metrics) as TFMA's metrics dict."""
 
-    def __init__(self, class_names: tuple[str, ...], threshold_steps: int) -> None:
+    def __init__(self, class_names: tuple[str, ...], threshold_steps: int, model_name: str = "") -> None:
         self.class_names = class_names
         self.threshold_steps = threshold_steps
+        self.model_name = model_name
 
     def create_accumulator(self) -> dict[str, np.ndarray]:
         labels = len(self.class_names)
@@ -216,15 +242,19 @@ class SegmentationCombineFn(beam.CombineFn):
 
     def extract_output(self, accumulator: dict[str, np.ndarray]) -> dict[Any, Any]:
         with np.errstate(all="ignore"):
-            return metric_keys(report(accumulator, self.class_names))
+            return metric_keys(report(accumulator, self.class_names), self.model_name)
 
 
-def _segmentation_computations(class_names: list[str], threshold_steps: int) -> Any:
-    """One computation whose keys are the metric names themselves (mean_iou, iou/class_id, ...),
-    so thresholds name them as users read them."""
-    combiner = SegmentationCombineFn(tuple(class_names), threshold_steps)
-    keys = list(combiner.extract_output(combiner.create_accumulator()))
-    return [metric_types.MetricComputation(keys=keys, preprocessors=[StatsPreprocessor()], combiner=combiner)]
+def _segmentation_computations(class_names: list[str], threshold_steps: int, model_names: list[str] | None = None) -> Any:
+    """One computation per model (TFMA passes the metrics spec's model names) whose keys are
+    the metric names themselves (mean_iou, iou/class_id, ...), so thresholds name them as
+    users read them."""
+    computations = []
+    for model_name in model_names or [""]:
+        combiner = SegmentationCombineFn(tuple(class_names), threshold_steps, model_name)
+        keys = list(combiner.extract_output(combiner.create_accumulator()))
+        computations.append(metric_types.MetricComputation(keys=keys, preprocessors=[StatsPreprocessor(model_name)], combiner=combiner))
+    return computations
 
 
 class SegmentationMetrics(metric_types.Metric):
@@ -235,14 +265,14 @@ class SegmentationMetrics(metric_types.Metric):
         super().__init__(_segmentation_computations, class_names=class_names, threshold_steps=threshold_steps)
 
 
-def metric_keys(metrics: dict[str, Any]) -> dict[Any, Any]:
+def metric_keys(metrics: dict[str, Any], model_name: str = "") -> dict[Any, Any]:
     """A report as TFMA's metrics dict: scalars by name, per-class values under a class_id
     sub key (in class order), the confusion matrix and the sweep's curves as arrays. Keys are
     unweighted (example_weighted None), as TFMA's thresholds on custom metrics are keyed."""
 
     def key(name: str, class_id: int | None = None) -> Any:
         sub_key = None if class_id is None else metric_types.SubKey(class_id=class_id)
-        return metric_types.MetricKey(name=name, sub_key=sub_key, example_weighted=None)
+        return metric_types.MetricKey(name=name, model_name=model_name, sub_key=sub_key, example_weighted=None)
 
     keyed: dict[Any, Any] = {}
     for name, value in metrics.items():
@@ -259,10 +289,13 @@ def metric_keys(metrics: dict[str, Any]) -> dict[Any, Any]:
     return keyed
 
 
-def report_from_proto(record: Any, class_names: tuple[str, ...]) -> dict[str, Any]:
-    """A TFMA MetricsForSlice of SegmentationMetrics back as a report (the inverse of `metric_keys`)."""
+def report_from_proto(record: Any, class_names: tuple[str, ...], model_name: str = "") -> dict[str, Any]:
+    """One model's metrics in a TFMA MetricsForSlice of SegmentationMetrics back as a report
+    (the inverse of `metric_keys`); diff metrics are left out."""
     result: dict[str, Any] = {}
     for item in record.metric_keys_and_values:
+        if item.key.model_name != model_name or item.key.is_diff:
+            continue
         name, value = item.key.name, item.value
         if value.HasField("array_value"):
             array = value.array_value
@@ -293,18 +326,36 @@ def default_slicing_specs(examples_dir: str | os.PathLike[str], split: str, sett
     return [{}] + [{"feature_keys": [name]} for name in derived + [name for name in columns if name not in derived]]
 
 
-def eval_config(slicing_specs: list[dict[str, Any]], class_names: tuple[str, ...], threshold_steps: int, min_mean_iou: float | None = None) -> Any:
-    """TFMA's EvalConfig of one split: its slicing specs, SegmentationMetrics, and the blessing's
-    value threshold on the overall slice's mean IoU (TFMA's validator checks it)."""
+def eval_config(
+    slicing_specs: list[dict[str, Any]], class_names: tuple[str, ...], threshold_steps: int, thresholds: BlessingThresholds | None = None, baseline: bool = False
+) -> Any:
+    """TFMA's EvalConfig of one split: its slicing specs, SegmentationMetrics (of the candidate
+    and, with `baseline`, of the baseline model: two model specs) and the blessing's
+    `thresholds` on the overall slice, which TFMA's validator checks. A per-class threshold
+    is a metrics spec of its own, binarized to that class: TFMA keys a spec's thresholds by
+    the spec's sub keys, so one spec would give every class the same bound."""
     from tensorflow_model_analysis.proto import config_pb2
 
     config = config_pb2.EvalConfig(slicing_specs=[config_pb2.SlicingSpec(**spec) for spec in slicing_specs])
+    model_names = [CANDIDATE, BASELINE] if baseline else []
+    if baseline:
+        config.model_specs.add(name=CANDIDATE)
+        config.model_specs.add(name=BASELINE, is_baseline=True)
     metric = SegmentationMetrics(list(class_names), threshold_steps)
-    spec = config.metrics_specs.add()
+    spec = config.metrics_specs.add(model_names=model_names)
     spec.metrics.add(class_name=type(metric).__name__, module=__name__, config=json.dumps(metric.get_config()))
-    if min_mean_iou is not None:
-        threshold = config_pb2.MetricThreshold(value_threshold=config_pb2.GenericValueThreshold(lower_bound={"value": min_mean_iou}))
-        spec.per_slice_thresholds["mean_iou"].thresholds.add(slicing_specs=[config_pb2.SlicingSpec()], threshold=threshold)
+    if thresholds is None:
+        return config
+    overall = [config_pb2.SlicingSpec()]
+    value = config_pb2.MetricThreshold(value_threshold=config_pb2.GenericValueThreshold(lower_bound={"value": thresholds.min_mean_iou}))
+    spec.per_slice_thresholds["mean_iou"].thresholds.add(slicing_specs=overall, threshold=value)
+    if baseline and thresholds.max_mean_iou_drop is not None:
+        change = config_pb2.GenericChangeThreshold(direction=config_pb2.MetricDirection.HIGHER_IS_BETTER, absolute={"value": -thresholds.max_mean_iou_drop})
+        spec.per_slice_thresholds["mean_iou"].thresholds.add(slicing_specs=overall, threshold=config_pb2.MetricThreshold(change_threshold=change))
+    for class_id, bound in sorted(thresholds.min_class_iou.items()):
+        class_spec = config.metrics_specs.add(model_names=model_names, binarize=config_pb2.BinarizationOptions(class_ids={"values": [class_id]}))
+        value = config_pb2.MetricThreshold(value_threshold=config_pb2.GenericValueThreshold(lower_bound={"value": bound}))
+        class_spec.per_slice_thresholds["iou"].thresholds.add(slicing_specs=overall, threshold=value)
     return config
 
 
@@ -317,11 +368,16 @@ def run_pipeline(
     options: Any,
     out_dir: str | os.PathLike[str],
     model_location: str = "<in memory>",
+    baseline: tuple[Callable[[], BatchPredictor], str] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """One Beam pipeline over every split in `splits` (split -> its `eval_config`). Each split's
     folder `Split-<split>/` under `out_dir` is a TFMA output (metrics-*.tfrecord,
     validations.tfrecord, eval_config.json: `tfma.load_eval_result` reads it) plus
-    per_image.jsonl. Returns each split's slices as JSON records, the overall slice first."""
+    per_image.jsonl. Returns each split's slices as JSON records, the overall slice first.
+    `baseline` (its loader and location; the configs made with baseline=True) scores every
+    image too; each slice record then also has the baseline's `baseline_metrics`."""
+    loaders = {CANDIDATE: loader, BASELINE: baseline[0]} if baseline is not None else {"": loader}
+    locations = {CANDIDATE: model_location, BASELINE: baseline[1]} if baseline is not None else {"": model_location}
     from tensorflow_model_analysis.evaluators.metrics_plots_and_validations_evaluator import MetricsPlotsAndValidationsEvaluator
     from tensorflow_model_analysis.extractors.slice_key_extractor import SliceKeyExtractor
     from tensorflow_model_analysis.slicer import slicer_lib
@@ -342,7 +398,7 @@ def run_pipeline(
                 | f"Files{split}" >> beam.Create(split_files(examples_dir, split))
                 | f"Read{split}" >> beam.io.ReadAllFromTFRecord(compression_type=beam.io.filesystem.CompressionTypes.GZIP)
                 | f"Batch{split}" >> beam.BatchElements(min_batch_size=1, max_batch_size=batch)
-                | f"Predict{split}" >> beam.ParDo(PredictAndScoreFn(loader, settings, split))
+                | f"Predict{split}" >> beam.ParDo(PredictAndScoreFn(loaders, settings, split))
             )
             (
                 extracts
@@ -357,7 +413,7 @@ def run_pipeline(
             paths = {"metrics": str(folder / METRICS_PREFIX), "validations": str(folder / VALIDATIONS_PREFIX)}
             _ = evaluation | f"Write{split}" >> MetricsPlotsAndValidationsWriter(paths, config).ptransform
             location = f"{os.fspath(examples_dir)}/Split-{split}"
-            _ = evaluation | f"Config{split}" >> EvalConfigWriter(str(folder), config, data_location=location, data_file_format="tfrecords_gzip", model_locations={"": model_location}).ptransform
+            _ = evaluation | f"Config{split}" >> EvalConfigWriter(str(folder), config, data_location=location, data_file_format="tfrecords_gzip", model_locations=locations).ptransform
     for counter, size in zip(counters, sizes.values()):
         counter.end(done=size)
     entries = {}
@@ -366,7 +422,10 @@ def run_pipeline(
         for record in load_and_deserialize_metrics(str(out / f"Split-{split}")):
             slice_key = slicer_lib.deserialize_slice_key(record.slice_key)
             key = {name: value.decode() if isinstance(value, bytes) else value for name, value in slice_key}
-            metrics = report_from_proto(record, settings.class_names)
-            records.append({"split": split, "slice": slicer_lib.stringify_slice_key(slice_key), "slice_key": key, "metrics": metrics})
+            candidate = next(iter(loaders))
+            entry = {"split": split, "slice": slicer_lib.stringify_slice_key(slice_key), "slice_key": key, "metrics": report_from_proto(record, settings.class_names, candidate)}
+            if baseline is not None:
+                entry["baseline_metrics"] = report_from_proto(record, settings.class_names, BASELINE)
+            records.append(entry)
         entries[split] = sorted(records, key=lambda entry: (len(entry["slice_key"]), entry["slice"]))
     return entries

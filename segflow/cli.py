@@ -109,7 +109,10 @@ def _report(summary: dict, output: str | Path) -> None:
             continue
         verdict = "" if export.get("status", "passed") == "passed" else f"  {export['status'].upper()}: {export.get('reason', '')}"
         print(f"  export {name:<15} {export['bytes'] / 1e6:8.2f} MB  mean IoU {export['mean_iou']:.4f}{verdict}")
-    print(f"status: {summary['status']}")
+    if summary.get("blessed") is False and "blessing" in summary:
+        print(f"status: {summary['status']}, not blessed: {', '.join(summary['blessing']['failed'])}")
+    else:
+        print(f"status: {summary['status']}")
 
 
 def _compile(args: argparse.Namespace) -> int:

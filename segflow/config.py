@@ -273,8 +273,20 @@ class SlicingSpec(_Strict):
     feature_values: dict[str, str] = Field(default_factory=dict, description="keep only examples with these feature values")
 
 
+class ChangeThresholds(_Strict):
+    """Blessing thresholds against the baseline (the registry's latest version), on the eval split."""
+
+    max_mean_iou_drop: float | None = Field(
+        None, ge=0.0, le=1.0, description="not blessed when eval mean IoU is more than this below the baseline's (null: no change threshold)"
+    )
+
+
 class EvaluationConfig(_Strict):
     min_mean_iou: float = Field(0.0, ge=0.0, le=1.0, description="blessing threshold on eval mean IoU")
+    min_class_iou: float | dict[str, float] | None = Field(
+        None, description="blessing thresholds on eval per-class IoU: one for every class, or class name -> threshold (null: none)"
+    )
+    change_thresholds: ChangeThresholds = Field(default_factory=ChangeThresholds, description="blessing thresholds against the baseline")
     slicing_specs: list[SlicingSpec] | None = Field(
         None, description="TFMA slicing specs; null: overall, source (with dataset.group_by), image_size, object_size, mask_empty and each example metadata column"
     )
@@ -290,6 +302,14 @@ class EvaluationConfig(_Strict):
     batch: int = Field(
         8, ge=1, le=1024, description="examples per model call (same-size images are stacked; their probabilities take batch x H x W x classes x 4 bytes)"
     )
+
+    @field_validator("min_class_iou")
+    @classmethod
+    def _unit_interval(cls, value: float | dict[str, float] | None) -> float | dict[str, float] | None:
+        numbers = value.values() if isinstance(value, dict) else [] if value is None else [value]
+        if any(not 0.0 <= number <= 1.0 for number in numbers):
+            raise ValueError("per-class IoU thresholds must be between 0 and 1")
+        return value
 
     @field_validator("image_size_buckets", "object_size_buckets")
     @classmethod

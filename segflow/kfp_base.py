@@ -32,7 +32,9 @@ TASKS = (
 )
 GPU_TASKS = ("trainer",)
 DEFAULT_ACCELERATOR = "nvidia.com/gpu"
-UNCACHED = ("dataset_fingerprint",)  # looks at the data as it is now: never replayed from the cache
+# Never replayed from the cache: the fingerprint looks at the data as it is now, the evaluator's
+# blessing compares with the registry's latest version as it is now.
+UNCACHED = ("dataset_fingerprint", "evaluator")
 
 
 def pool(kubernetes: KubernetesConfig, task: str) -> tuple[str, NodePool]:

@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -26,7 +27,7 @@ import yaml
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from segflow.components.evaluator.core import BLESSED, METRICS_FILE, NOT_BLESSED, SLICES_FILE
+from segflow.components.evaluator.core import BLESSED, METRICS_FILE, NOT_BLESSED, SLICES_FILE, read_blessing
 from segflow.components.example_gen.core import QUARANTINE_FILE
 from segflow.components.example_validator.core import ANOMALIES_FILE
 from segflow.components.exporter.core import BENCHMARK_FILE, EXPORTS_FILE
@@ -296,12 +297,23 @@ def _overall_or_empty(run: Run) -> dict[str, dict[str, Any]]:
 
 
 def _blessing(run: Run) -> str:
-    """The blessing marker and its line (mean IoU against the threshold), as HTML."""
+    """The blessing marker and its line (the failed thresholds, or all), as HTML."""
     folder = run.path / RUN_BLESSING
     for marker, css in ((BLESSED, "ok"), (NOT_BLESSED, "bad")):
         if (folder / marker).exists():
             return f'<span class="{css}">{marker}</span> <span class="note">{_escape((folder / marker).read_text().strip())}</span>'
     return "not available: the run has no evaluator blessing"
+
+
+def _thresholds(run: Run) -> str:
+    """Every blessing threshold: value, bound, the baseline's value, passed or not."""
+    record = read_blessing(run.path / RUN_BLESSING)
+    if record is None:
+        raise NotAvailable(f"the run has no {RUN_BLESSING}/blessing.json")
+    rows = [(entry["name"], entry["value"], entry["bound"], entry["baseline"], "passed" if entry["passed"] else "FAILED") for entry in record["thresholds"]]
+    baseline = record["baseline"]
+    against = "none (k-fold evaluation)" if baseline is None else f"version {baseline['version']}: {baseline['location']}" if baseline["location"] else f"none: {baseline['reason']}"
+    return f"{_blessing(run)}<p>baseline: {_escape(against)}</p>" + _table(("threshold", "value", "bound", "baseline", "verdict"), rows)
 
 
 def _read_history(run: Run) -> dict[str, list[float]]:
@@ -617,6 +629,7 @@ def _quarantine(run: Run) -> str:
 
 SECTIONS: tuple[tuple[str, str, Callable[[Run], str]], ...] = (
     ("summary", "Summary", _summary),
+    ("blessing", "Blessing thresholds", _thresholds),
     ("training", "Training curves", _training),
     ("class-iou", "Per-class IoU", _class_iou),
     ("confusion", "Confusion matrix", _confusion),
@@ -649,6 +662,37 @@ def build_report(run_dir: str | os.PathLike[str], worst: int = DEFAULT_WORST, sa
         f"<style>{STYLE}</style></head><body><header><h1>{_escape(name)}</h1><p>{_escape(subtitle)}</p></header>"
         f"<nav>{links}</nav><main>{''.join(bodies)}</main></body></html>\n"
     )
+
+
+def write_task_report(
+    target: str | os.PathLike[str],
+    evaluation: str | os.PathLike[str],
+    blessing: str | os.PathLike[str],
+    model: str | os.PathLike[str],
+    examples: str | os.PathLike[str] | None,
+) -> Path:
+    """The page of an evaluator task (KFP's HTML artifact): a KFP task sees its own inputs
+    and outputs, not the run folder, so the page is built from a folder laid out like one
+    with only those (links to the evaluation, blessing, served model and, unless None, the
+    examples). Sections needing the rest (summary, training, exports, data) say so."""
+    with tempfile.TemporaryDirectory(prefix="segflow-task-report-") as staging:
+        root = Path(staging)
+        links = {RUN_EVALUATION: evaluation, RUN_BLESSING: blessing, RUN_SERVED_MODEL.parent: model}
+        if examples is not None:
+            links[RUN_EXAMPLES] = examples
+        for relative, source in links.items():
+            (root / relative).parent.mkdir(parents=True, exist_ok=True)
+            (root / relative).symlink_to(Path(source).resolve(), target_is_directory=True)
+        page = build_report(root)
+    note = (
+        '<section id="task"><h2>Evaluator task</h2><p class="note">Built inside the evaluator task from what it has: the evaluation, '
+        "the blessing, the served model and the examples. The summary, training history, exports and data statistics are outside "
+        "this task: <code>segflow report RUN_DIR</code> builds the whole page from a run folder.</p></section>"
+    )
+    output = Path(target)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output, page.replace("<main>", f"<main>{note}", 1))
+    return output
 
 
 def write_report(

@@ -69,10 +69,13 @@ def test_cluster_golden_has_resources_retries_caching_secrets_pvc_and_root() -> 
     assert (resources["example-gen"]["resourceCpuRequest"], resources["example-gen"]["resourceMemoryLimit"]) == ("2", "4Gi")
     assert (resources["pusher"]["resourceCpuRequest"], resources["pusher"]["resourceMemoryRequest"]) == ("500m", "2Gi")
     assert "resourceCpuLimit" not in resources["pusher"]
-    tasks = spec["root"]["dag"]["tasks"]
+    # The steps of the root DAG and of the dsl.If (exporter, pusher), without the condition itself.
+    dags = [spec["root"]["dag"], *(component["dag"] for component in spec["components"].values() if "dag" in component)]
+    tasks = {name: task for dag in dags for name, task in dag["tasks"].items() if not task["componentRef"]["name"].startswith("comp-condition")}
+    assert {"exporter", "pusher"} <= set(tasks)
     assert all(task["retryPolicy"]["maxRetryCount"] == 2 for task in tasks.values())
-    assert tasks["dataset-fingerprint"]["cachingOptions"] == {}
-    assert all(task["cachingOptions"] == {"enableCache": True} for name, task in tasks.items() if name != "dataset-fingerprint")
+    assert tasks["dataset-fingerprint"]["cachingOptions"] == {} and tasks["evaluator"]["cachingOptions"] == {}
+    assert all(task["cachingOptions"] == {"enableCache": True} for name, task in tasks.items() if name not in ("dataset-fingerprint", "evaluator"))
     for executor in platform.values():
         assert executor["pvcMount"][0]["mountPath"] == "/mnt/segflow" and executor["pvcMount"][0]["constant"] == "segflow-artifacts"
         (secret,) = executor["secretAsEnv"]

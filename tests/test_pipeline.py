@@ -51,13 +51,20 @@ def test_compiled_yaml_loads_with_kfp_loader(tmp_path: Path) -> None:
     assert main(["compile", str(HERE / "data" / "golden.yaml"), "-o", str(path)]) == 0
     loaded = components.load_component_from_file(str(path))
     assert loaded.name == "segflow-golden"
-    tasks = yaml.safe_load(path.read_text())["root"]["dag"]["tasks"]
-    dag = ["dataset-fingerprint", "example-gen", "statistics-gen", "schema-gen", "example-validator", "transform", "trainer", "evaluator", "exporter", "pusher"]
+    spec = yaml.safe_load(path.read_text())
+    tasks = spec["root"]["dag"]["tasks"]
+    dag = ["dataset-fingerprint", "example-gen", "statistics-gen", "schema-gen", "example-validator", "transform", "trainer", "evaluator", "condition-1"]
     assert set(tasks) == set(dag)
     assert "example-validator" in tasks["trainer"]["dependentTasks"]
     assert "dataset-fingerprint" in tasks["example-gen"]["dependentTasks"]
-    assert tasks["dataset-fingerprint"]["cachingOptions"] == {}  # never cached: it looks at the data as it is now
-    assert all(task["cachingOptions"] == {"enableCache": True} for name, task in tasks.items() if name != "dataset-fingerprint")
+    # Exporter and pusher run only for a blessed model: inside a dsl.If on the evaluator's output.
+    blessed = spec["components"]["comp-condition-1"]["dag"]["tasks"]
+    assert set(blessed) == {"exporter", "pusher"}
+    assert tasks["condition-1"]["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--evaluator-Output'] == true"
+    # Never cached: the fingerprint looks at the data as it is now, the blessing at the registry as it is now.
+    assert tasks["dataset-fingerprint"]["cachingOptions"] == {} and tasks["evaluator"]["cachingOptions"] == {}
+    cached = [task for name, task in {**tasks, **blessed}.items() if name not in ("dataset-fingerprint", "evaluator", "condition-1")]
+    assert all(task["cachingOptions"] == {"enableCache": True} for task in cached)
 
 
 def _compiled(tmp_path: Path, *overrides: str, kind: str = "train") -> dict:
@@ -78,18 +85,25 @@ def test_locations_are_pipeline_parameters_with_the_config_as_defaults(tmp_path:
     assert set(_compiled(tmp_path, kind="validate")["root"]["inputDefinitions"]["parameters"]) == dataset_parameters
     from segflow.component_config import COMPONENT_LOCATIONS
 
-    for name, task in compiled["root"]["dag"]["tasks"].items():
+    for name, task in _dag_tasks(compiled).items():
         taken = {key for key, value in task["inputs"].get("parameters", {}).items() if "componentInputParameter" in value}
         expected = dataset_parameters if name == "dataset-fingerprint" else set(COMPONENT_LOCATIONS.get(name.replace("-", "_"), ()))
         assert taken == expected, name
     assert "gs://segflow-golden" not in yaml.safe_dump(compiled["root"]["dag"])  # only as the parameters' defaults
 
 
+def _dag_tasks(compiled: dict) -> dict:
+    """Every step of the pipeline: the root DAG's and those inside its dsl.If (exporter, pusher),
+    without the condition task itself."""
+    dags = [compiled["root"]["dag"], *(component["dag"] for component in compiled["components"].values() if "dag" in component)]
+    return {name: task for dag in dags for name, task in dag["tasks"].items() if not task["componentRef"]["name"].startswith("comp-condition")}
+
+
 def _cache_inputs(compiled: dict) -> dict:
     """What KFP's cache key of each task is made of: its inputs and its component."""
     components, executors = compiled["components"], compiled["deploymentSpec"]["executors"]
     keys = {}
-    for name, task in compiled["root"]["dag"]["tasks"].items():
+    for name, task in _dag_tasks(compiled).items():
         spec = components[task["componentRef"]["name"]]
         keys[name] = (task["inputs"], spec, executors[spec["executorLabel"]])
     return keys
@@ -274,5 +288,5 @@ def test_summary_component_list_matches_the_dag(kind: str, tmp_path: Path) -> No
     from segflow.pipelines.local import COMPONENTS
 
     path = compile_pipeline(load_config(HERE / "data" / "golden.yaml"), tmp_path / "p.yaml", kind=kind)
-    tasks = yaml.safe_load(path.read_text())["root"]["dag"]["tasks"]
+    tasks = _dag_tasks(yaml.safe_load(path.read_text()))
     assert sorted(COMPONENTS[kind]) == sorted(task.replace("-", "_") for task in tasks)
