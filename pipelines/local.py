@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, TextIO
 
 from segflow import storage
@@ -31,7 +31,7 @@ from segflow.console import LOG_FILE, MARK, Renderer, parse_record
 from segflow.examples import read_fingerprint
 from segflow.io import atomic_write_text, read_json, write_json
 from segflow.runtime import log, read_record
-from segflow.tracking import track_run
+from segflow.tracking import log_to_mlflow, track_run
 
 SUMMARY_FILE = "summary.json"
 RESUME_FOLDER = ".resume-backup"  # an interrupted run's trainer backup, kept until a resumed trainer takes it
@@ -201,6 +201,8 @@ def _execute(config: ExperimentConfig, output: Path, kind: str, verbose: bool, s
     _collect_task_folders(kfp_root, output, config.dataset.trained_folds())
     summary = build_summary(output, config, kind, time.perf_counter() - started)
     summary["tracking"] = track_run(output, config, summary)
+    if config.tracking.mlflow_uri:
+        summary["tracking"]["mlflow"] = log_to_mlflow(output, config, summary, name=PurePosixPath(shown).name)
     return summary
 
 

@@ -440,6 +440,15 @@ class KubernetesConfig(_Strict):
     secrets: list[SecretEnv] = Field(default_factory=list)
 
 
+class TrackingConfig(_Strict):
+    """Where a finished local run is also logged, besides its tracking.json (segflow.tracking)."""
+
+    mlflow_uri: str | None = Field(
+        None, description="MLflow tracking URI to log the run to (file:///path, http://host:5000; sqlite:/// needs the full mlflow package); null: no MLflow (needs segflow[mlflow])"
+    )
+    experiment: str | None = Field(None, description="MLflow experiment name; null: the config's name")
+
+
 NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 LOSS_TERM = re.compile(rf"^\s*(?:(?P<weight>{NUMBER})\s*\*\s*)?(?P<name>[a-z][a-z0-9_]*)\s*(?:\((?P<params>[^()]*)\))?\s*$")
 LOSS_PARAMETER = re.compile(rf"^\s*(?P<key>[a-z][a-z0-9_]*)\s*=\s*(?P<value>{NUMBER})\s*$")
@@ -526,6 +535,7 @@ class ExperimentConfig(_Strict):
     push: PushConfig = PushConfig()
     trainer: TrainerConfig = TrainerConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow logging of a finished local run")
 
     @field_validator("classes")
     @classmethod
