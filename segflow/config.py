@@ -96,6 +96,44 @@ class DatasetConfig(_Strict):
         return value
 
 
+class NormalizationConfig(_Strict):
+    """How pixels (already scaled to [0, 1] by the bit depth) become network inputs, per
+    channel, computed by tensorflow-transform over the train split and compiled into the
+    served model: optional percentile clipping, then a method."""
+
+    method: Literal["standard", "minmax", "max", "none"] = Field(
+        "standard", description="standard: (x - mean) / std; minmax: (x - min) / (max - min) mapped to `range`; max: x / max; none: as is"
+    )
+    clip_percentiles: list[float | None] | None = Field(
+        None, min_length=2, max_length=2, description="[low, high] percentiles (0..100) of the train pixels to clip to first; null on a side: no clipping there"
+    )
+    range: list[float] = Field(default_factory=lambda: [0.0, 1.0], min_length=2, max_length=2, description="minmax only: the output range")
+    mean: list[float] | None = Field(None, description="standard only: fixed per-channel means instead of the data's (with std)")
+    std: list[float] | None = Field(None, description="standard only: fixed per-channel standard deviations (with mean)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "NormalizationConfig":
+        if self.clip_percentiles is not None:
+            low, high = self.clip_percentiles
+            if all(value is None for value in (low, high)):
+                raise ValueError("clip_percentiles: give a low or a high percentile (or leave clip_percentiles out)")
+            if any(value is not None and not 0.0 <= value <= 100.0 for value in (low, high)):
+                raise ValueError(f"clip_percentiles: percentiles are 0..100, got {self.clip_percentiles}")
+            if low is not None and high is not None and low >= high:
+                raise ValueError(f"clip_percentiles: low {low} must be below high {high}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std go together (fixed standardisation)")
+        if self.mean is not None and self.method != "standard":
+            raise ValueError(f"mean and std are for method standard, not {self.method}")
+        if self.std is not None and any(value <= 0 for value in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+        if self.range != [0.0, 1.0] and self.method != "minmax":
+            raise ValueError(f"range is for method minmax, not {self.method}")
+        if self.range[0] >= self.range[1]:
+            raise ValueError(f"range: {self.range[0]} must be below {self.range[1]}")
+        return self
+
+
 class LookaheadConfig(_Strict):
     """Lookahead (Zhang et al. 2019): slow weights that follow the optimizer's fast weights."""
 
@@ -511,7 +549,9 @@ class ExperimentConfig(_Strict):
     architecture: str = "unet"
     backbone: str = "simple"
     model: ModelConfig = ModelConfig()
-    normalization: Literal["standard", "minmax"] = "standard"
+    normalization: NormalizationConfig = Field(
+        default_factory=NormalizationConfig, description="a method name (standard, minmax, max, none) or the whole section"
+    )
     augmentation: dict[str, Any] | list[Any] = Field(
         default_factory=dict,
         description="{Name: {parameters}} applied in order, or a list of one-key mappings with Compose/OneOf/SomeOf groups (segflow.augment)",
@@ -536,6 +576,12 @@ class ExperimentConfig(_Strict):
     trainer: TrainerConfig = TrainerConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow logging of a finished local run")
+
+    @field_validator("normalization", mode="before")
+    @classmethod
+    def _normalization(cls, value: Any) -> Any:
+        """`normalization: minmax` is short for `normalization: {method: minmax}`."""
+        return {"method": value} if isinstance(value, str) else value
 
     @field_validator("classes")
     @classmethod
@@ -614,6 +660,14 @@ class ExperimentConfig(_Strict):
                     f"qat: tensorflow-model-optimization cannot quantize backbone {self.backbone} (a tf_keras.applications model "
                     f"nested in the network); use a built-in backbone ({', '.join(builtin_backbones())}) or drop qat"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _normalization_channels(self) -> "ExperimentConfig":
+        for key in ("mean", "std"):
+            values = getattr(self.normalization, key)
+            if values is not None and len(values) != self.shape[2]:
+                raise ValueError(f"normalization.{key}: {len(values)} values for {self.shape[2]} channel(s) (shape {self.shape})")
         return self
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ The trainer writes the same grid of the train split it reads into its run artifa
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,14 +62,14 @@ def _examples(config: ExperimentConfig, count: int) -> list[tuple[str, np.ndarra
     return found
 
 
-def _model_input(config: ExperimentConfig, image: np.ndarray, mask: np.ndarray, value_max: float) -> tuple[np.ndarray, np.ndarray]:
+def _model_input(shape: list[int], image: np.ndarray, mask: np.ndarray, value_max: float) -> tuple[np.ndarray, np.ndarray]:
     """The trainer's decode step: model size and channels, [0, 1] by the value range, nearest mask."""
     import tensorflow as tf
 
     from segflow.preprocessing import model_pixels_numpy
 
-    height, width, _ = config.shape
-    pixels = (model_pixels_numpy(image, config.shape)[0] / value_max).astype(np.float32)
+    height, width, _ = shape
+    pixels = (model_pixels_numpy(image, shape)[0] / value_max).astype(np.float32)
     labels = tf.image.resize(mask[..., None], [height, width], method="nearest")[..., 0].numpy().astype(np.uint8)
     return pixels, labels
 
@@ -91,10 +92,24 @@ def write_preview(config: ExperimentConfig, output: str | os.PathLike[str], coun
     shows before any run): see `write_grid`."""
     if count < 1:
         raise ConfigError(f"preview: -n must be at least 1, got {count}")
-    return write_grid(config, _examples(config, count), output, count)
+    return write_grid(PreviewSettings.of(config), _examples(config, count), output, count)
 
 
-def write_grid(config: ExperimentConfig, examples: list[tuple[str, np.ndarray, np.ndarray]], output: str | os.PathLike[str], count: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PreviewSettings:
+    """The config keys a preview reads (the trainer has these, not the dataset folders)."""
+
+    augmentation: dict[str, Any] | list[Any]
+    ignore_index: int | None
+    shape: list[int]
+    seed: int
+
+    @classmethod
+    def of(cls, config: ExperimentConfig) -> "PreviewSettings":
+        return cls(config.augmentation, config.ignore_index, config.shape, config.seed)
+
+
+def write_grid(settings: PreviewSettings, examples: list[tuple[str, np.ndarray, np.ndarray]], output: str | os.PathLike[str], count: int) -> dict[str, Any]:
     """Write the grid PNG of `count` cells (image, and image with the augmented mask
     blended in) at `output` and `<stem>.policy.json` beside it; return both paths. Fewer
     examples than cells: later cells show the same examples in later epochs."""
@@ -103,8 +118,8 @@ def write_grid(config: ExperimentConfig, examples: list[tuple[str, np.ndarray, n
     from segflow.io import write_json
 
     value_max = float(effective_value_max(max(int(image.max()) for _, image, _ in examples)))
-    policy = build_policy(config.augmentation, ignore_index=config.ignore_index)
-    height, width, _ = config.shape
+    policy = build_policy(settings.augmentation, ignore_index=settings.ignore_index)
+    height, width, _ = settings.shape
     columns = min(count, max(1, int(np.ceil(np.sqrt(count)))))
     rows = -(-count // columns)
     cell_width, cell_height = 2 * width + GAP, height + CAPTION
@@ -113,9 +128,9 @@ def write_grid(config: ExperimentConfig, examples: list[tuple[str, np.ndarray, n
     for index in range(count):
         filename, image, mask = examples[index % len(examples)]
         epoch = index // len(examples)
-        pixels, labels = _model_input(config, image, mask, value_max)
-        pixels, labels = apply_policy(policy, pixels, labels, example_seed(config.seed, epoch, filename))
-        plain, overlaid = _overlay(pixels, labels, config.ignore_index)
+        pixels, labels = _model_input(settings.shape, image, mask, value_max)
+        pixels, labels = apply_policy(policy, pixels, labels, example_seed(settings.seed, epoch, filename))
+        plain, overlaid = _overlay(pixels, labels, settings.ignore_index)
         left, top = (index % columns) * (cell_width + GAP), (index // columns) * (cell_height + GAP)
         grid.paste(Image.fromarray(plain), (left, top + CAPTION))
         grid.paste(Image.fromarray(overlaid), (left + width + GAP, top + CAPTION))

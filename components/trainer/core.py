@@ -497,10 +497,11 @@ def _preview_augmentation(config: ExperimentConfig, examples_dir: str | os.PathL
     """The `segflow preview` grid of the first train examples and the resolved policy, in the
     run artifact: what this run's augmentation did, kept with the model it trained."""
     from segflow.examples import iter_split
-    from segflow.preview import write_grid
+    from segflow.preview import PreviewSettings, write_grid
 
     examples = [(example.filename, example.image, example.mask) for example, _ in zip(iter_split(examples_dir, "train"), range(PREVIEW_EXAMPLES))]
-    written = write_grid(config, examples, output, PREVIEW_EXAMPLES)
+    settings = PreviewSettings(config.augmentation, config.ignore_index, config.shape, config.seed)
+    written = write_grid(settings, examples, output, PREVIEW_EXAMPLES)
     log(f"trainer: augmentation preview of {written['examples']} train examples in {output.parent.name}/{output.name}")
 
 

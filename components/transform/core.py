@@ -18,7 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
-from segflow.config import ExperimentConfig
+from segflow.config import ExperimentConfig, NormalizationConfig
 from segflow.examples import deserialize, split_files
 from segflow.io import atomic_dir, write_json
 from segflow.preprocessing import PixelSpec, model_pixels_numpy, scale_pixels
@@ -46,17 +46,40 @@ def pixel_spec(schema_dir: str | os.PathLike[str]) -> PixelSpec:
     return PixelSpec.from_domain(depths.max, value_max(schema))
 
 
-def make_preprocessing_fn(normalization: str, value_max: float) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
-    """Per-channel (x - mean) / std ('standard') or (x - min) / (max - min) ('minmax').
-    The spread's floor is one raw count, so a constant channel cannot divide by zero while
-    a narrow-range channel is still normalised by its real spread."""
+CLIP_FEATURES = ("clip_low", "clip_high")  # the analysed clip bounds, per channel, beside the image (for normalization.json)
+QUANTILE_BUCKETS = 1000  # percentiles to 0.1
+QUANTILE_STRIDE = 4  # every 4th row and column feed the quantile sketch: 1/16 of the pixels, same percentiles within a sketch's error
+
+
+def make_preprocessing_fn(normalization: NormalizationConfig, value_max: float) -> Callable[[dict[str, tf.Tensor]], dict[str, tf.Tensor]]:
+    """Per channel: clip to the train pixels' percentiles (`clip_percentiles`), then
+    'standard' (x - mean) / std (the data's, of the clipped pixels, or fixed values),
+    'minmax' (x - min) / (max - min) mapped to `range`, 'max' x / max, or 'none'. The
+    spread's floor is one raw count, so a constant channel cannot divide by zero while a
+    narrow-range channel is still normalised by its real spread."""
     import tensorflow_transform as tft
 
     min_spread = 1.0 / value_max
+    method = normalization.method
 
     def preprocessing_fn(inputs: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         image = inputs[RAW_FEATURE]
-        if normalization == "standard":
+        channels = image.shape[-1]
+        low = tf.zeros([channels])
+        high = tf.ones([channels])
+        if normalization.clip_percentiles is not None:
+            sampled = tf.reshape(image[:, ::QUANTILE_STRIDE, ::QUANTILE_STRIDE, :], [-1, channels])
+            boundaries = tft.quantiles(sampled, QUANTILE_BUCKETS, epsilon=0.5 / QUANTILE_BUCKETS, reduce_instance_dims=False)
+            boundaries = tf.reshape(boundaries, [channels, -1])  # [C, QUANTILE_BUCKETS - 1]: boundary i is percentile (i + 1) / 10
+            low_percentile, high_percentile = normalization.clip_percentiles
+            if low_percentile is not None and low_percentile > 0:
+                low = boundaries[:, round(low_percentile / 100 * QUANTILE_BUCKETS) - 1]
+            if high_percentile is not None and high_percentile < 100:
+                high = boundaries[:, min(round(high_percentile / 100 * QUANTILE_BUCKETS), QUANTILE_BUCKETS - 1) - 1]
+            image = tf.clip_by_value(image, low, high)
+        if method == "standard" and normalization.mean is not None:
+            offset, spread = tf.constant(normalization.mean, tf.float32), tf.constant(normalization.std, tf.float32)
+        elif method == "standard":
             # Every image has the model's shape, so the mean of per-image means is the pixel mean.
             # Sums are float64: Beam combines partial sums in the order its bundles finish, and
             # float32 sums differ in the last bits between runs (which training amplifies);
@@ -66,10 +89,20 @@ def make_preprocessing_fn(normalization: str, value_max: float) -> Callable[[dic
             square = tft.mean(tf.reduce_mean(tf.square(wide), axis=[1, 2]), reduce_instance_dims=False, output_dtype=tf.float64)
             offset = tf.cast(mean, tf.float32)
             spread = tf.cast(tf.sqrt(tf.maximum(square - tf.square(mean), 0.0)), tf.float32)
+        elif method == "minmax":
+            minimum = tft.min(tf.reduce_min(image, axis=[1, 2]), reduce_instance_dims=False)
+            spread = (tft.max(tf.reduce_max(image, axis=[1, 2]), reduce_instance_dims=False) - minimum) / (normalization.range[1] - normalization.range[0])
+            offset = minimum - normalization.range[0] * spread
+        elif method == "max":
+            offset, spread = tf.zeros([channels]), tft.max(tf.reduce_max(image, axis=[1, 2]), reduce_instance_dims=False)
         else:
-            offset = tft.min(tf.reduce_min(image, axis=[1, 2]), reduce_instance_dims=False)
-            spread = tft.max(tf.reduce_max(image, axis=[1, 2]), reduce_instance_dims=False) - offset
-        return {TRANSFORMED_FEATURE: (image - offset) / tf.maximum(spread, min_spread)}
+            offset, spread = tf.zeros([channels]), tf.ones([channels])
+        batch = tf.shape(image)[:1]
+        return {
+            TRANSFORMED_FEATURE: (image - offset) / tf.maximum(spread, min_spread),
+            CLIP_FEATURES[0]: tf.broadcast_to(low, tf.concat([batch, [channels]], 0)),
+            CLIP_FEATURES[1]: tf.broadcast_to(high, tf.concat([batch, [channels]], 0)),
+        }
 
     return preprocessing_fn
 
@@ -127,18 +160,32 @@ def run(
             raise RuntimeError(f"TFT analysis failed (exit code {child.returncode}); see the traceback above")
         normalization = affine_parameters(str(out), config)
         write_json(out / NORMALIZATION_FILE, normalization)
-    log(f"transform: {pixels.input_dtype} images, value range 0..{pixels.value_max:g}, {config.normalization} normalisation, offset {np.round(normalization['offset'], 4).tolist()}, scale {np.round(normalization['scale'], 4).tolist()}")
+    clipped = "" if config.normalization.clip_percentiles is None else f"clipped to {np.round(normalization['clip'], 4).tolist()}, "
+    log(
+        f"transform: {pixels.input_dtype} images, value range 0..{pixels.value_max:g}, {clipped}{config.normalization.method} normalisation, "
+        f"offset {np.round(normalization['offset'], 4).tolist()}, scale {np.round(normalization['scale'], 4).tolist()}"
+    )
     return normalization
 
 
 def affine_parameters(transform_dir: str, config: ExperimentConfig) -> dict[str, Any]:
-    """The learnt transform is per-channel affine, x * scale + offset; read it back by
-    applying the graph to images of zeros and ones (a readable record and a self-check)."""
+    """The learnt transform is per channel a clip to [clip_low, clip_high] then x * scale +
+    offset; read it back by applying the graph to images at both clip bounds (a readable
+    record and a self-check)."""
     layer = transform_layer(transform_dir)
-    probe = np.stack([np.zeros(config.shape, np.float32), np.ones(config.shape, np.float32)])
+    bounds = layer({RAW_FEATURE: tf.constant(np.zeros([1, *config.shape], np.float32))})
+    low, high = (bounds[name].numpy()[0] for name in CLIP_FEATURES)
+    probe = np.stack([np.broadcast_to(low, config.shape), np.broadcast_to(high, config.shape)]).astype(np.float32)
     result = layer({RAW_FEATURE: tf.constant(probe)})[TRANSFORMED_FEATURE].numpy()
-    offset = result[0, 0, 0]
-    return {"normalization": config.normalization, "offset": offset.tolist(), "scale": (result[1, 0, 0] - offset).tolist()}
+    span = np.where(high > low, high - low, 1.0)
+    scale = (result[1, 0, 0] - result[0, 0, 0]) / span
+    offset = result[0, 0, 0] - low * scale
+    return {
+        "normalization": config.normalization.method,
+        "clip": [low.tolist(), high.tolist()],
+        "offset": offset.tolist(),
+        "scale": scale.tolist(),
+    }
 
 
 def transform_layer(transform_dir: str | os.PathLike[str]) -> Any:
