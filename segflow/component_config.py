@@ -40,7 +40,7 @@ COMPONENT_KEYS: dict[str, tuple[str, ...]] = {
     "evaluator": ("evaluation", "dataset.group_by", "beam", "name"),  # group_by: the `source` slice; name: the baseline in the registry
     "cross_validation": ("evaluation", "dataset.group_by", "dataset.folds", "dataset.folds_to_train", "beam"),
     "exporter": ("export", "qat", "name"),  # qat: recorded with the tflite_int8_qat export; name: the sidecars' source run
-    "pusher": ("name", "evaluation"),
+    "pusher": ("name",),
 }
 
 # pipeline parameter -> the config key it overrides.

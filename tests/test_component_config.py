@@ -89,7 +89,7 @@ def test_locations_are_parameters_not_part_of_any_slice() -> None:
         (("schedule", {"name": "cosine"}), {"trainer"}),
         (("callbacks", {"keep_best": 2}), {"trainer"}),
         (("export", ["saved_model"]), {"exporter"}),
-        (("evaluation", {"min_mean_iou": 0.9}), {"evaluator", "cross_validation", "pusher"}),
+        (("evaluation", {"min_mean_iou": 0.9}), {"evaluator", "cross_validation"}),
         (("beam", {"running_mode": "multi_threading", "num_workers": 2}), {"example_gen", "statistics_gen", "transform", "evaluator", "cross_validation"}),
     ],
 )

@@ -115,7 +115,7 @@ def test_epochs_change_only_the_trainers_cache_key(tmp_path: Path) -> None:
     before, after = _cache_inputs(_compiled(tmp_path)), _cache_inputs(_compiled(tmp_path, "stages.0.epochs=7"))
     assert [name for name in before if before[name] != after[name]] == ["trainer"]
     exported = _cache_inputs(_compiled(tmp_path, "export=[saved_model]", "evaluation.min_mean_iou=0.5"))
-    assert sorted(name for name in before if before[name] != exported[name]) == ["evaluator", "exporter", "pusher"]
+    assert sorted(name for name in before if before[name] != exported[name]) == ["evaluator", "exporter"]
 
 
 def test_compile_rejects_relative_locations_or_resolves_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -145,11 +145,13 @@ def run(
     blessing_dir: str | os.PathLike[str],
     push_dir: str | os.PathLike[str],
 ) -> dict[str, Any]:
-    from segflow.components.evaluator.core import is_blessed
+    from segflow.components.evaluator.core import is_blessed, read_blessing
 
     record: dict[str, Any]
     if not is_blessed(blessing_dir):
-        record = {"pushed": False, "reason": f"model not blessed (eval mean IoU below evaluation.min_mean_iou {config.evaluation.min_mean_iou})"}
+        blessing = read_blessing(blessing_dir)
+        failed = ", ".join(blessing["failed"]) if blessing is not None else "see the blessing"
+        record = {"pushed": False, "reason": f"model not blessed (failed: {failed})"}
     else:
         with tempfile.TemporaryDirectory(prefix="segflow-push-") as staging:
             passed, withheld = stage_passed_exports(exports_dir, Path(staging))
