@@ -384,10 +384,12 @@ def run_pipeline(
     from tensorflow_model_analysis.writers.eval_config_writer import EvalConfigWriter
     from tensorflow_model_analysis.writers.metrics_plots_and_validations_writer import MetricsPlotsAndValidationsWriter, load_and_deserialize_metrics
 
-    from segflow.components.example_gen.core import read_counts
+    from segflow.components.example_gen.core import COUNTS_FILE, read_counts
 
     out = Path(out_dir)
-    sizes = {split: read_counts(examples_dir)[f"{split}_examples"] for split in splits}
+    # The bars' totals: ExampleGen's counts (an Examples folder without them: unknown).
+    counts = read_counts(examples_dir) if (Path(examples_dir) / COUNTS_FILE).exists() else {}
+    sizes = {split: counts.get(f"{split}_examples") for split in splits}
     counters = [Progress(f"evaluator: {split} split", sizes[split], "images") for split in splits]  # the console's bars; the DoFns count
     with beam.Pipeline(options=options) as pipeline:
         for split, config in splits.items():
