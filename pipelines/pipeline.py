@@ -49,13 +49,13 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
     def step(component: Any, **arguments: Any) -> dsl.PipelineTask:
         return configure_task(component(**arguments), component.name.replace("-", "_"), config, cluster)
 
-    def data_checks(folders: dict[str, str]) -> tuple[dsl.PipelineTask, dsl.PipelineTask, dsl.PipelineTask]:
+    def data_checks(folders: dict[str, str]) -> tuple[dsl.PipelineTask, dsl.PipelineTask, dsl.PipelineTask, dsl.PipelineTask]:
         fingerprint = step(dataset_fingerprint, **folders)
         examples = step(example_gen, config_slice=slices["example_gen"], **folders, dataset_fingerprint=fingerprint.outputs["Output"])
         statistics = step(statistics_gen, config_slice=slices["statistics_gen"], examples=examples.outputs["examples"])
         schema = step(schema_gen, config_slice=slices["schema_gen"], statistics=statistics.outputs["statistics"])
         validation = step(example_validator, config_slice=slices["example_validator"], statistics=statistics.outputs["statistics"], schema=schema.outputs["schema"])
-        return examples, schema, validation
+        return examples, statistics, schema, validation
 
     if kind == "validate":
 
@@ -83,7 +83,8 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
         registry: str = defaults["registry"],
     ) -> None:
         folders = dict(images=images, masks=masks, eval_images=eval_images, eval_masks=eval_masks, test_images=test_images, test_masks=test_masks)
-        examples, schema, validation = data_checks(folders)
+        examples, statistics, schema, validation = data_checks(folders)
+        page_inputs = {"statistics": statistics.outputs["statistics"], "anomalies": validation.outputs["anomalies"]}  # the evaluator's report page
         graph = step(transform, config_slice=slices["transform"], examples=examples.outputs["examples"], schema=schema.outputs["schema"])
         if config.dataset.folds is not None:
             # One trainer and evaluator per fold; locally one at a time (2 cores), on a cluster all at once.
@@ -91,7 +92,8 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
                 model = step(trainer, config_slice=slices["trainer"], examples=examples.outputs["examples"], transform_graph=graph.outputs["transform_graph"], fold=fold)
                 model.after(validation)
                 evaluation = step(
-                    evaluator, config_slice=slices["evaluator"], registry=registry, examples=examples.outputs["examples"], model=model.outputs["model"], fold=fold
+                    evaluator, config_slice=slices["evaluator"], registry=registry, examples=examples.outputs["examples"], model=model.outputs["model"],
+                    model_run=model.outputs["model_run"], fold=fold, **page_inputs,
                 )
             step(
                 cross_validation, config_slice=slices["cross_validation"], examples=examples.outputs["examples"],
@@ -100,7 +102,10 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
             return  # a k-fold run measures a config; the model to export and push comes from a run without folds
         model = step(trainer, config_slice=slices["trainer"], examples=examples.outputs["examples"], transform_graph=graph.outputs["transform_graph"])
         model.after(validation)  # with on_anomaly 'fail', bad data stops the run before training
-        evaluation = step(evaluator, config_slice=slices["evaluator"], registry=registry, examples=examples.outputs["examples"], model=model.outputs["model"])
+        evaluation = step(
+            evaluator, config_slice=slices["evaluator"], registry=registry, examples=examples.outputs["examples"], model=model.outputs["model"],
+            model_run=model.outputs["model_run"], **page_inputs,
+        )
         # A model that is not blessed (value thresholds, or worse than the registry's latest version) is neither exported nor pushed.
         with dsl.If(evaluation.outputs["Output"] == True, name="blessed"):  # noqa: E712  (a KFP condition, not a Python comparison)
             exports = step(exporter, config_slice=slices["exporter"], examples=examples.outputs["examples"], model=model.outputs["model"])

@@ -670,14 +670,21 @@ def write_task_report(
     blessing: str | os.PathLike[str],
     model: str | os.PathLike[str],
     examples: str | os.PathLike[str] | None,
+    statistics: str | os.PathLike[str],
+    anomalies: str | os.PathLike[str],
+    model_run: str | os.PathLike[str],
 ) -> Path:
     """The page of an evaluator task (KFP's HTML artifact): a KFP task sees its own inputs
     and outputs, not the run folder, so the page is built from a folder laid out like one
-    with only those (links to the evaluation, blessing, served model and, unless None, the
-    examples). Sections needing the rest (summary, training, exports, data) say so."""
+    with links to them: the evaluation, blessing, served model, training history, data
+    statistics, anomalies and, unless None (a k-fold evaluator's fold view), the examples.
+    The exports come after the blessing, and the summary after the run: those sections say so."""
     with tempfile.TemporaryDirectory(prefix="segflow-task-report-") as staging:
-        root = Path(staging)
-        links = {RUN_EVALUATION: evaluation, RUN_BLESSING: blessing, RUN_SERVED_MODEL.parent: model}
+        root = Path(staging) / "evaluator-task"  # the page's title
+        links = {
+            RUN_EVALUATION: evaluation, RUN_BLESSING: blessing, RUN_SERVED_MODEL.parent: model, RUN_HISTORY.parent: model_run,
+            RUN_STATISTICS: statistics, RUN_ANOMALIES: anomalies,
+        }
         if examples is not None:
             links[RUN_EXAMPLES] = examples
         for relative, source in links.items():
@@ -685,9 +692,10 @@ def write_task_report(
             (root / relative).symlink_to(Path(source).resolve(), target_is_directory=True)
         page = build_report(root)
     note = (
-        '<section id="task"><h2>Evaluator task</h2><p class="note">Built inside the evaluator task from what it has: the evaluation, '
-        "the blessing, the served model and the examples. The summary, training history, exports and data statistics are outside "
-        "this task: <code>segflow report RUN_DIR</code> builds the whole page from a run folder.</p></section>"
+        '<section id="task"><h2>Evaluator task</h2><p class="note">Built inside the evaluator task from its inputs: the data '
+        "statistics and anomalies, the training history, the served model, the examples, the evaluation and the blessing. The exports "
+        "come after the blessing and the run's summary after the run: <code>segflow report RUN_DIR</code> builds the whole page from "
+        "a run folder.</p></section>"
     )
     output = Path(target)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -158,6 +158,8 @@ def test_a_worse_second_run_is_not_exported_or_pushed(tiny_data: Path, tmp_path:
     assert [spec["displayName"] for spec in matrix["annotationSpecs"]] == raw["classes"] and len(matrix["rows"]) == len(raw["classes"])
     page = (tmp_path / "run1" / "evaluator" / "report").read_text()
     assert "Built inside the evaluator task" in page and "min_mean_iou" in page and "Per-class IoU" in page
+    # The training curves and data statistics come from the evaluator's extra inputs; only the exports and summary are missing.
+    assert page.count("not available") == 2 and "the run has no exporter/exports" in page and "the run has no summary.json" in page
 
     second = _worse_run(config, raw, tmp_path / "run2", capsys)
     assert second["metrics"]["eval"]["baseline"]["mean_iou"] == pytest.approx(first["metrics"]["eval"]["mean_iou"], abs=1e-6)  # the same model, the same images

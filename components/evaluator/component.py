@@ -10,6 +10,9 @@ def evaluator(
     registry: str,
     examples: Input[Dataset],
     model: Input[Model],
+    model_run: Input[Artifact],
+    statistics: Input[Artifact],
+    anomalies: Input[Artifact],
     evaluation: Output[Artifact],
     blessing: Output[Artifact],
     metrics: Output[Metrics],
@@ -19,7 +22,8 @@ def evaluator(
 ) -> bool:
     """Per-class IoU/precision/recall on the eval split (a k-fold run: the fold `fold`), the
     blessing (returned: the DAG exports and pushes only a blessed model), and the metrics,
-    confusion matrix and report page as artifacts the Kubeflow UI shows. The blessing is the
+    confusion matrix and report page as artifacts the Kubeflow UI shows (`model_run`,
+    `statistics` and `anomalies` are read by the page only). The blessing is the
     single output `Output`: kfp.local resolves a dsl.If on a task output only by that name."""
     from segflow.component_config import run_core
     from segflow.components.evaluator.core import is_blessed, log_kfp_metrics
@@ -27,5 +31,7 @@ def evaluator(
 
     run_core("evaluator", config_slice, examples.path, model.path, evaluation.path, blessing.path, fold=fold, registry=registry)
     log_kfp_metrics(evaluation.path, metrics, confusion_matrix)
-    write_task_report(report.path, evaluation.path, blessing.path, model.path, examples.path if fold < 0 else None)
+    write_task_report(
+        report.path, evaluation.path, blessing.path, model.path, examples.path if fold < 0 else None, statistics.path, anomalies.path, model_run.path
+    )
     return is_blessed(blessing.path)
