@@ -53,6 +53,8 @@ def test_default_console_reads_like_a_progress_report(tiny_data: Path, tmp_path:
     assert "Executing task" in transcript and "Got executor_input" in transcript and "[segflow] pusher: finished in" in transcript
 
 
+# A second kfp.local run (40-70 s) for the --verbose switch: with make test-slow; the default console test runs the DAG once.
+@pytest.mark.slow
 def test_verbose_console_shows_kfp_output(tiny_data: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     assert main(["validate", str(_config(tiny_data, tmp_path)), "-o", str(run), "--verbose"]) == 0

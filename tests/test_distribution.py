@@ -214,7 +214,7 @@ def test_two_local_workers_train_identical_weights_and_only_the_chief_writes(pre
     assert workers[0]["wrote"] == str(tmp_path / "model_run")
     assert workers[1]["removed"] and not Path(workers[1]["wrote"]).exists()  # the other worker's temporary outputs
     assert (tmp_path / "model" / "Format-Serving" / "saved_model.pb").exists()
-    assert sorted(path.name for path in (tmp_path / "model_run" / "logs").iterdir()) == ["train", "validation"]
+    assert sorted(path.name for path in (tmp_path / "model_run" / "logs").iterdir()) == ["config", "train", "validation"]  # config: the trainer's settings as text
     assert len((tmp_path / "model_run" / "history.csv").read_text().splitlines()) == 3  # one history: the chief's
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model", "model_run"]  # backup/ removed, no launch folder
     assert not _leftovers(tmp_path) and not _worker_processes(tmp_path)

@@ -321,7 +321,7 @@ def test_segflow_validate_uploads_its_run_folder_to_s3(
     quarantined = [json.loads(line) for line in storage.read_bytes(summary["quarantine"]).decode().splitlines()]
     assert [storage.basename(entry["file"]) for entry in quarantined] == ["003.png"]
     components = ["dataset_fingerprint", "example_gen", "statistics_gen", "schema_gen", "example_validator"]
-    assert {entry.name for entry in storage.list_folder(run)} == {"config.yaml", "summary.json", "tracking.json", *components}
+    assert {entry.name for entry in storage.list_folder(run)} == {"config.yaml", "summary.json", "tracking.json", "log.txt", *components}
     assert storage.exists(storage.join(run, "example_validator", "anomalies", "anomalies.json"))
     assert os.listdir(scratch) == [] and os.listdir(cwd) == []  # no temporary run folder left, nothing written here
 
