@@ -66,15 +66,10 @@ def run(
     the metrics and the blessing. `fold` (k-fold runs): the eval split is that fold (the
     examples its trainer did not see), the test split as it is, and no baseline."""
     if fold is not None:
-        from segflow.components.example_gen.core import write_fold_view
+        from segflow.components.example_gen.core import fold_view
 
-        view = Path(metrics_dir).parent / FOLD_EXAMPLES
-        with localized(examples_dir) as local_examples:
-            write_fold_view(local_examples, fold, view)
-        try:
+        with fold_view(examples_dir, fold, Path(metrics_dir).parent / FOLD_EXAMPLES) as view:
             return _evaluate(config, view, model_dir, metrics_dir, blessing_dir, None)
-        finally:
-            shutil.rmtree(view, ignore_errors=True)
     if config.evaluation.change_thresholds.max_mean_iou_drop is None:  # nothing to compare: the baseline is not evaluated
         baseline = {"version": None, "location": None, "reason": "no change threshold (evaluation.change_thresholds)"}
     else:

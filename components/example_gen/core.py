@@ -19,6 +19,7 @@ that are not inputs (hidden files, subfolders) are listed in `skipped.jsonl` wit
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -426,6 +427,19 @@ def write_fold_view(examples_dir: str | os.PathLike[str], fold: int, target: str
         write_json(out / COUNTS_FILE, view)
         write_fingerprint(out)
     return Path(target)
+
+
+@contextlib.contextmanager
+def fold_view(examples_dir: str | os.PathLike[str], fold: int, target: Path) -> Iterator[Path]:
+    """A k-fold trainer's or evaluator's Examples for the duration of its work: the fold view
+    (`write_fold_view`) of `examples_dir` (a path or URI) at `target`, removed afterwards.
+    `target` sits beside the task's outputs, where every worker of the task can read it."""
+    with storage.localized(examples_dir) as local_examples:
+        write_fold_view(local_examples, fold, target)
+    try:
+        yield target
+    finally:
+        shutil.rmtree(target, ignore_errors=True)
 
 
 def read_counts(examples_dir: str | os.PathLike[str]) -> dict[str, int]:

@@ -215,17 +215,12 @@ def run(
     running one continues at its last epoch. With `trainer.workers` > 1 the training runs
     in launched workers (`_launch`) and this process waits for them."""
     if fold is not None:
-        from segflow.components.example_gen.core import read_counts, write_fold_view
+        from segflow.components.example_gen.core import fold_view, read_counts
 
-        view = Path(model_run_dir).parent / FOLD_EXAMPLES
-        with localized(examples_dir) as local_examples:
-            write_fold_view(local_examples, fold, view)
-        counts = read_counts(view)
-        log(f"trainer: fold {fold}: training on {counts['train_examples']} examples of the other folds, choosing checkpoints on its {counts['eval_examples']}")
-        try:
+        with fold_view(examples_dir, fold, Path(model_run_dir).parent / FOLD_EXAMPLES) as view:
+            counts = read_counts(view)
+            log(f"trainer: fold {fold}: training on {counts['train_examples']} examples of the other folds, choosing checkpoints on its {counts['eval_examples']}")
             return run(config, view, transform_dir, model_dir, model_run_dir)
-        finally:
-            shutil.rmtree(view, ignore_errors=True)
     _adopt_backup(Path(model_run_dir).parent / BACKUP_FOLDER)
     if config.trainer.workers > 1:
         return _launch(config, examples_dir, transform_dir, model_dir, model_run_dir)
