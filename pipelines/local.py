@@ -27,7 +27,7 @@ from segflow.components.exporter.core import EXPORTS_FILE, read_exports
 from segflow.components.pusher.core import PUSH_FILE
 from segflow.components.trainer.core import TRAINING_FILE
 from segflow.config import ExperimentConfig
-from segflow.console import LOG_FILE, MARK, Renderer, parse_record
+from segflow.console import LOG_FILE, MARK, Renderer, parse_records
 from segflow.examples import read_fingerprint
 from segflow.io import atomic_write_text, read_json, write_json
 from segflow.runtime import log, read_record
@@ -59,9 +59,10 @@ class _Console(io.TextIOBase):
 
     def _line(self, line: str) -> None:
         self.transcript.write(line + "\n")
-        record = parse_record(line)
-        if record is not None:
-            self.renderer.record(record)
+        records = parse_records(line)
+        if records is not None:
+            for record in records:
+                self.renderer.record(record)
         elif self.verbose:
             self.renderer.line(line)
         elif line.lstrip().startswith(MARK) or " - ERROR - " in line:  # kfp.local's errors: a task that failed before segflow's code ran

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,10 +113,17 @@ class Renderer:
 _local: Renderer | None = None
 
 
+_relay_lock = threading.Lock()
+
+
 def _emit(record: dict[str, Any]) -> None:
-    """To the relaying parent (inside a component), else to this process's renderer."""
+    """To the relaying parent (inside a component), else to this process's renderer.
+    One write per record, under a lock: `print` writes the text and the line break
+    separately, so two of Beam's worker threads could otherwise share a line."""
     if os.environ.get(RELAY_ENV):
-        print(PROGRESS_MARK + json.dumps(record), file=sys.stdout, flush=True)
+        with _relay_lock:
+            sys.stdout.write(PROGRESS_MARK + json.dumps(record) + "\n")
+            sys.stdout.flush()
         return
     _local_renderer().record(record)
 
@@ -133,12 +141,23 @@ def line(text: str) -> None:
     _local_renderer().line(text)
 
 
-def parse_record(line: str) -> dict[str, Any] | None:
-    """The record in a relayed line (kfp.local indents them), or None for any other line."""
+def parse_records(line: str) -> list[dict[str, Any]] | None:
+    """The records in a relayed line (kfp.local indents them), or None for any other line.
+    Another process's output can still share the line (Beam's worker processes write to the
+    same pipe): every whole record in it is read, and a torn one is dropped, never fatal;
+    the step's end record carries its final count."""
     stripped = line.strip()
     if not stripped.startswith(PROGRESS_MARK):
         return None
-    return json.loads(stripped[len(PROGRESS_MARK):])
+    records = []
+    for piece in stripped.split(PROGRESS_MARK)[1:]:
+        try:
+            record, _ = json.JSONDecoder().raw_decode(piece)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+    return records
 
 
 class Progress:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from segflow.cli import main
-from segflow.console import PROGRESS_MARK, NativeOutput, Progress, Renderer, progress
+from segflow.console import PROGRESS_MARK, NativeOutput, Progress, Renderer, parse_records, progress
 
 KFP_LINES = ("Executing task", "Got executor_input", "Streamed logs", "finished with status", "Artifact(", "[KFP Executor")
 
@@ -97,6 +97,17 @@ def test_inside_a_component_progress_is_a_few_records(monkeypatch: pytest.Monkey
     records = [json.loads(line.removeprefix(PROGRESS_MARK)) for line in capsys.readouterr().out.splitlines()]
     assert records[0] == {"step": "exporter: x", "total": 1000, "unit": "examples"} and records[-1] == {"step": "exporter: x", "end": True}
     assert sum(record.get("add", 0) for record in records) == 1000 and len(records) <= 4
+
+
+def test_records_sharing_a_line_are_all_read_and_a_torn_one_is_dropped() -> None:
+    """Beam's workers write into one pipe: two records can share a line, or another process's
+    text can cut one; neither may stop the run (CI, stop 15: the evaluator's records did)."""
+    first, second = {"step": "evaluator: eval", "add": 3}, {"step": "evaluator: eval", "end": True, "done": 9}
+    shared = f"    {PROGRESS_MARK}{json.dumps(first)}{PROGRESS_MARK}{json.dumps(second)}"
+    assert parse_records(shared) == [first, second]
+    torn = f"{PROGRESS_MARK}{{\"step\": \"evalu{PROGRESS_MARK}{json.dumps(second)} trailing text"
+    assert parse_records(torn) == [second]
+    assert parse_records("[segflow] evaluator: a line") is None
 
 
 def test_beam_workers_report_deltas_and_the_end_has_the_final_count(capsys: pytest.CaptureFixture[str]) -> None:
