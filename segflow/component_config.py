@@ -32,7 +32,7 @@ COMPONENT_KEYS: dict[str, tuple[str, ...]] = {
     "example_validator": ("classes", "validation"),
     "transform": ("shape", "normalization", "beam"),
     "trainer": (
-        "classes", "ignore_index", "shape", "architecture", "backbone", "model", "augmentation", "loss", "class_weights", "batch", "stages", "seed", "deterministic",
+        "classes", "ignore_index", "shape", "patches", "architecture", "backbone", "model", "augmentation", "loss", "class_weights", "batch", "stages", "seed", "deterministic",
         "optimizer", "schedule", "callbacks", "qat",
         "trainer",
         "name", "kubernetes",  # the multi-worker launcher names and places its worker pods with them (segflow/k8s_objects.py)

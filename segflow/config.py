@@ -134,6 +134,27 @@ class NormalizationConfig(_Strict):
         return self
 
 
+class PatchesConfig(_Strict):
+    """How the model-size input (`shape`) is cut from an image, the same in training, in
+    `serving_default` and in the evaluator. Masks are always resized with nearest neighbours."""
+
+    resize: Literal["resize", "resize_with_pad", "none"] = Field(
+        "resize",
+        description=(
+            "resize: the whole image squeezed to the model size; resize_with_pad: scaled to fit, aspect ratio kept, padded at the bottom "
+            "and right (masks with ignore_index, else background); none: full resolution, training on crops of the model size and "
+            "serving on blended tiles"
+        ),
+    )
+    interpolation: Literal["bilinear", "area", "bicubic", "lanczos3", "lanczos5", "gaussian", "mitchellcubic", "nearest"] = Field(
+        "bilinear", description="how images are resized (tf.image.resize; antialiased except nearest); masks: nearest"
+    )
+    positive_share: float = Field(
+        0.0, ge=0.0, le=1.0, description="resize none: share of training crops centred on a random labelled pixel (a class other than 0); the rest are uniform crops"
+    )
+    crops_per_image: int = Field(1, ge=1, le=64, description="resize none: crops drawn from each training image per epoch")
+
+
 class LookaheadConfig(_Strict):
     """Lookahead (Zhang et al. 2019): slow weights that follow the optimizer's fast weights."""
 
@@ -552,6 +573,7 @@ class ExperimentConfig(_Strict):
     normalization: NormalizationConfig = Field(
         default_factory=NormalizationConfig, description="a method name (standard, minmax, max, none) or the whole section"
     )
+    patches: PatchesConfig = Field(default_factory=PatchesConfig, description="whole images resized to the model size, or crops at full resolution")
     augmentation: dict[str, Any] | list[Any] = Field(
         default_factory=dict,
         description="{Name: {parameters}} applied in order, or a list of one-key mappings with Compose/OneOf/SomeOf groups (segflow.augment)",
@@ -668,6 +690,12 @@ class ExperimentConfig(_Strict):
             values = getattr(self.normalization, key)
             if values is not None and len(values) != self.shape[2]:
                 raise ValueError(f"normalization.{key}: {len(values)} values for {self.shape[2]} channel(s) (shape {self.shape})")
+        return self
+
+    @model_validator(mode="after")
+    def _crops(self) -> "ExperimentConfig":
+        if (self.patches.positive_share or self.patches.crops_per_image > 1) and self.patches.resize != "none":
+            raise ValueError(f"patches.positive_share and crops_per_image choose crops; they need patches.resize none, not {self.patches.resize}")
         return self
 
     @model_validator(mode="after")

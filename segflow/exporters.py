@@ -314,7 +314,7 @@ def _build_int8_qat(serving_dir: Path, target: Path, options: ExportOptions | No
 
 
 def load_tflite(path: Path, spec: ServingSpec) -> MaskPredictor:
-    return fixed_size_mask_predictor(tflite_predictor(path), spec.shape)
+    return fixed_size_mask_predictor(tflite_predictor(path), spec)
 
 
 def load_saved_model(path: Path, _: ServingSpec) -> MaskPredictor:
@@ -393,7 +393,7 @@ def onnx_predictor(path: Path) -> FixedSizePredictor:
 
 
 def load_onnx(path: Path, spec: ServingSpec) -> MaskPredictor:
-    return fixed_size_mask_predictor(onnx_predictor(path), spec.shape)
+    return fixed_size_mask_predictor(onnx_predictor(path), spec)
 
 
 def _cuda_runtime_library() -> ctypes.CDLL | None:
@@ -566,7 +566,7 @@ def tensorrt_predictor(path: Path) -> FixedSizePredictor:
 
 
 def load_tensorrt(path: Path, spec: ServingSpec) -> MaskPredictor:
-    return fixed_size_mask_predictor(tensorrt_predictor(path), spec.shape)
+    return fixed_size_mask_predictor(tensorrt_predictor(path), spec)
 
 
 register(

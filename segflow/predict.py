@@ -469,6 +469,8 @@ def training_scale(model: Path, spec: ServingSpec) -> tuple[tuple[float, float] 
     would show it objects twice too large."""
     from segflow.components.statistics_gen.core import read_statistics
 
+    if spec.resize == "none":
+        return NATIVE_SCALE, "trained on crops at full resolution (patches.resize none)"
     statistics = model.parents[2] / RUN_STATISTICS if len(model.parents) > 2 else None
     if statistics is None or not statistics.is_dir():
         return None, "training image size unknown outside a run folder"
@@ -479,6 +481,9 @@ def training_scale(model: Path, spec: ServingSpec) -> tuple[tuple[float, float] 
     if len(sizes) != 1:
         return None, f"train images had {len(sizes)} sizes ({', '.join(sizes[:3])}{', ...' if len(sizes) > 3 else ''})"
     height, width = map(int, sizes[0].split("x"))
+    if spec.resize == "resize_with_pad":  # one factor for both sides: the aspect ratio was kept
+        factor = min(spec.shape[0] / height, spec.shape[1] / width)
+        return (factor, factor), f"train images were {height}x{width}, fitted into {spec.shape[0]}x{spec.shape[1]} with padding"
     return (spec.shape[0] / height, spec.shape[1] / width), f"train images were {height}x{width}, resized to {spec.shape[0]}x{spec.shape[1]}"
 
 

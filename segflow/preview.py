@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from segflow.config import ConfigError, ExperimentConfig
+from segflow.config import ConfigError, ExperimentConfig, PatchesConfig
 
 # Overlay colours of class ids 1, 2, ... (class 0, background, is not tinted).
 PALETTE = np.array(
@@ -62,16 +62,21 @@ def _examples(config: ExperimentConfig, count: int) -> list[tuple[str, np.ndarra
     return found
 
 
-def _model_input(shape: list[int], image: np.ndarray, mask: np.ndarray, value_max: float) -> tuple[np.ndarray, np.ndarray]:
-    """The trainer's decode step: model size and channels, [0, 1] by the value range, nearest mask."""
+def _model_input(settings: "PreviewSettings", image: np.ndarray, mask: np.ndarray, value_max: float, seed: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The trainer's decode step (model channels, [0, 1] by the value range, the mask as the
+    model is trained on it) and, with `patches.resize` none, a crop drawn as the trainer does."""
     import tensorflow as tf
 
-    from segflow.preprocessing import model_pixels_numpy
+    from segflow.patches import model_mask, sample_crop
+    from segflow.preprocessing import model_pixels
 
-    height, width, _ = shape
-    pixels = (model_pixels_numpy(image, shape)[0] / value_max).astype(np.float32)
-    labels = tf.image.resize(mask[..., None], [height, width], method="nearest")[..., 0].numpy().astype(np.uint8)
-    return pixels, labels
+    patches = settings.patches
+    pixels = model_pixels(tf.constant(image[None]), settings.shape, patches.resize, patches.interpolation)[0] / value_max
+    labels = model_mask(tf.constant(mask[..., None]), settings.shape, patches.resize, settings.ignore_index)
+    if patches.resize == "none":
+        tile = (settings.shape[0], settings.shape[1])
+        pixels, labels = sample_crop(pixels, labels, tf.constant(seed, tf.int64), tile, patches.positive_share, settings.ignore_index)
+    return pixels.numpy().astype(np.float32), labels.numpy().astype(np.uint8)
 
 
 def _overlay(image: np.ndarray, mask: np.ndarray, ignore_index: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -103,10 +108,11 @@ class PreviewSettings:
     ignore_index: int | None
     shape: list[int]
     seed: int
+    patches: PatchesConfig = PatchesConfig()
 
     @classmethod
     def of(cls, config: ExperimentConfig) -> "PreviewSettings":
-        return cls(config.augmentation, config.ignore_index, config.shape, config.seed)
+        return cls(config.augmentation, config.ignore_index, config.shape, config.seed, config.patches)
 
 
 def write_grid(settings: PreviewSettings, examples: list[tuple[str, np.ndarray, np.ndarray]], output: str | os.PathLike[str], count: int) -> dict[str, Any]:
@@ -128,8 +134,9 @@ def write_grid(settings: PreviewSettings, examples: list[tuple[str, np.ndarray, 
     for index in range(count):
         filename, image, mask = examples[index % len(examples)]
         epoch = index // len(examples)
-        pixels, labels = _model_input(settings.shape, image, mask, value_max)
-        pixels, labels = apply_policy(policy, pixels, labels, example_seed(settings.seed, epoch, filename))
+        seed = example_seed(settings.seed, epoch, filename)
+        pixels, labels = _model_input(settings, image, mask, value_max, (seed, settings.seed))
+        pixels, labels = apply_policy(policy, pixels, labels, seed)
         plain, overlaid = _overlay(pixels, labels, settings.ignore_index)
         left, top = (index % columns) * (cell_width + GAP), (index // columns) * (cell_height + GAP)
         grid.paste(Image.fromarray(plain), (left, top + CAPTION))

@@ -4,6 +4,9 @@ Signatures (all take raw pixel counts, as stored in the image files; see segflow
 - `serving_default`: images [B,H,W,C] of the training data's dtype (uint8, or uint16 for
   16-bit data), any size, 1/3/4 channels -> `mask` [B,H,W] uint8 and `probabilities`
   [B,H,W,K] at the input size. `serving_uint8` and `serving_uint16` take the other dtype.
+  The image reaches the model as it did in training (`patches.resize`): resized to the
+  model size, fitted with padding, or at full resolution in blended tiles
+  (`preprocessing.image_probabilities`).
 - `fixed_size`: float32 raw counts at the model size [B,h,w,c] (what
   `preprocessing.model_pixels` makes) -> probabilities at the model size. The TFLite
   exports are converted from it, since mobile runtimes want static shapes.
@@ -19,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from segflow.io import read_json, write_json
-from segflow.preprocessing import PixelSpec, model_pixels, model_pixels_numpy, resize_back, scale_pixels
+from segflow.preprocessing import PixelSpec, image_probabilities, scale_pixels
 
 SERVING_SUBDIR = "Format-Serving"
 QAT_SERVING_SUBDIR = "Format-Serving-QAT"  # the quantization-aware network's served model (segflow.qat), beside the float one
@@ -40,6 +43,8 @@ class ServingSpec:
     ignore_index: int | None
     input_dtype: str
     value_max: float
+    resize: str = "resize"  # patches.resize of the training: how an image reaches the model
+    interpolation: str = "bilinear"
 
     @property
     def pixels(self) -> PixelSpec:
@@ -58,6 +63,8 @@ class ServingSpec:
             ignore_index=raw["ignore_index"],
             input_dtype=raw["input_dtype"],
             value_max=float(raw["value_max"]),
+            resize=raw.get("resize", "resize"),  # specs written before patches.resize
+            interpolation=raw.get("interpolation", "bilinear"),
         )
 
 
@@ -91,8 +98,10 @@ class SegmentationServer(tf.Module):
         return {"probabilities": probabilities(logits, self.spec.sigmoid)}
 
     def _serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-        # A call of the `fixed_size` function, not a copy of its graph in every signature.
-        probs = resize_back(self.fixed_size(model_pixels(images, self.spec.shape))["probabilities"], tf.shape(images)[1:3])
+        # Calls of the `fixed_size` function, not a copy of its graph in every signature.
+        probs = image_probabilities(
+            lambda pixels: self.fixed_size(pixels)["probabilities"], images, self.spec.shape, self.spec.resize, self.spec.interpolation
+        )
         return {"mask": tf.cast(tf.argmax(probs, axis=-1), tf.uint8), "probabilities": probs}
 
     def save(self, model_dir: str | os.PathLike[str], subdir: str = SERVING_SUBDIR) -> Path:
@@ -105,15 +114,17 @@ class SegmentationServer(tf.Module):
         return target
 
 
-def predict_image(fixed_size: FixedSizePredictor, image: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+def predict_image(fixed_size: FixedSizePredictor, image: np.ndarray, spec: ServingSpec) -> np.ndarray:
     """Class ids [H,W] at the image's own size through a model-size predictor (a TFLite
-    export, say), with the same preprocessing and resizing as `serving_default`."""
-    probs = resize_back(tf.constant(fixed_size(model_pixels_numpy(image, shape))), image.shape[:2]).numpy()
-    return probs[0].argmax(axis=-1).astype(np.uint8)
+    export, say), with the same preprocessing, resizing or tiling as `serving_default`."""
+    probs = image_probabilities(
+        lambda pixels: tf.constant(fixed_size(pixels.numpy())), tf.constant(image[None]), spec.shape, spec.resize, spec.interpolation
+    )
+    return probs.numpy()[0].argmax(axis=-1).astype(np.uint8)
 
 
-def fixed_size_mask_predictor(fixed_size: FixedSizePredictor, shape: tuple[int, int, int]) -> MaskPredictor:
-    return lambda image: predict_image(fixed_size, image, shape)
+def fixed_size_mask_predictor(fixed_size: FixedSizePredictor, spec: ServingSpec) -> MaskPredictor:
+    return lambda image: predict_image(fixed_size, image, spec)
 
 
 def serving_mask_predictor(serving_dir: str | os.PathLike[str]) -> MaskPredictor:

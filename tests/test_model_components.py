@@ -52,7 +52,7 @@ def test_serving_signature_takes_raw_uint8_of_any_size(trained: dict) -> None:
     np.testing.assert_allclose(out["probabilities"].numpy().sum(axis=-1), 1.0, atol=1e-4)
     # The Python helper used for converted exports computes the same mask as the graph.
     spec = ServingSpec.load(Path(trained["model"]) / SERVING_SUBDIR)
-    mask = predict_image(saved_model_predictor(Path(trained["model"]) / SERVING_SUBDIR), image[0], spec.shape)
+    mask = predict_image(saved_model_predictor(Path(trained["model"]) / SERVING_SUBDIR), image[0], spec)
     assert (mask == out["mask"].numpy()[0]).mean() > 0.999
 
 

@@ -105,7 +105,7 @@ def test_serving_default_agrees_with_fixed_size_on_raw_pixels(parity_run: dict[s
     agreeing = total = 0
     for example in iter_split(parity_run["examples"], "eval"):
         assert example.image.dtype.name == spec.input_dtype
-        agreeing += int((served(example.image) == predict_image(fixed, example.image, spec.shape)).sum())
+        agreeing += int((served(example.image) == predict_image(fixed, example.image, spec)).sum())
         total += example.mask.size
     assert agreeing / total >= 0.999
 

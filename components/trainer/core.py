@@ -51,6 +51,7 @@ from segflow.launcher import LaunchRequest, backend_name, launch, worker_scratch
 from segflow.losses import LabelSpec, build_loss, resolve_class_weights
 from segflow.metrics import SegmentationMetrics
 from segflow.models import ModelSpec, apply_stage_freeze, build_model, model_spec
+from segflow.patches import grid_tiles, model_mask, sample_crop
 from segflow.optimizers import Lookahead, WeightAveraging, build_optimizer, recompute_batchnorm
 from segflow.schedules import LearningRateLogger, ReduceOnPlateau, build_schedule
 from segflow.runtime import log
@@ -70,6 +71,7 @@ TENSORBOARD_FOLDER = "logs"  # in model_run/: Keras' scalars, prediction panels,
 FOLD_EXAMPLES = "fold_examples"  # a k-fold trainer's view of the Examples, beside its outputs while it trains
 CACHE_BUDGET_BYTES = 2 * 1024**3  # decoded, resized examples kept in RAM up to this size
 SHUFFLE_BUFFER = 1024
+CROP_SHUFFLE_BUFFER = 256  # crops of one image, mixed with the next images' (patches.crops_per_image)
 WORKERS_FILE = "workers.json"  # in model_run/ after a multi-worker run: each worker's result
 WORKER_ENTRY = "segflow.components.trainer.core:train_worker"
 # Fault injection for tests: "<worker index>:<epoch>" makes that worker (0 alone) SIGKILL itself after that epoch.
@@ -92,9 +94,28 @@ def cache_bytes(examples: int, shape: list[int]) -> int:
     return examples * height * width * (4 * channels + 1)
 
 
-def _decode(record: tf.Tensor, shape: list[int], pixels: PixelSpec) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """(image scaled to [0, 1] at the model size, mask at the model size, file name)."""
-    height, width, channels = shape
+def train_inputs(config: ExperimentConfig, examples_dir: str | os.PathLike[str]) -> int:
+    """Model inputs in a training epoch: one per train example, or its crops (`patches`)."""
+    from segflow.components.example_gen.core import read_counts
+
+    return read_counts(examples_dir)["train_examples"] * config.patches.crops_per_image
+
+
+def _decoded_shape(config: ExperimentConfig, examples_dir: str | os.PathLike[str], split: str) -> list[int]:
+    """The size of a decoded example: the model's, or at full resolution (`patches.resize`
+    none) the split's first image's, which stands for the others (the cache estimate)."""
+    if config.patches.resize != "none":
+        return config.shape
+    from segflow.examples import iter_split
+
+    first = next(iter(iter_split(examples_dir, split)), None)
+    return config.shape if first is None else [*first.image.shape[:2], config.shape[2]]
+
+
+def _decode(record: tf.Tensor, config: ExperimentConfig, pixels: PixelSpec) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(image scaled to [0, 1], mask, file name), at the model size, or at full resolution
+    with `patches.resize` none (segflow.patches cuts them)."""
+    height, width, channels = config.shape
     features = tf.io.parse_single_example(
         record,
         {
@@ -107,10 +128,10 @@ def _decode(record: tf.Tensor, shape: list[int], pixels: PixelSpec) -> tuple[tf.
     # decode_png as uint16 stretches 8-bit files by 257; undo that to keep raw counts.
     wide = tf.io.decode_png(features["image"], channels=0, dtype=tf.uint16)
     raw = tf.where(features["bit_depth"] == 8, wide // 257, wide)
-    image = scale_pixels(model_pixels(raw[None], shape)[0], pixels.value_max)
-    mask = tf.io.decode_png(features["mask"], channels=1)
-    mask = tf.image.resize(mask, [height, width], method="nearest")[..., 0]
-    return tf.ensure_shape(image, [height, width, channels]), tf.ensure_shape(tf.cast(mask, tf.uint8), [height, width]), features["filename"]
+    image = scale_pixels(model_pixels(raw[None], config.shape, config.patches.resize, config.patches.interpolation)[0], pixels.value_max)
+    mask = model_mask(tf.io.decode_png(features["mask"], channels=1), config.shape, config.patches.resize, config.ignore_index)
+    size = [None, None] if config.patches.resize == "none" else [height, width]
+    return tf.ensure_shape(image, [*size, channels]), tf.ensure_shape(tf.cast(mask, tf.uint8), size), features["filename"]
 
 
 def _augmenter(config: ExperimentConfig) -> Callable[[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]] | None:
@@ -162,22 +183,38 @@ def make_dataset(
     from segflow.components.transform.core import RAW_FEATURE, TRANSFORMED_FEATURE
 
     records = tf.data.TFRecordDataset(split_files(examples_dir, split), compression_type="GZIP")
-    decoded = records.map(lambda record: _decode(record, config.shape, pixels), num_parallel_calls=tf.data.AUTOTUNE)
+    decoded = records.map(lambda record: _decode(record, config, pixels), num_parallel_calls=tf.data.AUTOTUNE)
     batch = batch or config.batch
-    needed = cache_bytes(read_counts(examples_dir)[f"{split}_examples"], config.shape)
+    needed = cache_bytes(read_counts(examples_dir)[f"{split}_examples"], _decoded_shape(config, examples_dir, split))
     if needed <= CACHE_BUDGET_BYTES:
         decoded = decoded.cache()
     else:  # decoding every epoch is slower than RAM, but never runs the machine out of memory
         log(f"trainer: {split} split needs {needed / 1024**3:.1f} GiB decoded; not caching it in RAM")
+    patches, tile = config.patches, (config.shape[0], config.shape[1])
     if epochs is None:
-        batches = decoded.map(lambda image, mask, _: (image, mask)).batch(batch, drop_remainder=drop_remainder)
+        pairs = decoded.map(lambda image, mask, _: (image, mask))
+        if patches.resize == "none":  # every pixel, in tiles of the model size
+            pairs = pairs.flat_map(lambda image, mask: tf.data.Dataset.from_tensor_slices(grid_tiles(image, mask, tile, config.ignore_index)))
+        batches = pairs.batch(batch, drop_remainder=drop_remainder)
     else:
         augment = _augmenter(config)
+
+        def crops(image: tf.Tensor, mask: tf.Tensor, name: tf.Tensor, epoch: int) -> tf.data.Dataset:
+            """`crops_per_image` crops of one example, each from its own stateless seed."""
+            seed = tf.random.experimental.stateless_fold_in(example_seed_tensor(config.seed, tf.constant(epoch, tf.int64), name), 1)
+            draws = [sample_crop(image, mask, tf.random.experimental.stateless_fold_in(seed, draw), tile, patches.positive_share, config.ignore_index)
+                     for draw in range(patches.crops_per_image)]
+            names = tf.strings.join([name, tf.strings.as_string(tf.range(patches.crops_per_image))], separator="#")
+            return tf.data.Dataset.from_tensor_slices((tf.stack([draw[0] for draw in draws]), tf.stack([draw[1] for draw in draws]), names))
 
         def one_epoch(epoch: int) -> tf.data.Dataset:
             # One dataset per epoch with a Python seed: order and augmentation draws are
             # functions of (seed, epoch, file name), not of thread scheduling.
             shuffled = decoded.shuffle(SHUFFLE_BUFFER, seed=config.seed * 100_003 + epoch, reshuffle_each_iteration=False)
+            if patches.resize == "none":  # crops of one image are mixed with the others' before batching
+                shuffled = shuffled.flat_map(lambda image, mask, name: crops(image, mask, name, epoch))
+                if patches.crops_per_image > 1:
+                    shuffled = shuffled.shuffle(CROP_SHUFFLE_BUFFER, seed=config.seed * 100_003 + epoch, reshuffle_each_iteration=False)
             if augment is None:
                 examples = shuffled.map(lambda image, mask, _: (image, mask))
             else:
@@ -495,7 +532,7 @@ def _preview_augmentation(config: ExperimentConfig, examples_dir: str | os.PathL
     from segflow.preview import PreviewSettings, write_grid
 
     examples = [(example.filename, example.image, example.mask) for example, _ in zip(iter_split(examples_dir, "train"), range(PREVIEW_EXAMPLES))]
-    settings = PreviewSettings(config.augmentation, config.ignore_index, config.shape, config.seed)
+    settings = PreviewSettings(config.augmentation, config.ignore_index, config.shape, config.seed, config.patches)
     written = write_grid(settings, examples, output, PREVIEW_EXAMPLES)
     log(f"trainer: augmentation preview of {written['examples']} train examples in {output.parent.name}/{output.name}")
 
@@ -538,20 +575,21 @@ def _train(
     pixels = PixelSpec.load(transform_dir)
     tft_layer = transform_layer(transform_dir)
     counts = read_counts(examples_dir)
+    inputs = train_inputs(config, examples_dir)
 
     def batching(batch: int) -> tuple[int, int, tf.data.Dataset]:
         """(global batch, steps per epoch, validation stream) at `batch` per replica."""
         global_batch = plan.global_batch(batch)
         if plan.replicas == 1:
-            steps_per_epoch = math.ceil(counts["train_examples"] / global_batch)
+            steps_per_epoch = math.ceil(inputs / global_batch)
             eval_batch, eval_drop = global_batch, False
         else:  # a short last batch could leave a replica empty: drop it (another one each epoch)
-            if counts["train_examples"] < global_batch:
+            if inputs < global_batch:
                 raise ValueError(
                     f"trainer: {counts['train_examples']} training examples are fewer than one global batch of {global_batch} "
                     f"({batch} per replica x {plan.replicas} replicas); lower `batch`"
                 )
-            steps_per_epoch = counts["train_examples"] // global_batch
+            steps_per_epoch = inputs // global_batch
             eval_batch, eval_drop = evaluation_batch(counts["eval_examples"], plan.replicas, batch)
         return global_batch, steps_per_epoch, make_dataset(config, examples_dir, "eval", tft_layer, pixels, batch=eval_batch, drop_remainder=eval_drop)
 
@@ -682,7 +720,8 @@ def _train(
             (model_out / KERAS_FILE).parent.mkdir()
             served.save(str(model_out / KERAS_FILE))
             spec = ServingSpec(
-                tuple(config.shape), tuple(config.class_names), config.sigmoid_head, config.ignore_index, pixels.input_dtype, pixels.value_max
+                tuple(config.shape), tuple(config.class_names), config.sigmoid_head, config.ignore_index, pixels.input_dtype, pixels.value_max,
+                config.patches.resize, config.patches.interpolation,
             )
             SegmentationServer(served, tft_layer, spec).save(model_out)
             if config.qat is not None:
@@ -719,7 +758,6 @@ def _quantization_aware(
     """The `qat` fine-tune (segflow.qat) of the final network, on the chief alone outside any
     strategy: the float model is already final, this copy is for the tflite_int8_qat export.
     Its epochs continue the training stream's numbering, so its augmentations are new ones."""
-    from segflow.components.example_gen.core import read_counts
     from segflow.qat import quantization_aware
 
     settings, start = config.qat, config.total_epochs
@@ -729,7 +767,7 @@ def _quantization_aware(
     fit = tuned.fit(
         make_dataset(config, examples_dir, "train", tft_layer, pixels, epochs=(start, start + settings.epochs)),
         validation_data=validation,
-        steps_per_epoch=math.ceil(read_counts(examples_dir)["train_examples"] / config.batch),
+        steps_per_epoch=math.ceil(train_inputs(config, examples_dir) / config.batch),
         initial_epoch=start,
         epochs=start + settings.epochs,
         callbacks=[_EpochLine("trainer: quantization-aware training", settings.epochs, first=start)],
@@ -806,7 +844,6 @@ def sweep_learning_rate(
     """The training loss of one step at each of `rates` in turn (the first stage's network,
     freezing, optimizer and loss on the augmented train stream), stopping early once a loss
     is not finite or exceeds `divergence` times the lowest so far. For `segflow lr-find` (segflow/lr_find.py)."""
-    from segflow.components.example_gen.core import read_counts
     from segflow.components.transform.core import transform_layer
 
     keras.utils.set_random_seed(config.seed)
@@ -815,7 +852,7 @@ def sweep_learning_rate(
     network = build_network(config)
     apply_stage_freeze(network, config.model, stage)
     _compile(network, config, labels, build_optimizer(stage.optimizer or config.optimizer, float(rates[0])), stage.loss)
-    steps_per_epoch = math.ceil(read_counts(examples_dir)["train_examples"] / config.batch)
+    steps_per_epoch = math.ceil(train_inputs(config, examples_dir) / config.batch)
     epochs = math.ceil(len(rates) / steps_per_epoch)
     train = make_dataset(config, examples_dir, "train", transform_layer(transform_dir), PixelSpec.load(transform_dir), epochs=(0, epochs))
     step = tf.function(lambda images, masks: network.train_step((images, masks))["loss"])

@@ -1,0 +1,104 @@
+"""Patch selection: how training and validation examples of the model's size are cut from
+images at full resolution (`patches.resize: none`).
+
+Training draws `crops_per_image` crops from every image each epoch: a share
+(`positive_share`) centred on a random labelled pixel (a class other than 0 and
+ignore_index), so that rare objects are seen, the rest uniform over the image. The draws
+are stateless functions of (seed, epoch, file name), like the augmentation's, so a run is
+reproducible whatever the thread scheduling. Validation during training covers each image
+with a grid of model-size tiles, so checkpoints are chosen on every pixel and not on a
+centre crop; the evaluator scores whole images through `serving_default`, which blends
+overlapping tiles (`preprocessing.tiled_probabilities`). Images smaller than the model are
+mirrored at their bottom and right edges, as in serving; pixels outside the image are
+ignore_index in the validation masks (when the dataset has one), never a real class.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+from segflow.preprocessing import fitted_size, mirror_pad
+
+
+def mask_fill(ignore_index: int | None) -> int:
+    """The label of mask pixels that no image pixel stands for (padding, geometric transforms)."""
+    return 0 if ignore_index is None else ignore_index
+
+
+def model_mask(mask: tf.Tensor, shape: tuple[int, int, int] | list[int], resize: str, ignore_index: int | None) -> tf.Tensor:
+    """A decoded mask [H,W,1] uint8 -> [h,w] as the model is trained on it (`patches.resize`):
+    nearest-neighbour resized, fitted with padding of `mask_fill`, or at full resolution."""
+    height, width = shape[0], shape[1]
+    if resize == "none":
+        return mask[..., 0]
+    if resize == "resize":
+        return tf.image.resize(mask, [height, width], method="nearest")[..., 0]
+    fitted = fitted_size(tf.shape(mask)[:2], shape)
+    inside = tf.cast(tf.image.resize(mask, fitted, method="nearest"), tf.int32)
+    padded = tf.pad(inside, [[0, height - fitted[0]], [0, width - fitted[1]], [0, 0]], constant_values=mask_fill(ignore_index))
+    return tf.ensure_shape(tf.cast(padded, tf.uint8)[..., 0], [height, width])
+
+
+def _at_least(image: tf.Tensor, mask: tf.Tensor, tile: tuple[int, int]) -> tuple[tf.Tensor, tf.Tensor]:
+    """Image [H,W,C] and mask [H,W] mirrored up to at least the tile's size."""
+    height = tf.maximum(tf.shape(mask)[0], tile[0])
+    width = tf.maximum(tf.shape(mask)[1], tile[1])
+    return mirror_pad(image[None], height, width)[0], mirror_pad(mask[None, ..., None], height, width)[0, ..., 0]
+
+
+def labelled_pixels(mask: tf.Tensor, ignore_index: int | None) -> tf.Tensor:
+    """[N, 2] int32 positions of the pixels of a class other than 0 (and not ignore_index)."""
+    labelled = tf.not_equal(mask, 0)
+    if ignore_index is not None:
+        labelled &= tf.not_equal(mask, ignore_index)
+    return tf.cast(tf.where(labelled), tf.int32)
+
+
+def sample_crop(
+    image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, tile: tuple[int, int], positive_share: float, ignore_index: int | None
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """One model-size crop [h,w,C], [h,w] of a full-resolution example, drawn from `seed`
+    (a stateless [2] seed): centred on a labelled pixel with probability `positive_share`
+    when the mask has one, else uniform."""
+    image, mask = _at_least(image, mask, tile)
+    height, width = tf.shape(mask)[0], tf.shape(mask)[1]
+    choice_seed, place_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+
+    def uniform() -> tuple[tf.Tensor, tf.Tensor]:
+        corner = tf.random.stateless_uniform([2], place_seed, maxval=tf.int32.max, dtype=tf.int32)
+        return corner[0] % (height - tile[0] + 1), corner[1] % (width - tile[1] + 1)
+
+    if positive_share > 0:
+        labelled = labelled_pixels(mask, ignore_index)
+        positive = tf.logical_and(tf.random.stateless_uniform([], choice_seed) < positive_share, tf.shape(labelled)[0] > 0)
+
+        def centred() -> tuple[tf.Tensor, tf.Tensor]:
+            pick = tf.random.stateless_uniform([], place_seed, maxval=tf.int32.max, dtype=tf.int32) % tf.maximum(tf.shape(labelled)[0], 1)
+            centre = labelled[pick]
+            return (
+                tf.clip_by_value(centre[0] - tile[0] // 2, 0, height - tile[0]),
+                tf.clip_by_value(centre[1] - tile[1] // 2, 0, width - tile[1]),
+            )
+
+        top, left = tf.cond(positive, centred, uniform)
+    else:
+        top, left = uniform()
+    crop_image = image[top : top + tile[0], left : left + tile[1]]
+    crop_mask = mask[top : top + tile[0], left : left + tile[1]]
+    return tf.ensure_shape(crop_image, [*tile, image.shape[-1]]), tf.ensure_shape(crop_mask, list(tile))
+
+
+def grid_tiles(image: tf.Tensor, mask: tf.Tensor, tile: tuple[int, int], ignore_index: int | None) -> tuple[tf.Tensor, tf.Tensor]:
+    """Every pixel of a full-resolution example in non-overlapping tiles: [N,h,w,C], [N,h,w].
+    The grid is mirrored past the image's bottom and right edges; those mask pixels are
+    ignore_index when the dataset has one (else the mirrored labels of the mirrored image)."""
+    height, width = tf.shape(mask)[0], tf.shape(mask)[1]
+    rows, cols = -(-height // tile[0]), -(-width // tile[1])
+    image = mirror_pad(image[None], rows * tile[0], cols * tile[1])[0]
+    mask = mirror_pad(mask[None, ..., None], rows * tile[0], cols * tile[1])[0, ..., 0]
+    if ignore_index is not None:
+        inside = (tf.range(rows * tile[0])[:, None] < height) & (tf.range(cols * tile[1])[None, :] < width)
+        mask = tf.where(inside, mask, tf.constant(ignore_index, mask.dtype))
+    channels = image.shape[-1]
+    image_tiles = tf.reshape(tf.transpose(tf.reshape(image, [rows, tile[0], cols, tile[1], channels]), [0, 2, 1, 3, 4]), [-1, *tile, channels])
+    mask_tiles = tf.reshape(tf.transpose(tf.reshape(mask, [rows, tile[0], cols, tile[1]]), [0, 2, 1, 3]), [-1, *tile])
+    return image_tiles, mask_tiles
