@@ -258,6 +258,13 @@ class StageConfig(_Strict):
     schedule: ScheduleConfig | None = None
     callbacks: CallbacksConfig | None = None
     loss: str | None = Field(None, description="a loss expression for this stage; null: the top-level loss")
+    negatives: Literal["none", "real"] | int | None = Field(
+        None,
+        description=(
+            "patches.resize none: this stage's crops: none = centred on labelled pixels only, real = uniform (the data's own ratio), "
+            "k = k crops centred on background per labelled-centred one; null: patches.positive_share"
+        ),
+    )
     initial_weights: str | None = Field(
         None, min_length=1, description="a .weights.h5 file (of the same network) loaded before the stage, e.g. another run's backup/stage-1.weights.h5"
     )
@@ -694,8 +701,11 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _crops(self) -> "ExperimentConfig":
-        if (self.patches.positive_share or self.patches.crops_per_image > 1) and self.patches.resize != "none":
-            raise ValueError(f"patches.positive_share and crops_per_image choose crops; they need patches.resize none, not {self.patches.resize}")
+        chooses_crops = self.patches.positive_share or self.patches.crops_per_image > 1 or any(stage.negatives is not None for stage in self.stages)
+        if chooses_crops and self.patches.resize != "none":
+            raise ValueError(
+                f"patches.positive_share, crops_per_image and a stage's negatives choose crops; they need patches.resize none, not {self.patches.resize}"
+            )
         return self
 
     @model_validator(mode="after")

@@ -14,6 +14,8 @@ ignore_index in the validation masks (when the dataset has one), never a real cl
 """
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import tensorflow as tf
 
 from segflow.preprocessing import fitted_size, mirror_pad
@@ -53,12 +55,38 @@ def labelled_pixels(mask: tf.Tensor, ignore_index: int | None) -> tf.Tensor:
     return tf.cast(tf.where(labelled), tf.int32)
 
 
+def unlabelled_pixels(mask: tf.Tensor, ignore_index: int | None) -> tf.Tensor:
+    """[N, 2] int32 positions of the background pixels (class 0; none when 0 is ignore_index)."""
+    background = tf.equal(mask, 0) & tf.constant(ignore_index != 0)
+    return tf.cast(tf.where(background), tf.int32)
+
+
+class CropPlan(NamedTuple):
+    """How a crop's centre is chosen: on a labelled pixel with probability `positive_share`,
+    else on a background pixel (`negatives_centred`) or anywhere."""
+
+    positive_share: float
+    negatives_centred: bool = False
+
+
+def crop_plan(positive_share: float, negatives: str | int | None) -> CropPlan:
+    """A stage's `negatives` over `patches.positive_share`: `none` positives only (objects
+    first), `real` uniform crops (the data's own ratio), k: k background-centred crops per
+    labelled-centred one; null: `positive_share`, the rest uniform."""
+    if negatives is None:
+        return CropPlan(positive_share)
+    if negatives == "none":
+        return CropPlan(1.0)
+    if negatives == "real":
+        return CropPlan(0.0)
+    return CropPlan(1.0 / (1 + int(negatives)), True)
+
+
 def sample_crop(
-    image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, tile: tuple[int, int], positive_share: float, ignore_index: int | None
+    image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, tile: tuple[int, int], plan: CropPlan, ignore_index: int | None
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """One model-size crop [h,w,C], [h,w] of a full-resolution example, drawn from `seed`
-    (a stateless [2] seed): centred on a labelled pixel with probability `positive_share`
-    when the mask has one, else uniform."""
+    (a stateless [2] seed) by `plan`; a centre with no candidate pixel falls back to uniform."""
     image, mask = _at_least(image, mask, tile)
     height, width = tf.shape(mask)[0], tf.shape(mask)[1]
     choice_seed, place_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
@@ -67,21 +95,23 @@ def sample_crop(
         corner = tf.random.stateless_uniform([2], place_seed, maxval=tf.int32.max, dtype=tf.int32)
         return corner[0] % (height - tile[0] + 1), corner[1] % (width - tile[1] + 1)
 
-    if positive_share > 0:
-        labelled = labelled_pixels(mask, ignore_index)
-        positive = tf.logical_and(tf.random.stateless_uniform([], choice_seed) < positive_share, tf.shape(labelled)[0] > 0)
-
+    def centred_on(candidates: tf.Tensor) -> Callable[[], tuple[tf.Tensor, tf.Tensor]]:
         def centred() -> tuple[tf.Tensor, tf.Tensor]:
-            pick = tf.random.stateless_uniform([], place_seed, maxval=tf.int32.max, dtype=tf.int32) % tf.maximum(tf.shape(labelled)[0], 1)
-            centre = labelled[pick]
+            pick = tf.random.stateless_uniform([], place_seed, maxval=tf.int32.max, dtype=tf.int32) % tf.maximum(tf.shape(candidates)[0], 1)
+            centre = candidates[pick]
             return (
                 tf.clip_by_value(centre[0] - tile[0] // 2, 0, height - tile[0]),
                 tf.clip_by_value(centre[1] - tile[1] // 2, 0, width - tile[1]),
             )
 
-        top, left = tf.cond(positive, centred, uniform)
+        return lambda: tf.cond(tf.shape(candidates)[0] > 0, centred, uniform)
+
+    otherwise = centred_on(unlabelled_pixels(mask, ignore_index)) if plan.negatives_centred else uniform
+    if plan.positive_share > 0:
+        positive = tf.random.stateless_uniform([], choice_seed) < plan.positive_share
+        top, left = tf.cond(positive, centred_on(labelled_pixels(mask, ignore_index)), otherwise)
     else:
-        top, left = uniform()
+        top, left = otherwise()
     crop_image = image[top : top + tile[0], left : left + tile[1]]
     crop_mask = mask[top : top + tile[0], left : left + tile[1]]
     return tf.ensure_shape(crop_image, [*tile, image.shape[-1]]), tf.ensure_shape(crop_mask, list(tile))

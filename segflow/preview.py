@@ -67,7 +67,7 @@ def _model_input(settings: "PreviewSettings", image: np.ndarray, mask: np.ndarra
     model is trained on it) and, with `patches.resize` none, a crop drawn as the trainer does."""
     import tensorflow as tf
 
-    from segflow.patches import model_mask, sample_crop
+    from segflow.patches import CropPlan, model_mask, sample_crop
     from segflow.preprocessing import model_pixels
 
     patches = settings.patches
@@ -75,7 +75,7 @@ def _model_input(settings: "PreviewSettings", image: np.ndarray, mask: np.ndarra
     labels = model_mask(tf.constant(mask[..., None]), settings.shape, patches.resize, settings.ignore_index)
     if patches.resize == "none":
         tile = (settings.shape[0], settings.shape[1])
-        pixels, labels = sample_crop(pixels, labels, tf.constant(seed, tf.int64), tile, patches.positive_share, settings.ignore_index)
+        pixels, labels = sample_crop(pixels, labels, tf.constant(seed, tf.int64), tile, CropPlan(patches.positive_share), settings.ignore_index)
     return pixels.numpy().astype(np.float32), labels.numpy().astype(np.uint8)
 
 

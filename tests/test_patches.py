@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from segflow.config import ConfigError, validate_config
-from segflow.patches import grid_tiles, labelled_pixels, model_mask, sample_crop
+from segflow.patches import CropPlan, crop_plan, grid_tiles, labelled_pixels, model_mask, sample_crop
 from segflow.preprocessing import blend_window, fitted_size, image_probabilities, model_pixels, tiled_probabilities
 
 RNG = np.random.default_rng(0)
@@ -66,20 +66,36 @@ def test_crops_are_seeded_sized_and_centred_on_labels_when_asked() -> None:
     mask[70:74, 100:104] = 2
     mask[0:3, 0:3] = 9  # ignore_index: never a crop's centre
     mask = tf.constant(mask)
-    crops = [sample_crop(image, mask, tf.constant([seed, 0], tf.int64), (32, 32), 1.0, 9) for seed in range(12)]
+    crops = [sample_crop(image, mask, tf.constant([seed, 0], tf.int64), (32, 32), CropPlan(1.0), 9) for seed in range(12)]
     assert all(crop[0].shape == (32, 32, 3) and crop[1].shape == (32, 32) for crop in crops)
     assert all(np.any(crop[1].numpy() == 2) for crop in crops)  # every crop holds the small object
-    again = sample_crop(image, mask, tf.constant([3, 0], tf.int64), (32, 32), 1.0, 9)
+    again = sample_crop(image, mask, tf.constant([3, 0], tf.int64), (32, 32), CropPlan(1.0), 9)
     np.testing.assert_array_equal(again[0].numpy(), crops[3][0].numpy())
-    uniform = [sample_crop(image, mask, tf.constant([seed, 0], tf.int64), (32, 32), 0.0, 9) for seed in range(12)]
+    uniform = [sample_crop(image, mask, tf.constant([seed, 0], tf.int64), (32, 32), CropPlan(0.0), 9) for seed in range(12)]
     assert sum(np.any(crop[1].numpy() == 2) for crop in uniform) < 12  # uniform crops mostly miss it
     assert labelled_pixels(mask, 9).shape == (16, 2)
+
+
+def test_a_stage_balances_negatives_against_positives() -> None:
+    """`negatives`: none = every crop on an object, real = uniform, k = k background-centred
+    crops per object-centred one (drawn, so about that ratio)."""
+    assert crop_plan(0.3, None) == CropPlan(0.3) and crop_plan(0.3, "none") == CropPlan(1.0) and crop_plan(0.3, "real") == CropPlan(0.0)
+    assert crop_plan(0.0, 3) == CropPlan(0.25, True)
+    image = tf.constant(RNG.random((128, 128, 1)).astype(np.float32))
+    mask = np.zeros((128, 128), np.uint8)
+    mask[:40, :40] = 1  # the object fills the top-left corner; a background-centred crop far from it misses it
+    mask = tf.constant(mask)
+    draws = [sample_crop(image, mask, tf.constant([seed, 7], tf.int64), (32, 32), crop_plan(0.0, 3), None)[1].numpy() for seed in range(200)]
+    with_object = sum(bool(np.any(crop == 1)) for crop in draws)
+    assert 30 <= with_object <= 95  # 1 in 4 centred on the object, and background crops near it
+    only_objects = [sample_crop(image, mask, tf.constant([seed, 7], tf.int64), (32, 32), crop_plan(0.0, "none"), None)[1].numpy() for seed in range(20)]
+    assert all(np.any(crop == 1) for crop in only_objects)
 
 
 def test_images_smaller_than_the_model_are_mirrored_not_stretched() -> None:
     image = tf.constant(RNG.random((20, 24, 1)).astype(np.float32))
     mask = tf.constant(RNG.integers(0, 2, (20, 24)).astype(np.uint8))
-    crop_image, crop_mask = sample_crop(image, mask, tf.constant([1, 2], tf.int64), (32, 32), 0.0, None)
+    crop_image, crop_mask = sample_crop(image, mask, tf.constant([1, 2], tf.int64), (32, 32), CropPlan(0.0), None)
     np.testing.assert_array_equal(crop_image.numpy()[:20, :24], image.numpy())
     np.testing.assert_array_equal(crop_image.numpy()[20:32, :24], image.numpy()[::-1][:12])
     np.testing.assert_array_equal(crop_mask.numpy()[:20, :24], mask.numpy())
@@ -100,9 +116,9 @@ def test_crop_options_need_crops(tiny_data: Path) -> None:
     """(Tiles half a tile apart need even sides: every architecture's stride already asks more.)"""
     from tests.conftest import tiny_raw_config
 
-    for patches in ({"positive_share": 0.5}, {"resize": "resize_with_pad", "crops_per_image": 2}):
+    for patches, stages in (({"positive_share": 0.5}, None), ({"resize": "resize_with_pad", "crops_per_image": 2}, None), ({}, [{"negatives": 2}])):
         with pytest.raises(ConfigError, match="need patches.resize none"):
-            validate_config(tiny_raw_config(tiny_data, patches=patches))
+            validate_config(tiny_raw_config(tiny_data, patches=patches, **({"stages": stages} if stages else {})))
 
 
 def test_a_model_trained_on_crops_serves_whole_images_in_tiles(tmp_path: Path) -> None:
@@ -119,7 +135,10 @@ def test_a_model_trained_on_crops_serves_whole_images_in_tiles(tmp_path: Path) -
     from tests.conftest import tiny_raw_config, train_cores
 
     data = write_demo_dataset(tmp_path / "data", count=12, size=64)
-    raw = tiny_raw_config(data, patches={"resize": "none", "positive_share": 0.5, "crops_per_image": 2}, export=["saved_model"])
+    raw = tiny_raw_config(
+        data, patches={"resize": "none", "positive_share": 0.5, "crops_per_image": 2}, export=["saved_model"],
+        stages=[{"epochs": 1, "learning_rate": 0.003, "negatives": "none"}, {"epochs": 1, "learning_rate": 0.001, "negatives": 1}],
+    )
     config = validate_config(raw)
     trained = train_cores(config, tmp_path / "run")
     layer, pixels = transform_layer(trained["transform"]), PixelSpec.load(trained["transform"])

@@ -51,7 +51,7 @@ from segflow.launcher import LaunchRequest, backend_name, launch, worker_scratch
 from segflow.losses import LabelSpec, build_loss, resolve_class_weights
 from segflow.metrics import SegmentationMetrics
 from segflow.models import ModelSpec, apply_stage_freeze, build_model, model_spec
-from segflow.patches import grid_tiles, model_mask, sample_crop
+from segflow.patches import crop_plan, grid_tiles, model_mask, sample_crop
 from segflow.optimizers import Lookahead, WeightAveraging, build_optimizer, recompute_batchnorm
 from segflow.schedules import LearningRateLogger, ReduceOnPlateau, build_schedule
 from segflow.runtime import log
@@ -172,13 +172,15 @@ def make_dataset(
     epochs: tuple[int, int] | None = None,
     batch: int | None = None,
     drop_remainder: bool = False,
+    negatives: str | int | None = None,
 ) -> tf.data.Dataset:
     """Batches of (normalised image, mask). With `epochs` (first, end) it is the training
     stream for those epochs: shuffled and augmented per epoch from seeds, so that the
     same data and config give the same batches whatever the thread scheduling. `batch` is
     the global batch (default: config `batch`); under several workers the stream is sharded
     by element (policy DATA), so each worker keeps its replicas' part of every batch;
-    `drop_remainder` drops a short last batch (per epoch), which would leave a replica empty."""
+    `drop_remainder` drops a short last batch (per epoch), which would leave a replica empty;
+    `negatives` is the stage's crop balance (segflow.patches.crop_plan)."""
     from segflow.components.example_gen.core import read_counts
     from segflow.components.transform.core import RAW_FEATURE, TRANSFORMED_FEATURE
 
@@ -198,11 +200,12 @@ def make_dataset(
         batches = pairs.batch(batch, drop_remainder=drop_remainder)
     else:
         augment = _augmenter(config)
+        cropping = crop_plan(patches.positive_share, negatives)
 
         def crops(image: tf.Tensor, mask: tf.Tensor, name: tf.Tensor, epoch: int) -> tf.data.Dataset:
             """`crops_per_image` crops of one example, each from its own stateless seed."""
             seed = tf.random.experimental.stateless_fold_in(example_seed_tensor(config.seed, tf.constant(epoch, tf.int64), name), 1)
-            draws = [sample_crop(image, mask, tf.random.experimental.stateless_fold_in(seed, draw), tile, patches.positive_share, config.ignore_index)
+            draws = [sample_crop(image, mask, tf.random.experimental.stateless_fold_in(seed, draw), tile, cropping, config.ignore_index)
                      for draw in range(patches.crops_per_image)]
             names = tf.strings.join([name, tf.strings.as_string(tf.range(patches.crops_per_image))], separator="#")
             return tf.data.Dataset.from_tensor_slices((tf.stack([draw[0] for draw in draws]), tf.stack([draw[1] for draw in draws]), names))
@@ -644,7 +647,10 @@ def _train(
                 keras.callbacks.ModelCheckpoint(str(run_out / CHECKPOINTS_FOLDER / "last.weights.h5"), save_weights_only=True),
                 *_fault_callbacks(plan),
             ]
-            train = make_dataset(config, examples_dir, "train", tft_layer, pixels, epochs=(start, end_epoch), batch=global_batch, drop_remainder=plan.replicas > 1)
+            train = make_dataset(
+                config, examples_dir, "train", tft_layer, pixels, epochs=(start, end_epoch), batch=global_batch, drop_remainder=plan.replicas > 1,
+                negatives=stage.negatives,
+            )
             fit = network.fit(
                 train,
                 validation_data=validation,
