@@ -134,6 +134,14 @@ class NormalizationConfig(_Strict):
         return self
 
 
+class HardNegativesConfig(_Strict):
+    """Crops centred where the model is wrong (segflow.hard_negatives)."""
+
+    share: float = Field(0.3, gt=0.0, le=1.0, description="share of the training crops centred on a pixel the model got wrong at the last refresh")
+    refresh_every: int = Field(5, ge=1, description="epochs between two predictions of the train images (their error maps)")
+    keep: int = Field(1024, ge=1, le=65536, description="wrong pixels kept per image and refresh (drawn from a seed)")
+
+
 class PatchesConfig(_Strict):
     """How the model-size input (`shape`) is cut from an image, the same in training, in
     `serving_default` and in the evaluator. Masks are always resized with nearest neighbours."""
@@ -153,6 +161,7 @@ class PatchesConfig(_Strict):
         0.0, ge=0.0, le=1.0, description="resize none: share of training crops centred on a random labelled pixel (a class other than 0); the rest are uniform crops"
     )
     crops_per_image: int = Field(1, ge=1, le=64, description="resize none: crops drawn from each training image per epoch")
+    hard_negatives: HardNegativesConfig | None = Field(None, description="resize none: a share of crops centred where the model was last wrong")
 
 
 class LookaheadConfig(_Strict):
@@ -701,10 +710,11 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _crops(self) -> "ExperimentConfig":
-        chooses_crops = self.patches.positive_share or self.patches.crops_per_image > 1 or any(stage.negatives is not None for stage in self.stages)
-        if chooses_crops and self.patches.resize != "none":
+        patches = self.patches
+        chooses_crops = patches.positive_share or patches.crops_per_image > 1 or patches.hard_negatives or any(stage.negatives is not None for stage in self.stages)
+        if chooses_crops and patches.resize != "none":
             raise ValueError(
-                f"patches.positive_share, crops_per_image and a stage's negatives choose crops; they need patches.resize none, not {self.patches.resize}"
+                f"patches.positive_share, crops_per_image, hard_negatives and a stage's negatives choose crops; they need patches.resize none, not {patches.resize}"
             )
         return self
 

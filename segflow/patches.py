@@ -62,34 +62,43 @@ def unlabelled_pixels(mask: tf.Tensor, ignore_index: int | None) -> tf.Tensor:
 
 
 class CropPlan(NamedTuple):
-    """How a crop's centre is chosen: on a labelled pixel with probability `positive_share`,
-    else on a background pixel (`negatives_centred`) or anywhere."""
+    """How a crop's centre is chosen: on a pixel the model last got wrong with probability
+    `hard_share` (segflow.hard_negatives), else on a labelled pixel with probability
+    `positive_share`, else on a background pixel (`negatives_centred`) or anywhere."""
 
     positive_share: float
     negatives_centred: bool = False
+    hard_share: float = 0.0
 
 
-def crop_plan(positive_share: float, negatives: str | int | None) -> CropPlan:
+def crop_plan(positive_share: float, negatives: str | int | None, hard_share: float = 0.0) -> CropPlan:
     """A stage's `negatives` over `patches.positive_share`: `none` positives only (objects
     first), `real` uniform crops (the data's own ratio), k: k background-centred crops per
     labelled-centred one; null: `positive_share`, the rest uniform."""
     if negatives is None:
-        return CropPlan(positive_share)
+        return CropPlan(positive_share, hard_share=hard_share)
     if negatives == "none":
-        return CropPlan(1.0)
+        return CropPlan(1.0, hard_share=hard_share)
     if negatives == "real":
-        return CropPlan(0.0)
-    return CropPlan(1.0 / (1 + int(negatives)), True)
+        return CropPlan(0.0, hard_share=hard_share)
+    return CropPlan(1.0 / (1 + int(negatives)), True, hard_share)
 
 
 def sample_crop(
-    image: tf.Tensor, mask: tf.Tensor, seed: tf.Tensor, tile: tuple[int, int], plan: CropPlan, ignore_index: int | None
+    image: tf.Tensor,
+    mask: tf.Tensor,
+    seed: tf.Tensor,
+    tile: tuple[int, int],
+    plan: CropPlan,
+    ignore_index: int | None,
+    errors: tf.Tensor | None = None,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """One model-size crop [h,w,C], [h,w] of a full-resolution example, drawn from `seed`
-    (a stateless [2] seed) by `plan`; a centre with no candidate pixel falls back to uniform."""
+    (a stateless [2] seed) by `plan`; `errors` [K,2] are the pixels the model last got
+    wrong (hard negatives). A centre with no candidate pixel falls back to uniform."""
     image, mask = _at_least(image, mask, tile)
     height, width = tf.shape(mask)[0], tf.shape(mask)[1]
-    choice_seed, place_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    choice_seed, place_seed, hard_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
 
     def uniform() -> tuple[tf.Tensor, tf.Tensor]:
         corner = tf.random.stateless_uniform([2], place_seed, maxval=tf.int32.max, dtype=tf.int32)
@@ -107,11 +116,18 @@ def sample_crop(
         return lambda: tf.cond(tf.shape(candidates)[0] > 0, centred, uniform)
 
     otherwise = centred_on(unlabelled_pixels(mask, ignore_index)) if plan.negatives_centred else uniform
-    if plan.positive_share > 0:
+
+    def regular() -> tuple[tf.Tensor, tf.Tensor]:
+        if plan.positive_share == 0:
+            return otherwise()
         positive = tf.random.stateless_uniform([], choice_seed) < plan.positive_share
-        top, left = tf.cond(positive, centred_on(labelled_pixels(mask, ignore_index)), otherwise)
+        return tf.cond(positive, centred_on(labelled_pixels(mask, ignore_index)), otherwise)
+
+    if errors is not None and plan.hard_share > 0:
+        hard = tf.random.stateless_uniform([], hard_seed) < plan.hard_share
+        top, left = tf.cond(hard, centred_on(errors), regular)
     else:
-        top, left = otherwise()
+        top, left = regular()
     crop_image = image[top : top + tile[0], left : left + tile[1]]
     crop_mask = mask[top : top + tile[0], left : left + tile[1]]
     return tf.ensure_shape(crop_image, [*tile, image.shape[-1]]), tf.ensure_shape(crop_mask, list(tile))

@@ -3,12 +3,13 @@ full resolution, fitting with padding, crops drawn for training, tiles for valid
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from segflow.config import ConfigError, validate_config
+from segflow.config import ConfigError, ExperimentConfig, validate_config
 from segflow.patches import CropPlan, crop_plan, grid_tiles, labelled_pixels, model_mask, sample_crop
 from segflow.preprocessing import blend_window, fitted_size, image_probabilities, model_pixels, tiled_probabilities
 
@@ -121,7 +122,7 @@ def test_crop_options_need_crops(tiny_data: Path) -> None:
             validate_config(tiny_raw_config(tiny_data, patches=patches, **({"stages": stages} if stages else {})))
 
 
-def test_a_model_trained_on_crops_serves_whole_images_in_tiles(tmp_path: Path) -> None:
+def test_a_model_trained_on_crops_serves_whole_images_in_tiles(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """Training on crops at full resolution, end to end through the cores: the trainer
     draws model-size crops and validates on tiles, `serving_default` blends tiles of any
     image size, and the exports' path (`predict_image` over `fixed_size`) gives the same
@@ -136,17 +137,21 @@ def test_a_model_trained_on_crops_serves_whole_images_in_tiles(tmp_path: Path) -
 
     data = write_demo_dataset(tmp_path / "data", count=12, size=64)
     raw = tiny_raw_config(
-        data, patches={"resize": "none", "positive_share": 0.5, "crops_per_image": 2}, export=["saved_model"],
+        data, patches={"resize": "none", "positive_share": 0.5, "crops_per_image": 2, "hard_negatives": {"share": 0.5, "refresh_every": 1, "keep": 64}},
+        export=["saved_model"],
         stages=[{"epochs": 1, "learning_rate": 0.003, "negatives": "none"}, {"epochs": 1, "learning_rate": 0.001, "negatives": 1}],
     )
     config = validate_config(raw)
     trained = train_cores(config, tmp_path / "run")
+    # Stage 2's first epoch needs the error maps of refresh 1: its crops waited for them.
+    assert "trainer: hard negatives: error maps 1 of 9 train images" in capfd.readouterr().err
     layer, pixels = transform_layer(trained["transform"]), PixelSpec.load(trained["transform"])
     first, second = (
         next(iter(make_dataset(config, trained["examples"], "train", layer, pixels, epochs=(0, 1)))) for _ in range(2)
     )
     assert first[0].shape == (4, 32, 32, 3) and np.array_equal(first[1].numpy(), second[1].numpy())  # seeded crops
     validation = list(make_dataset(config, trained["examples"], "eval", layer, pixels))
+    _hard_crops_do_not_depend_on_when_the_maps_come(config, trained["examples"], layer, pixels)
     assert sum(batch[1].shape[0] for batch in validation) == 4 * 3  # 3 eval images of 64x64 in 2x2 tiles of 32x32
 
     serving = Path(trained["model"]) / SERVING_SUBDIR
@@ -161,3 +166,38 @@ def test_a_model_trained_on_crops_serves_whole_images_in_tiles(tmp_path: Path) -
     assert (exported_path == served["mask"].numpy()[0]).mean() > 0.999
     report = evaluator.run(config, trained["examples"], trained["model"], tmp_path / "metrics", tmp_path / "blessing")
     assert 0.0 <= report["mean_iou"] <= 1.0
+
+
+def _hard_crops_do_not_depend_on_when_the_maps_come(config: ExperimentConfig, examples: str, layer: Any, pixels: Any) -> None:
+    """The crops of an epoch after a refresh are the same whether the maps were published
+    before the stream was read or while it waited for them."""
+    import threading
+
+    from segflow.components.trainer.core import _error_maps, make_dataset
+
+    streams = []
+    for delay in (0.0, 0.5):
+        maps = _error_maps(config, examples)
+        positions = np.tile(np.array([[40, 50]], np.int32), (len(maps.counts.numpy()), maps.keep, 1))
+        counts = np.full(len(maps.counts.numpy()), maps.keep, np.int32)
+        publish = threading.Timer(delay, maps.publish, (1, positions, counts))
+        with maps.serving():
+            publish.start()
+            streams.append([batch[1].numpy() for batch in make_dataset(config, examples, "train", layer, pixels, epochs=(1, 2), error_maps=maps)])
+    assert len(streams[0]) == len(streams[1]) and all(np.array_equal(a, b) for a, b in zip(*streams))
+
+
+def test_error_maps_give_each_image_its_wrong_pixels() -> None:
+    from segflow.hard_negatives import ErrorMaps, draw_positions, wrong_pixels
+
+    mask = tf.constant([[0, 1, 9], [1, 1, 0]], tf.uint8)
+    probabilities = tf.one_hot([[1, 1, 0], [1, 0, 0]], 2)  # wrong at (0,0) and (1,1); (0,2) is ignore_index
+    wrong = wrong_pixels(probabilities, mask, 9)
+    assert sorted(map(tuple, wrong.numpy().tolist())) == [(0, 0), (1, 1)]
+    drawn = draw_positions(wrong, 4, (1, 2))
+    assert drawn.shape == (4, 2) and sorted(map(tuple, drawn[:2].tolist())) == [(0, 0), (1, 1)]
+    maps = ErrorMaps(["a.png", "b.png"], every=2, keep=4, seed=0)
+    assert maps.candidates(tf.constant("a.png"), 1).shape == (0, 2)  # epoch 1: before the first refresh
+    maps.publish(1, np.stack([drawn, np.zeros_like(drawn)]), np.array([2, 0], np.int32))
+    assert maps.candidates(tf.constant("a.png"), 3).numpy().tolist() == drawn[:2].tolist()
+    assert maps.candidates(tf.constant("b.png"), 3).shape == (0, 2) and maps.candidates(tf.constant("new.png"), 3).shape == (0, 2)

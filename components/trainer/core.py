@@ -23,6 +23,7 @@ the served model is always a float32 copy.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -51,6 +52,7 @@ from segflow.launcher import LaunchRequest, backend_name, launch, worker_scratch
 from segflow.losses import LabelSpec, build_loss, resolve_class_weights
 from segflow.metrics import SegmentationMetrics
 from segflow.models import ModelSpec, apply_stage_freeze, build_model, model_spec
+from segflow.hard_negatives import ErrorMaps, RefreshErrorMaps
 from segflow.patches import crop_plan, grid_tiles, model_mask, sample_crop
 from segflow.optimizers import Lookahead, WeightAveraging, build_optimizer, recompute_batchnorm
 from segflow.schedules import LearningRateLogger, ReduceOnPlateau, build_schedule
@@ -173,6 +175,7 @@ def make_dataset(
     batch: int | None = None,
     drop_remainder: bool = False,
     negatives: str | int | None = None,
+    error_maps: ErrorMaps | None = None,
 ) -> tf.data.Dataset:
     """Batches of (normalised image, mask). With `epochs` (first, end) it is the training
     stream for those epochs: shuffled and augmented per epoch from seeds, so that the
@@ -180,7 +183,8 @@ def make_dataset(
     the global batch (default: config `batch`); under several workers the stream is sharded
     by element (policy DATA), so each worker keeps its replicas' part of every batch;
     `drop_remainder` drops a short last batch (per epoch), which would leave a replica empty;
-    `negatives` is the stage's crop balance (segflow.patches.crop_plan)."""
+    `negatives` is the stage's crop balance (segflow.patches.crop_plan); `error_maps` are
+    the hard negatives' (segflow.hard_negatives), read as the crops are drawn."""
     from segflow.components.example_gen.core import read_counts
     from segflow.components.transform.core import RAW_FEATURE, TRANSFORMED_FEATURE
 
@@ -200,12 +204,14 @@ def make_dataset(
         batches = pairs.batch(batch, drop_remainder=drop_remainder)
     else:
         augment = _augmenter(config)
-        cropping = crop_plan(patches.positive_share, negatives)
+        hard_share = patches.hard_negatives.share if error_maps is not None and patches.hard_negatives else 0.0
+        cropping = crop_plan(patches.positive_share, negatives, hard_share)
 
         def crops(image: tf.Tensor, mask: tf.Tensor, name: tf.Tensor, epoch: int) -> tf.data.Dataset:
             """`crops_per_image` crops of one example, each from its own stateless seed."""
             seed = tf.random.experimental.stateless_fold_in(example_seed_tensor(config.seed, tf.constant(epoch, tf.int64), name), 1)
-            draws = [sample_crop(image, mask, tf.random.experimental.stateless_fold_in(seed, draw), tile, cropping, config.ignore_index)
+            errors = error_maps.candidates(name, epoch) if hard_share else None
+            draws = [sample_crop(image, mask, tf.random.experimental.stateless_fold_in(seed, draw), tile, cropping, config.ignore_index, errors)
                      for draw in range(patches.crops_per_image)]
             names = tf.strings.join([name, tf.strings.as_string(tf.range(patches.crops_per_image))], separator="#")
             return tf.data.Dataset.from_tensor_slices((tf.stack([draw[0] for draw in draws]), tf.stack([draw[1] for draw in draws]), names))
@@ -228,7 +234,38 @@ def make_dataset(
     normalized = batches.map(
         lambda image, mask: (transform_layer({RAW_FEATURE: image})[TRANSFORMED_FEATURE], mask), num_parallel_calls=tf.data.AUTOTUNE
     )
+    if error_maps is not None:  # its crops may wait for a refresh: on threads of its own, never the refresh's
+        options = tf.data.Options()
+        options.threading.private_threadpool_size = max(4, os.cpu_count() or 1)
+        normalized = normalized.with_options(options)
     return shard_by_data(normalized.prefetch(tf.data.AUTOTUNE))
+
+
+def _error_maps(config: ExperimentConfig, examples_dir: str | os.PathLike[str]) -> ErrorMaps | None:
+    """The hard negatives' error maps of the train split (`patches.hard_negatives`), or None."""
+    settings = config.patches.hard_negatives
+    if settings is None:
+        return None
+    records = tf.data.TFRecordDataset(split_files(examples_dir, "train"), compression_type="GZIP")
+    names = records.map(lambda record: tf.io.parse_single_example(record, {"filename": tf.io.FixedLenFeature([], tf.string)})["filename"])
+    return ErrorMaps([name.decode() for name in names.as_numpy_iterator()], settings.refresh_every, settings.keep, config.seed)
+
+
+def _refresh_error_maps(
+    config: ExperimentConfig, examples_dir: str | os.PathLike[str], maps: ErrorMaps, network: keras.Model, transform_layer: Any, pixels: PixelSpec, end_epoch: int
+) -> RefreshErrorMaps:
+    """The callback that predicts the full-resolution train images (TFT graph, then the network) for `maps`."""
+    from segflow.components.transform.core import RAW_FEATURE, TRANSFORMED_FEATURE
+    from segflow.losses import probabilities
+
+    records = tf.data.TFRecordDataset(split_files(examples_dir, "train"), compression_type="GZIP")
+    examples = records.map(lambda record: _decode(record, config, pixels))
+
+    def predict(tiles: tf.Tensor) -> tf.Tensor:
+        return probabilities(network(transform_layer({RAW_FEATURE: tiles})[TRANSFORMED_FEATURE], training=False), config.sigmoid_head)
+
+    tile = (config.shape[0], config.shape[1])
+    return RefreshErrorMaps(maps, end_epoch, examples, predict, tile, config.ignore_index, lambda text: log(f"trainer: {text}"))
 
 
 def network_spec(config: ExperimentConfig) -> ModelSpec:
@@ -599,6 +636,7 @@ def _train(
     batch, halvings = config.batch, 0
     global_batch, steps_per_epoch, validation = batching(batch)
     network = _build_trained_network(config, plan)
+    error_maps = _error_maps(config, examples_dir)
     log(f"trainer: {config.architecture}/{config.backbone}, {network.count_params():,} parameters, {config.total_epochs} epochs")
     if plan.replicas > 1 or plan.workers > 1:
         log(f"trainer: {plan.describe()}; global batch {global_batch} ({config.batch} per replica)")
@@ -646,20 +684,22 @@ def _train(
                 keras.callbacks.TensorBoard(log_dir=str(run_out / TENSORBOARD_FOLDER), profile_batch=0),
                 keras.callbacks.ModelCheckpoint(str(run_out / CHECKPOINTS_FOLDER / "last.weights.h5"), save_weights_only=True),
                 *_fault_callbacks(plan),
+                *([_refresh_error_maps(config, examples_dir, error_maps, network, tft_layer, pixels, end_epoch)] if error_maps else []),
             ]
             train = make_dataset(
                 config, examples_dir, "train", tft_layer, pixels, epochs=(start, end_epoch), batch=global_batch, drop_remainder=plan.replicas > 1,
-                negatives=stage.negatives,
+                negatives=stage.negatives, error_maps=error_maps,
             )
-            fit = network.fit(
-                train,
-                validation_data=validation,
-                steps_per_epoch=steps_per_epoch,
-                initial_epoch=first_epoch,
-                epochs=end_epoch,
-                callbacks=callbacks,
-                verbose=2,
-            )
+            with error_maps.serving() if error_maps else contextlib.nullcontext():
+                fit = network.fit(
+                    train,
+                    validation_data=validation,
+                    steps_per_epoch=steps_per_epoch,
+                    initial_epoch=first_epoch,
+                    epochs=end_epoch,
+                    callbacks=callbacks,
+                    verbose=2,
+                )
             if averaging and averaging.averaged:
                 used = _refresh_batchnorm(config, stage, network, examples_dir, tft_layer, pixels, end_epoch)
                 log(f"trainer: stage {number}: weights averaged over {averaging.averaged} epochs (SWA), BatchNorm statistics recomputed on {used} batches")
