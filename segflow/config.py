@@ -804,28 +804,6 @@ class ExperimentConfig(_Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
 
-    def with_absolute_paths(self, base: str | os.PathLike[str] | None = None) -> "ExperimentConfig":
-        """Paths resolved against `base` (default: the working directory), so that a
-        component running in another directory reads the same files."""
-        from segflow.storage import absolute
-
-        root = base or os.getcwd()
-        named = {
-            split: folders.model_copy(update={"images": absolute(folders.images, root), "masks": absolute(folders.masks, root)})
-            for split, folders in (("eval", self.dataset.eval), ("test", self.dataset.test))
-            if folders is not None
-        }
-        dataset = self.dataset.model_copy(update={"images": absolute(self.dataset.images, root), "masks": absolute(self.dataset.masks, root), **named})
-        push = self.push.model_copy(update={"registry": absolute(self.push.registry, root)})
-        update: dict[str, Any] = {"dataset": dataset, "push": push}
-        if self.model.encoder_weights not in (None, "imagenet"):
-            update["model"] = self.model.model_copy(update={"encoder_weights": absolute(self.model.encoder_weights, root)})
-        if any(stage.initial_weights for stage in self.stages):
-            update["stages"] = [
-                stage.model_copy(update={"initial_weights": absolute(stage.initial_weights, root)}) if stage.initial_weights else stage for stage in self.stages
-            ]
-        return self.model_copy(update=update)
-
 
 def _registered(registry: Any, name: str) -> str:
     if name not in registry:

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from segflow.config import ConfigError, apply_override, load_config, parse_loss, validate_config
+from segflow.component_config import resolve_locations
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +100,7 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 def test_json_round_trip_and_absolute_paths(tmp_path: Path) -> None:
     config = validate_config(minimal(classes=["a", "b", "c"]))
     assert type(config).from_json(config.to_json()) == config
-    absolute = config.with_absolute_paths(tmp_path)
+    absolute = resolve_locations(config, tmp_path)
     assert absolute.dataset.images == str(tmp_path / "i") and Path(absolute.push.registry).is_absolute()
 
 
@@ -129,12 +130,12 @@ def test_group_by_must_be_a_regex() -> None:
 @pytest.mark.parametrize("location", ["s3://bucket/images", "gs://bucket/a/b"])
 def test_uris_are_not_turned_into_local_paths(location: str, tmp_path: Path) -> None:
     config = validate_config(minimal(dataset={"images": location, "masks": location}, push={"registry": location}))
-    resolved = config.with_absolute_paths(tmp_path)
+    resolved = resolve_locations(config, tmp_path)
     assert resolved.dataset.images == location and resolved.push.registry == location
 
 
 def test_relative_paths_become_absolute(tmp_path: Path) -> None:
-    resolved = validate_config(minimal()).with_absolute_paths(tmp_path)
+    resolved = resolve_locations(validate_config(minimal()), tmp_path)
     assert resolved.dataset.images == str(tmp_path / "i") and resolved.push.registry == str(tmp_path / "model-registry")
 
 
