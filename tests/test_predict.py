@@ -283,3 +283,17 @@ def test_sigmoid_models_threshold_and_softmax_models_refuse_one() -> None:
     np.testing.assert_array_equal(probabilities_to_mask(probabilities, sigmoid, threshold=0.65), [[0, 0], [1, 0]])
     with pytest.raises(PredictError, match="sigmoid"):
         probabilities_to_mask(probabilities, ServingSpec((2, 2, 1), ("a", "b"), False, None, "uint8", 255.0), threshold=0.5)
+
+
+@pytest.mark.parametrize(("resize", "expected"), [("none", (1.0, 1.0)), ("resize_with_pad", (0.25, 0.25)), ("resize", (0.5, 0.25))])
+def test_training_scale_follows_how_the_model_was_fed(models: dict[str, Any], tmp_path: Path, resize: str, expected: tuple[float, float]) -> None:
+    """Crops at full resolution: native scale; fitted with padding: one factor for both sides."""
+    from dataclasses import replace
+
+    from segflow.predict import training_scale
+
+    spec = replace(ServingSpec.load(models["serving"]), resize=resize)
+    statistics = tmp_path / "run" / "statistics_gen" / "statistics"
+    write_json(statistics / "statistics.json", {"train": {"image_sizes": {f"{spec.shape[0] * 2}x{spec.shape[1] * 4}": 5}}})
+    model = tmp_path / "run" / "trainer" / "model" / SERVING_SUBDIR
+    assert training_scale(model, spec)[0] == expected
