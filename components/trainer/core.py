@@ -1,8 +1,8 @@
 """Trainer: tf_keras segmentation model trained from the Examples and the TFT graph.
 
 Input pipeline (tf.data): GZIP TFRecords -> decode (any bit depth, model channels)
--> resize -> cache -> shuffle -> albumentations policy -> batch -> TFT normalisation
--> prefetch. Stages run one after another on the same weights, each with its optimizer,
+-> resize (or full resolution, `patches`) -> cache -> shuffle -> crops (segflow.patches)
+-> augmentation policy -> batch -> TFT normalisation -> prefetch. Stages run one after another on the same weights, each with its optimizer,
 schedule, loss and callbacks (the top-level ones unless it has its own). Writes the served model (`Format-Serving/`, TFT graph inside) and a model-run
 folder with TensorBoard logs, `history.csv` and checkpoints.
 
