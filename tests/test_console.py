@@ -23,13 +23,11 @@ def _config(tiny_data: Path, tmp_path: Path) -> Path:
     return path
 
 
-def test_default_console_reads_like_a_progress_report(tiny_data: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def check_default_console(out: str, err: str, run: Path) -> None:
     """segflow's lines, per-epoch lines and a final line per progress step; kfp.local's
     banners, executor input and artifact dumps only in the run folder's log.txt; each
-    component's whole output in its own folder's log.txt."""
-    run = tmp_path / "run"
-    assert main(["run", str(_config(tiny_data, tmp_path)), "-o", str(run)]) == 0
-    out, err = capfd.readouterr()
+    component's whole output in its own folder's log.txt. Called by test_pipeline's full
+    run through the CLI (one kfp.local run of the whole DAG serves both tests)."""
     console = out + err
     assert not [line for line in console.splitlines() if any(marker in line for marker in KFP_LINES)]
     assert PROGRESS_MARK not in console and "I0000" not in console
@@ -43,7 +41,7 @@ def test_default_console_reads_like_a_progress_report(tiny_data: Path, tmp_path:
     assert "status: succeeded" in out
 
     summary = json.loads((run / "summary.json").read_text())
-    for name, entry in summary["components"].items():
+    for name in summary["components"]:
         log = (run / name / "log.txt").read_text()
         assert f"[segflow] {name}: started" in log and f"[segflow] {name}: finished in" in log, name
     trainer_log = (run / "trainer" / "log.txt").read_text()

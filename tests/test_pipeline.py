@@ -204,9 +204,12 @@ def test_kfp_local_validate_run(tiny_data: Path, tmp_path: Path) -> None:
     assert len(listing["fingerprint"]) == 64 and len(listing["images"]) == len(listing["masks"]) == 20
 
 
-def test_kfp_local_full_run_writes_the_summary_contract(tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_kfp_local_full_run_writes_the_summary_contract(tiny_data: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """The whole DAG through the CLI on data with one corrupt PNG, one image without a mask
-    and one mask with an unexpected value: the run completes on the other 17."""
+    and one mask with an unexpected value: the run completes on the other 17, and its
+    console reads like a progress report (tests/test_console.py)."""
+    from tests.test_console import check_default_console
+
     data = tmp_path / "data"
     shutil.copytree(tiny_data, data)
     (data / "images" / "003.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
@@ -215,7 +218,9 @@ def test_kfp_local_full_run_writes_the_summary_contract(tiny_data: Path, tmp_pat
     config = _write_config(data, tmp_path)
     run = tmp_path / "run"
     assert main(["run", str(config), "-o", str(run), "--set", "export=[saved_model, tflite_int8]"]) == 0
-    assert "mean IoU (eval)" in capsys.readouterr().out
+    out, err = capfd.readouterr()
+    assert "mean IoU (eval)" in out
+    check_default_console(out, err, run)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "succeeded"
     assert len(summary["config_hash"]) == 64 and len(summary["data_fingerprint"]) == 64
