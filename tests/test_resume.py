@@ -52,6 +52,9 @@ def test_killed_trainer_resumes_from_its_last_epoch_with_its_optimizer_steps(tin
     # A fresh optimizer would count from 0 again: epoch 3 ends at 3 epochs' steps only if epoch 2's count was restored.
     assert [int(float(row["optimizer_steps"])) for row in rows] == [steps, 2 * steps, 3 * steps, 4 * steps]
     assert not (run / ".resume-backup").exists() and not backup.exists()
+    # The final metrics are the run's last epoch, not only what the resumed process trained.
+    final = read_json(run / "trainer" / "model_run" / "final_metrics.json")
+    assert final["val_mean_iou"] == float(rows[-1]["val_mean_iou"]) and final["optimizer_steps"] == 4 * steps
 
 
 def test_resume_takes_only_the_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

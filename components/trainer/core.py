@@ -478,6 +478,7 @@ class _KillAfterEpoch(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         if epoch + 1 >= self.epoch:
             log(f"trainer: {KILL_WORKER_ENV}: killing this worker after epoch {epoch + 1}")
+            time.sleep(1.0)  # the line reaches the console through this process's own relay thread (segflow.runtime), which the kill stops
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -651,9 +652,8 @@ def _train(
         if config.augmentation:
             _preview_augmentation(config, examples_dir, run_out / AUGMENTATION_FOLDER / "preview.png")
         first_epoch = 0
-        history: dict[str, list[float]] = {}
 
-        def fit_stage(number: int, stage: StageConfig, first_epoch: int, end_epoch: int) -> Any:
+        def fit_stage(number: int, stage: StageConfig, first_epoch: int, end_epoch: int) -> None:
             """One attempt at a stage at the current batch: BackupAndRestore continues it from
             its last finished epoch, the training stream starts at that epoch."""
             # A stage's own optimizer, schedule and callbacks replace the top-level ones whole.
@@ -691,7 +691,7 @@ def _train(
                 negatives=stage.negatives, error_maps=error_maps,
             )
             with error_maps.serving() if error_maps else contextlib.nullcontext():
-                fit = network.fit(
+                network.fit(
                     train,
                     validation_data=validation,
                     steps_per_epoch=steps_per_epoch,
@@ -703,7 +703,6 @@ def _train(
             if averaging and averaging.averaged:
                 used = _refresh_batchnorm(config, stage, network, examples_dir, tft_layer, pixels, end_epoch)
                 log(f"trainer: stage {number}: weights averaged over {averaging.averaged} epochs (SWA), BatchNorm statistics recomputed on {used} batches")
-            return fit
 
         for number, stage in enumerate(config.stages, start=1):
             finished = backup / f"stage-{number}.weights.h5"
@@ -729,7 +728,7 @@ def _train(
             start_weights = network.get_weights()
             while True:
                 try:
-                    fit = fit_stage(number, stage, first_epoch, end_epoch)
+                    fit_stage(number, stage, first_epoch, end_epoch)
                     break
                 except tf.errors.ResourceExhaustedError as error:
                     reason = (error.message or str(error)).strip().splitlines()[0]
@@ -743,15 +742,13 @@ def _train(
                     global_batch, steps_per_epoch, validation = batching(batch)
             _save_weights_atomically(network, own_backup / finished.name)
             first_epoch = end_epoch
-            for key, values in fit.history.items():
-                history.setdefault(key, []).extend(float(value) for value in values)
         write_json(
             run_out / TRAINING_FILE,
             {"batch": batch, "configured_batch": config.batch, "batch_halvings": halvings, "epochs_before_resume": resumed,
              "mixed_precision": config.trainer.mixed_precision, "jit_compile": config.trainer.jit_compile},
         )
         shutil.copyfile(own_backup / HISTORY_FILE, run_out / HISTORY_FILE)
-        final = {key: values[-1] for key, values in history.items()}
+        final = _last_epoch(run_out / HISTORY_FILE)  # the run's, also when every stage finished before a restart
         write_json(run_out / "final_metrics.json", final)
     weights = network.get_weights()  # on every worker: reading synced-on-read variables is a collective
     if plan.chief:
@@ -865,6 +862,15 @@ def _build_trained_network(config: ExperimentConfig, plan: Plan) -> keras.Model:
             return build_network(config)
     finally:
         keras.mixed_precision.set_global_policy(policy)
+
+
+def _last_epoch(history: Path) -> dict[str, float]:
+    """The last row of a history.csv as {metric: value} ({} without epochs)."""
+    import csv
+
+    with open(history, newline="") as file:
+        rows = list(csv.DictReader(file))
+    return {key: float(value) for key, value in rows[-1].items() if key != "epoch" and value != ""} if rows else {}
 
 
 def _completed_epochs(history: Path) -> int:
