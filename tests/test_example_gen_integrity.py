@@ -158,14 +158,17 @@ def test_isbi_eval_split_is_exactly_six_images(tmp_path: Path, make_config: Call
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_camvid_config_keeps_each_sequence_in_one_split() -> None:
+def test_camvid_config_uses_the_official_split() -> None:
+    """SegNet's split as published (367 train, 101 val, 233 test): its folders, not a hash
+    split of the train folder (the published split shares two sequences; ExampleGen warns)."""
     camvid = require_dataset("camvid")
     config = load_config(REPO / "pipelines" / "configs" / "camvid.yaml")
-    assert config.dataset.group_by
-    splits = assign_splits(sorted(path.stem for path in (camvid / "train").iterdir()), config.dataset.eval_split, config.dataset.group_by)
-    prefixes = {split: {stem.split("_")[0] for stem, name in splits.items() if name == split} for split in SPLITS}
-    assert prefixes["train"] and prefixes["eval"] and not prefixes["train"] & prefixes["eval"]
-    assert _sizes(splits) == {"train": 266, "eval": 101}  # the config comment: eval is sequence 0006R0
+    assert config.dataset.eval_split is None and config.dataset.eval is not None and config.dataset.test is not None
+    folders = {"train": config.dataset.images, "eval": config.dataset.eval.images, "test": config.dataset.test.images}
+    assert {split: Path(folder).resolve() for split, folder in folders.items()} == {
+        "train": (camvid / "train").resolve(), "eval": (camvid / "val").resolve(), "test": (camvid / "test").resolve()
+    }
+    assert {split: len(os.listdir(folder)) for split, folder in folders.items()} == {"train": 367, "eval": 101, "test": 233}
 
 
 def test_serialized_examples_do_not_depend_on_the_process_hash_seed() -> None:

@@ -33,7 +33,7 @@ def test_isbi2012_int8_within_002_of_float(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_camvid_subset_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """75 CamVid pairs (about 60 for training), 11 classes, void (11) ignored, 192x256x3."""
+    """75 CamVid pairs (60 for training, 15 eval by the hash split), 11 classes, void (11) ignored, 192x256x3."""
     camvid = require_dataset("camvid")
     subset = tmp_path / "camvid"
     for folder in ("train", "trainannot"):
@@ -43,7 +43,10 @@ def test_camvid_subset_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         (subset / "trainannot" / name).symlink_to(camvid / "trainannot" / name)
     monkeypatch.chdir(REPO)
     run = tmp_path / "run"
-    overrides = [f"dataset.images={subset / 'train'}", f"dataset.masks={subset / 'trainannot'}", "stages.0.epochs=8", f"push.registry={tmp_path / 'registry'}"]
+    overrides = [
+        f"dataset.images={subset / 'train'}", f"dataset.masks={subset / 'trainannot'}", "dataset.eval=null", "dataset.test=null",
+        "shape=[192, 256, 3]", "stages.0.epochs=8", f"push.registry={tmp_path / 'registry'}",
+    ]
     assert main(["run", "pipelines/configs/camvid.yaml", "-o", str(run), *[arg for o in overrides for arg in ("--set", o)]]) == 0
     summary = _summary(run)
     assert summary["status"] == "succeeded" and summary["counts"]["examples_written"] == 75
