@@ -513,7 +513,7 @@ def _build(name: str, params: dict[str, Any], path: str, ignore_index: int | Non
         )
     signature = _check_parameters(name, factory, params, path)
     kwargs = {**_BORDER_DEFAULTS.get(name, {}), **params}
-    fill = 0 if ignore_index is None else ignore_index
+    fill = mask_fill(ignore_index)
     if "fill_mask" in signature and signature["fill_mask"].default is not None:
         if "fill_mask" in params:  # one rule everywhere, whoever builds the policy
             raise ConfigError(f"{path}.fill_mask: new mask pixels get ignore_index (background 0 without one), never a class; leave it out")
@@ -543,6 +543,12 @@ def build_policy(spec: dict[str, Any] | list[Any], seed: int | None = None, igno
 def policy_dict(policy: A.Compose | None) -> dict[str, Any]:
     """The resolved policy as albumentations serialises it (every parameter, defaults included)."""
     return {} if policy is None else A.to_dict(policy)
+
+
+def mask_fill(ignore_index: int | None) -> int:
+    """The label of mask pixels that no image pixel stands for (geometric transforms' new
+    pixels, padding): ignore_index, or background 0 without one; never a real class."""
+    return 0 if ignore_index is None else ignore_index
 
 
 def example_seed(seed: int, epoch: int, filename: str) -> int:

@@ -132,8 +132,8 @@ class RefreshErrorMaps(keras.callbacks.Callback):
             probabilities = tiled_probabilities(self.predict, image[None], self.tile)[0]
             wrong = wrong_pixels(probabilities, mask, self.ignore_index)
             positions[row] = draw_positions(wrong, self.maps.keep, (self.maps.seed * 1_000_003 + version, row))
-            counts[row] = min(int(tf.shape(wrong)[0]), self.maps.keep)
-            wrong_total += int(tf.shape(wrong)[0])
+            counts[row] = min(len(wrong), self.maps.keep)
+            wrong_total += len(wrong)
             pixels += int(tf.size(mask))
         self.maps.publish(version, positions, counts)
         self.report(

@@ -18,12 +18,8 @@ from typing import Callable, NamedTuple
 
 import tensorflow as tf
 
+from segflow.augment import mask_fill
 from segflow.preprocessing import fitted_size, mirror_pad
-
-
-def mask_fill(ignore_index: int | None) -> int:
-    """The label of mask pixels that no image pixel stands for (padding, geometric transforms)."""
-    return 0 if ignore_index is None else ignore_index
 
 
 def model_mask(mask: tf.Tensor, shape: tuple[int, int, int] | list[int], resize: str, ignore_index: int | None) -> tf.Tensor:

@@ -114,6 +114,11 @@ def _decoded_shape(config: ExperimentConfig, examples_dir: str | os.PathLike[str
     return config.shape if first is None else [*first.image.shape[:2], config.shape[2]]
 
 
+def _records(examples_dir: str | os.PathLike[str], split: str) -> tf.data.TFRecordDataset:
+    """The split's serialized examples (ExampleGen's GZIP shards)."""
+    return tf.data.TFRecordDataset(split_files(examples_dir, split), compression_type="GZIP")
+
+
 def _decode(record: tf.Tensor, config: ExperimentConfig, pixels: PixelSpec) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """(image scaled to [0, 1], mask, file name), at the model size, or at full resolution
     with `patches.resize` none (segflow.patches cuts them)."""
@@ -188,7 +193,7 @@ def make_dataset(
     from segflow.components.example_gen.core import read_counts
     from segflow.components.transform.core import RAW_FEATURE, TRANSFORMED_FEATURE
 
-    records = tf.data.TFRecordDataset(split_files(examples_dir, split), compression_type="GZIP")
+    records = _records(examples_dir, split)
     decoded = records.map(lambda record: _decode(record, config, pixels), num_parallel_calls=tf.data.AUTOTUNE)
     batch = batch or config.batch
     needed = cache_bytes(read_counts(examples_dir)[f"{split}_examples"], _decoded_shape(config, examples_dir, split))
@@ -246,7 +251,7 @@ def _error_maps(config: ExperimentConfig, examples_dir: str | os.PathLike[str]) 
     settings = config.patches.hard_negatives
     if settings is None:
         return None
-    records = tf.data.TFRecordDataset(split_files(examples_dir, "train"), compression_type="GZIP")
+    records = _records(examples_dir, "train")
     names = records.map(lambda record: tf.io.parse_single_example(record, {"filename": tf.io.FixedLenFeature([], tf.string)})["filename"])
     return ErrorMaps([name.decode() for name in names.as_numpy_iterator()], settings.refresh_every, settings.keep, config.seed)
 
@@ -258,7 +263,7 @@ def _refresh_error_maps(
     from segflow.components.transform.core import RAW_FEATURE, TRANSFORMED_FEATURE
     from segflow.losses import probabilities
 
-    records = tf.data.TFRecordDataset(split_files(examples_dir, "train"), compression_type="GZIP")
+    records = _records(examples_dir, "train")
     examples = records.map(lambda record: _decode(record, config, pixels))
 
     def predict(tiles: tf.Tensor) -> tf.Tensor:
