@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install demo test test-slow test-containers test-mediapipe golden clean
+.PHONY: install demo test test-extended test-slow test-containers test-mediapipe golden clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: install
 ## test: the default suite (unit + Beam DirectRunner + kfp.local integration), minutes on 2 cores
 test: install
 	$(BIN)/pytest
+
+## test-extended: whole-DAG and multi-process runs kept out of the default suite's 20 minutes (about 4 min); CI runs it
+test-extended: install
+	$(BIN)/pytest -m extended
 
 ## test-slow: full runs on the real datasets in ../shared/datasets (skipped when absent)
 test-slow: install

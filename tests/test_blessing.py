@@ -112,6 +112,7 @@ def _worse_run(config: Path, raw: dict[str, Any], run: Path, capsys: pytest.Capt
     return summary
 
 
+@pytest.mark.extended
 def test_a_worse_run_than_the_registrys_is_not_exported_or_pushed(trained: dict[str, Any], tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The registry holds the session's trained model (its saved_model export, as the pusher
     publishes it) as version 1; one kfp.local run of a worse model is not exported or pushed."""

@@ -220,6 +220,7 @@ def test_two_local_workers_train_identical_weights_and_only_the_chief_writes(pre
     assert not _leftovers(tmp_path) and not _worker_processes(tmp_path)
 
 
+@pytest.mark.extended
 def test_a_killed_worker_fails_clearly_and_leaves_nothing_behind(
     prepared: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:

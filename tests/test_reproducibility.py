@@ -30,6 +30,7 @@ def _run_twice(make_config: Any, tmp_path: Path, **overrides: Any) -> list[dict[
     return results
 
 
+@pytest.mark.extended
 def test_deterministic_runs_give_identical_metrics(make_config: Any, tmp_path: Path) -> None:
     first, second = _run_twice(
         make_config,

@@ -110,6 +110,7 @@ def test_fold_view_holds_out_exactly_one_fold(tiny_data: Path, tmp_path: Path) -
         example_gen.write_fold_view(tmp_path / "examples", 3, tmp_path / "view-3")
 
 
+@pytest.mark.extended
 def test_kfold_run_reports_every_fold_and_the_test_ensemble(tiny_data: Path, test_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`segflow run` with folds: one trainer and evaluator per fold (ParallelFor), then
     cross_validation: per-fold figures, pooled out-of-fold metrics, and the ensemble's test
