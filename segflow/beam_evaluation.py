@@ -72,7 +72,7 @@ class EvalSettings:
     image_size_buckets: tuple[int, ...]
     object_size_buckets: tuple[float, ...]
     group_by: str | None
-    flip_tta: bool
+    tta: str  # a key of TTA_VIEWS
 
     @property
     def num_labels(self) -> int:
@@ -99,9 +99,34 @@ class ServedModelLoader:
         return predict
 
 
-def with_flip_tta(predict: BatchPredictor) -> BatchPredictor:
-    """Mean of the probabilities of the images and of their horizontal flips (flipped back)."""
-    return lambda images: (predict(images) + predict(images[:, :, ::-1])[:, :, ::-1]) / 2.0
+# Test-time views as (quarter turns, horizontal flip first): flips adds the vertical flip
+# (a half turn of the horizontal flip) and both flips (a half turn); d4 is every symmetry of
+# the square.
+TTA_VIEWS: dict[str, tuple[tuple[int, bool], ...]] = {
+    "none": ((0, False),),
+    "hflip": ((0, False), (0, True)),
+    "flips": ((0, False), (0, True), (2, True), (2, False)),
+    "d4": tuple((turns, flip) for turns in range(4) for flip in (False, True)),
+}
+
+
+def _to_view(images: np.ndarray, turns: int, flip: bool) -> np.ndarray:
+    """A view of [N, H, W, C] images: flipped left-right, then turned by quarter turns."""
+    return np.ascontiguousarray(np.rot90(images[:, :, ::-1] if flip else images, turns, axes=(1, 2)))
+
+
+def _from_view(probabilities: np.ndarray, turns: int, flip: bool) -> np.ndarray:
+    """Undo _to_view on per-pixel probabilities, so every view lines up with the image."""
+    unturned = np.rot90(probabilities, -turns, axes=(1, 2))
+    return unturned[:, :, ::-1] if flip else unturned
+
+
+def with_tta(predict: BatchPredictor, tta: str) -> BatchPredictor:
+    """Mean of the probabilities of each test-time view of the images, mapped back (TTA_VIEWS)."""
+    views = TTA_VIEWS[tta]
+    if len(views) == 1:
+        return predict
+    return lambda images: sum(_from_view(predict(_to_view(images, turns, flip)), turns, flip) for turns, flip in views) / len(views)
 
 
 def bucket(value: float, edges: tuple[float, ...], unit: str = "") -> str:
@@ -168,7 +193,7 @@ class PredictAndScoreFn(beam.DoFn):
     def setup(self) -> None:
         for name, loader in self.loaders.items():
             predict = loader()
-            self.predictors[name] = with_flip_tta(predict) if self.settings.flip_tta else predict
+            self.predictors[name] = with_tta(predict, self.settings.tta)
 
     def process(self, records: list[bytes]) -> Iterator[dict[str, Any]]:
         examples = [(deserialize(record), scalar_features(record)) for record in records]

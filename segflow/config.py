@@ -373,10 +373,28 @@ class EvaluationConfig(_Strict):
         default_factory=lambda: [0.01, 0.1], min_length=1, description="object_size slice: edges on the non-background share of labelled pixels (ascending)"
     )
     threshold_steps: int = Field(20, ge=2, le=1000, description="binary tasks: foreground thresholds k/steps (k = 1..steps-1) swept for the best mean IoU")
-    flip_tta: bool = Field(False, description="average the probabilities of each image and its horizontal flip (test-time augmentation)")
+    tta: Literal["none", "hflip", "flips", "d4"] = Field(
+        "none",
+        description=(
+            "test-time augmentation: average the probabilities over views of each image, each mapped back: hflip = the image and its "
+            "horizontal flip (2 views), flips = and vertical flips (4), d4 = every rotation by 90 degrees with and without a flip (8)"
+        ),
+    )
+    flip_tta: bool = Field(False, description="older spelling of tta: hflip")
     batch: int = Field(
         8, ge=1, le=1024, description="examples per model call (same-size images are stacked; their probabilities take batch x H x W x classes x 4 bytes)"
     )
+
+    @model_validator(mode="after")
+    def _flip_tta_agrees(self) -> "EvaluationConfig":
+        if self.flip_tta and self.tta not in ("none", "hflip"):
+            raise ValueError(f"flip_tta: true (tta: hflip) contradicts tta: {self.tta}; drop flip_tta")
+        return self
+
+    @property
+    def test_time_views(self) -> Literal["none", "hflip", "flips", "d4"]:
+        """The `tta` in effect: flip_tta is the older spelling of hflip."""
+        return "hflip" if self.flip_tta else self.tta
 
     @field_validator("min_class_iou")
     @classmethod

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from segflow.beam_evaluation import BatchPredictor, EvalSettings, default_slicing_specs, eval_config, run_pipeline
+from segflow.config import EvaluationConfig
 from segflow.beam_runners import pipeline_options
 from segflow.examples import SegmentationExample, serialize, shard_name, split_dir, write_shard
 from segflow.metrics import boundary_counts, boundary_report
@@ -68,7 +69,7 @@ def synthetic(rng: np.random.Generator, name: str, height: int, width: int, empt
 def settings(**overrides: Any) -> EvalSettings:
     values: dict[str, Any] = {
         "class_names": CLASSES, "ignore_index": IGNORE, "boundary_tolerance": 2.0, "threshold_steps": 0,
-        "image_size_buckets": (256, 512), "object_size_buckets": (0.5,), "group_by": r"^([a-z]+)_", "flip_tta": False,
+        "image_size_buckets": (256, 512), "object_size_buckets": (0.5,), "group_by": r"^([a-z]+)_", "tta": "none",
     }
     return EvalSettings(**{**values, **overrides})
 
@@ -272,15 +273,53 @@ def test_threshold_sweep_picks_the_separating_threshold(tmp_path: Path) -> None:
 
 
 def test_flip_tta_averages_the_flipped_prediction() -> None:
-    from segflow.beam_evaluation import with_flip_tta
+    from segflow.beam_evaluation import with_tta
 
     def left_heavy(images: np.ndarray) -> np.ndarray:
         width = images.shape[2]
         foreground = np.broadcast_to(np.linspace(0.0, 1.0, width), images.shape[:3])
         return np.stack([1.0 - foreground, foreground], axis=-1)
 
-    averaged = with_flip_tta(left_heavy)(np.zeros((1, 2, 5, 3), np.uint8))
+    averaged = with_tta(left_heavy, "hflip")(np.zeros((1, 2, 5, 3), np.uint8))
     np.testing.assert_allclose(averaged[..., 1], 0.5)
+
+
+@pytest.mark.parametrize("tta", ["none", "hflip", "flips", "d4"])
+def test_every_test_time_view_is_mapped_back_onto_the_image(tta: str) -> None:
+    """A model that reads pixel values gives the same probabilities in every view, so any TTA
+    returns them unchanged (views mapped back in place, on non-square images too); a model that
+    also sees position gets the mean over the views, computed here view by view."""
+    from segflow.beam_evaluation import TTA_VIEWS, with_tta
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 1)).astype(np.uint8)
+
+    def by_value(batch: np.ndarray) -> np.ndarray:
+        foreground = batch[..., 0] / 255.0
+        return np.stack([1.0 - foreground, foreground], axis=-1)
+
+    np.testing.assert_allclose(with_tta(by_value, tta)(images), by_value(images))
+
+    def top_left_heavy(batch: np.ndarray) -> np.ndarray:
+        rows, cols = batch.shape[1:3]
+        foreground = np.broadcast_to(np.add.outer(np.arange(rows) / rows, np.arange(cols) / (2 * cols)) / 1.5, batch.shape[:3])
+        return np.stack([1.0 - foreground, foreground], axis=-1)
+
+    expected = np.mean(
+        [np.rot90(top_left_heavy(np.rot90(images[:, :, ::-1] if flip else images, turns, axes=(1, 2))), -turns, axes=(1, 2))[:, :, ::-1 if flip else 1] for turns, flip in TTA_VIEWS[tta]],
+        axis=0,
+    )
+    averaged = with_tta(top_left_heavy, tta)(images)
+    np.testing.assert_allclose(averaged, expected)
+    assert averaged.shape == (2, 5, 7, 2) and len(TTA_VIEWS[tta]) == {"none": 1, "hflip": 2, "flips": 4, "d4": 8}[tta]
+    if tta == "d4":  # every view of the square's symmetries: the mean forgets the direction
+        np.testing.assert_allclose(averaged[:, ::-1, ::-1], averaged)
+
+
+def test_flip_tta_is_the_older_spelling_of_hflip() -> None:
+    assert EvaluationConfig(flip_tta=True).test_time_views == "hflip"
+    assert EvaluationConfig(tta="d4").test_time_views == "d4"
+    with pytest.raises(ValueError, match="contradicts tta: d4"):
+        EvaluationConfig(flip_tta=True, tta="d4")
 
 
 class ChannelScoresModule(tf.Module):

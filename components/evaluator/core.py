@@ -240,7 +240,7 @@ def eval_settings(evaluation: EvaluationConfig, group_by: str | None, spec: Serv
         image_size_buckets=tuple(evaluation.image_size_buckets),
         object_size_buckets=tuple(evaluation.object_size_buckets),
         group_by=group_by,
-        flip_tta=evaluation.flip_tta,
+        tta=evaluation.test_time_views,
     )
 
 
