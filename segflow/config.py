@@ -782,6 +782,21 @@ class ExperimentConfig(_Strict):
         return self
 
     @property
+    def validation_choices(self) -> list[str]:
+        """What reads the eval split while training (checkpoint choice, early stop, plateau
+        drops). In a k-fold run that split is the scored fold, so each makes its figures optimistic."""
+        choices = []
+        for number, stage in enumerate(self.stages):
+            callbacks, schedule = stage.callbacks or self.callbacks, stage.schedule or self.schedule
+            if callbacks.restore == "best":
+                choices.append(f"stages.{number}: restore: best")
+            if callbacks.early_stopping is not None:
+                choices.append(f"stages.{number}: early_stopping")
+            if schedule.reduce_on_plateau is not None:
+                choices.append(f"stages.{number}: reduce_on_plateau")
+        return choices
+
+    @property
     def class_names(self) -> list[str]:
         """Label names by id; `classes: 1` means a binary foreground mask plus background."""
         if isinstance(self.classes, list):

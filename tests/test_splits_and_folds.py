@@ -110,6 +110,19 @@ def test_fold_view_holds_out_exactly_one_fold(tiny_data: Path, tmp_path: Path) -
         example_gen.write_fold_view(tmp_path / "examples", 3, tmp_path / "view-3")
 
 
+def test_validation_choices_name_what_reads_the_scored_fold(tiny_data: Path) -> None:
+    """A k-fold trainer validates on the fold its evaluator scores; the trainer's log names
+    every setting that turns that validation into a choice (validation_choices)."""
+    raw = _raw(tiny_data, folds=3)
+    assert validate_config(raw).validation_choices == []  # restore last, no early stop, no plateau
+    raw["callbacks"] = {"keep_best": 1, "restore": "best"}
+    raw["stages"] = [
+        {"epochs": 2},
+        {"epochs": 2, "callbacks": {"early_stopping": {"patience": 1}}, "schedule": {"name": "constant", "reduce_on_plateau": {"patience": 1}}},
+    ]
+    assert validate_config(raw).validation_choices == ["stages.0: restore: best", "stages.1: early_stopping", "stages.1: reduce_on_plateau"]
+
+
 @pytest.mark.extended
 def test_kfold_run_reports_every_fold_and_the_test_ensemble(tiny_data: Path, test_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`segflow run` with folds: one trainer and evaluator per fold (ParallelFor), then

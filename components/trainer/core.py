@@ -290,7 +290,7 @@ def run(
     fold: int | None = None,
 ) -> dict[str, Any]:
     """Train every stage, then write the served model. `fold` (k-fold runs): train on the
-    other folds, choose checkpoints on this one (a fold view of the Examples, beside
+    other folds, validate on this one (a fold view of the Examples, beside
     `model_run_dir` so that every worker can read it; removed at the end). The inputs may be gs:// or s3:// URIs
     (copied to local disk first: tf.data cannot read s3 and the TFT graph wants a folder).
     A crash resumes from `backup/` beside `model_run_dir`: finished stages are skipped, the
@@ -301,7 +301,9 @@ def run(
 
         with fold_view(examples_dir, fold, Path(model_run_dir).parent / FOLD_EXAMPLES) as view:
             counts = read_counts(view)
-            log(f"trainer: fold {fold}: training on {counts['train_examples']} examples of the other folds, choosing checkpoints on its {counts['eval_examples']}")
+            choices = config.validation_choices
+            use = f"choosing with {', '.join(choices)} on its {counts['eval_examples']}: its scores saw that choice" if choices else f"validating on its {counts['eval_examples']}"
+            log(f"trainer: fold {fold}: training on {counts['train_examples']} examples of the other folds, {use}")
             return run(config, view, transform_dir, model_dir, model_run_dir)
     _adopt_backup(Path(model_run_dir).parent / BACKUP_FOLDER)
     if config.trainer.workers > 1:
