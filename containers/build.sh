@@ -78,6 +78,20 @@ make_debian_base() {
 }
 
 image_exists() { "${engine[@]}" image inspect "$1" > /dev/null 2>&1; }
+image_id() { "${engine[@]}" image inspect --format '{{.Id}}' "$1" 2>/dev/null || true; }
+
+# A rebuilt tag leaves the image it replaced behind untagged (about 4 GB for segflow): remove
+# it, unless a container still uses it or another tag names it (then rmi refuses).
+drop_replaced() {  # ID_BEFORE TAG
+  local before=$1 after
+  after=$(image_id "$2")
+  [ -n "$before" ] && [ "$before" != "$after" ] || return 0
+  if "${engine[@]}" rmi "$before" > /dev/null 2>&1; then
+    log "removed the image $2 named before (${before:0:12})"
+  else
+    log "kept the image $2 named before (${before:0:12}): in use or tagged elsewhere"
+  fi
+}
 
 start=$(date +%s)
 base_seconds=0
@@ -87,7 +101,9 @@ if [ -z "$base" ]; then
   else
     [ "$debian_base" = 1 ] || log "$OFFICIAL_BASE is not available (no registry access?): using a base made from Debian packages"
     if [ "$fresh_base" = 1 ] || ! image_exists "$DEBIAN_BASE"; then
+      base_before=$(image_id "$DEBIAN_BASE")
       make_debian_base
+      drop_replaced "$base_before" "$DEBIAN_BASE"
     fi
     base=$DEBIAN_BASE
   fi
@@ -97,7 +113,9 @@ log "base image $base ($base_seconds s)"
 
 start=$(date +%s)
 log "building $tag from $dockerfile"
+image_before=$(image_id "$tag")
 "${engine[@]}" build "${build_args[@]}" --build-arg "BASE_IMAGE=$base" -t "$tag" -f "$dockerfile" .
+drop_replaced "$image_before" "$tag"
 image_seconds=$(( $(date +%s) - start ))
 size=$("${engine[@]}" image inspect --format '{{.Size}}' "$tag")
 log "built $tag: base $base_seconds s, image $image_seconds s, $((size / 1000000)) MB"
