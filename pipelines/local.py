@@ -11,8 +11,10 @@ import io
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path, PurePosixPath
@@ -84,6 +86,46 @@ def _console(verbose: bool, transcript: Path) -> Iterator[None]:
         finally:
             sys.stdout = stdout
             console.renderer.close()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Live descendants of `pid`, read from /proc (none where there is no /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])  # after "pid (name)": state, ppid
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(entry.name))
+    found, queue = [], [pid]
+    while queue:
+        for child in children.get(queue.pop(), []):
+            found.append(child)
+            queue.append(child)
+    return found
+
+
+@contextlib.contextmanager
+def _components_stop_with_run() -> Iterator[None]:
+    """SIGTERM to `segflow run` (`kill PID`, a scheduler's stop) also stops the component it is
+    running: kfp.local's component subprocesses outlive their parent, and an orphaned trainer
+    trains on for hours, writing into the run folder. The run exits with 128 + SIGTERM; a
+    trainer's backup stays for `--resume`. Ctrl-C needs no help: the terminal signals the group."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        for child in _descendants(os.getpid()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGTERM)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def default_output(config: ExperimentConfig) -> Path:
@@ -193,7 +235,7 @@ def _execute(config: ExperimentConfig, output: Path, kind: str, verbose: bool, s
         from segflow.containers import docker_runner
 
         runner = docker_runner(config, image)
-    with runner as chosen:
+    with _components_stop_with_run(), runner as chosen:
         local.init(runner=chosen, pipeline_root=str(kfp_root), raise_on_error=False)
         with warnings.catch_warnings(), _console(verbose, output / LOG_FILE):
             # The SubprocessRunner warns that it ignores base_image: intended, it runs this environment.
