@@ -34,8 +34,8 @@ from segflow.examples import deserialize, group_key, scalar_features, split_file
 from segflow.io import _jsonable
 from segflow.console import Progress
 from segflow.metrics import ConfusionMatrix, boundary_counts, boundary_report, matrix_report, probability_histograms, threshold_sweep
+from segflow.tta import BatchPredictor, with_tta
 
-BatchPredictor = Callable[[np.ndarray], np.ndarray]  # [B,H,W,C] raw pixels -> [B,H,W,K] probabilities
 STATS_KEY = "stats"
 IMAGE_KEY = "image"
 METRICS_PREFIX = "metrics"  # TFMA's file names: metrics-*.tfrecord (MetricsForSlice) and
@@ -72,7 +72,7 @@ class EvalSettings:
     image_size_buckets: tuple[int, ...]
     object_size_buckets: tuple[float, ...]
     group_by: str | None
-    tta: str  # a key of TTA_VIEWS
+    tta: str  # a key of segflow.tta.TTA_VIEWS
 
     @property
     def num_labels(self) -> int:
@@ -97,36 +97,6 @@ class ServedModelLoader:
 
         predict.keepalive = loaded  # type: ignore[attr-defined]  # the signatures need their SavedModel alive
         return predict
-
-
-# Test-time views as (quarter turns, horizontal flip first): flips adds the vertical flip
-# (a half turn of the horizontal flip) and both flips (a half turn); d4 is every symmetry of
-# the square.
-TTA_VIEWS: dict[str, tuple[tuple[int, bool], ...]] = {
-    "none": ((0, False),),
-    "hflip": ((0, False), (0, True)),
-    "flips": ((0, False), (0, True), (2, True), (2, False)),
-    "d4": tuple((turns, flip) for turns in range(4) for flip in (False, True)),
-}
-
-
-def _to_view(images: np.ndarray, turns: int, flip: bool) -> np.ndarray:
-    """A view of [N, H, W, C] images: flipped left-right, then turned by quarter turns."""
-    return np.ascontiguousarray(np.rot90(images[:, :, ::-1] if flip else images, turns, axes=(1, 2)))
-
-
-def _from_view(probabilities: np.ndarray, turns: int, flip: bool) -> np.ndarray:
-    """Undo _to_view on per-pixel probabilities, so every view lines up with the image."""
-    unturned = np.rot90(probabilities, -turns, axes=(1, 2))
-    return unturned[:, :, ::-1] if flip else unturned
-
-
-def with_tta(predict: BatchPredictor, tta: str) -> BatchPredictor:
-    """Mean of the probabilities of each test-time view of the images, mapped back (TTA_VIEWS)."""
-    views = TTA_VIEWS[tta]
-    if len(views) == 1:
-        return predict
-    return lambda images: sum(_from_view(predict(_to_view(images, turns, flip)), turns, flip) for turns, flip in views) / len(views)
 
 
 def bucket(value: float, edges: tuple[float, ...], unit: str = "") -> str:

@@ -44,6 +44,7 @@ from segflow.io import IMAGE_SUFFIXES, ImageReadError, encode_png, read_image, w
 from segflow.preprocessing import model_pixels, resize_back, scale_pixels, to_model_channels
 from segflow.serving import SERVING_SUBDIR, SPEC_FILE, FixedSizePredictor, ServingSpec, saved_model_predictor
 from segflow.storage import write_bytes
+from segflow.tta import TTA_VIEWS, from_view, to_view
 
 DEFAULT_OVERLAP = 0.25  # share of the tile that neighbouring tiles share
 DEFAULT_BATCH = 4  # tiles per model call
@@ -175,17 +176,15 @@ def pad_to_tile(image: np.ndarray, tile: tuple[int, int]) -> np.ndarray:
     return np.pad(image, ((0, pad_y), (0, pad_x), (0, 0)), mode="reflect")
 
 
-FLIPS: tuple[tuple[int, ...], ...] = ((), (1,), (2,), (1, 2))  # identity, vertical, horizontal, both (axes of [B,H,W,C])
-
-
 def predict_tiles(predict_fixed: FixedSizePredictor, pixels: np.ndarray, tta: bool) -> np.ndarray:
     """Probabilities [B,h,w,K] for model-size pixels [B,h,w,c]; with `tta`, the mean over the
-    four flips of each tile, each flipped back (flips keep any tile shape, rotations don't)."""
+    four flips of each tile (TTA_VIEWS["flips"]: flips keep any tile shape, turns don't), each
+    mapped back; the views go to the model in one call."""
     if not tta:
         return predict_fixed(pixels)
-    count = len(pixels)
-    probabilities = predict_fixed(np.concatenate([np.flip(pixels, axes) for axes in FLIPS]))
-    return np.mean([np.flip(probabilities[index * count:(index + 1) * count], axes) for index, axes in enumerate(FLIPS)], axis=0)
+    count, views = len(pixels), TTA_VIEWS["flips"]
+    probabilities = predict_fixed(np.concatenate([to_view(pixels, turns, flip) for turns, flip in views]))
+    return np.mean([from_view(probabilities[index * count:(index + 1) * count], turns, flip) for index, (turns, flip) in enumerate(views)], axis=0)
 
 
 def _batches(items: Sequence[tuple[int, int]], size: int) -> Iterator[Sequence[tuple[int, int]]]:

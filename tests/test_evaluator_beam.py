@@ -273,7 +273,7 @@ def test_threshold_sweep_picks_the_separating_threshold(tmp_path: Path) -> None:
 
 
 def test_flip_tta_averages_the_flipped_prediction() -> None:
-    from segflow.beam_evaluation import with_tta
+    from segflow.tta import with_tta
 
     def left_heavy(images: np.ndarray) -> np.ndarray:
         width = images.shape[2]
@@ -289,7 +289,7 @@ def test_every_test_time_view_is_mapped_back_onto_the_image(tta: str) -> None:
     """A model that reads pixel values gives the same probabilities in every view, so any TTA
     returns them unchanged (views mapped back in place, on non-square images too); a model that
     also sees position gets the mean over the views, computed here view by view."""
-    from segflow.beam_evaluation import TTA_VIEWS, with_tta
+    from segflow.tta import TTA_VIEWS, with_tta
 
     images = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 1)).astype(np.uint8)
 
