@@ -19,7 +19,7 @@ install: $(STAMP)
 ## demo: synthetic dataset -> full DAG (train, evaluate, export, push); prints the run folder and mean IoU
 demo: install
 	$(BIN)/segflow demo-data data/demo
-	$(BIN)/segflow run pipelines/configs/demo.yaml --output runs/demo-$(RUN_ID)
+	$(BIN)/segflow run configs/demo.yaml --output runs/demo-$(RUN_ID)
 
 ## test: the default suite (unit + Beam DirectRunner + kfp.local integration), minutes on 2 cores
 test: install

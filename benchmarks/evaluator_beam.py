@@ -5,7 +5,7 @@
 RUN_DIR holds `examples/` (or `example_gen/examples/`) and `model/` (or `trainer/model/`); the
 evaluation settings and dataset.group_by come from --config, else RUN_DIR/config.yaml (what
 `segflow run` writes), else the defaults. Prints JSON: the eval split's
-size, median seconds of the loop (segflow.evaluation.evaluate, what the exporter still uses
+size, median seconds of the loop (segflow.evaluate.evaluation.evaluate, what the exporter still uses
 per export) and of the Beam evaluator (all slices, boundary F1, per-image lines), their
 ratio, and whether both give the same confusion matrix. Writes only to a temporary folder.
 """
@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from segflow.components.evaluator import core as evaluator
-from segflow.config import ExperimentConfig, load_config, validate_config
-from segflow.evaluation import evaluate
-from segflow.examples import iter_split
-from segflow.serving import SERVING_SUBDIR, ServingSpec, serving_mask_predictor
+from segflow.config.experiment import ExperimentConfig, load_config, validate_config
+from segflow.evaluate.evaluation import evaluate
+from segflow.data.examples import iter_split
+from segflow.export.serving import SERVING_SUBDIR, ServingSpec, serving_mask_predictor
 
 
 def _first(run: Path, *candidates: str) -> Path:

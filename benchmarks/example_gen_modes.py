@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from segflow.components.example_gen import core as example_gen
-from segflow.config import validate_config
-from segflow.demo_data import CLASS_NAMES, write_demo_dataset
+from segflow.config.experiment import validate_config
+from segflow.data.demo_data import CLASS_NAMES, write_demo_dataset
 
 MODES = ("in_memory", "multi_threading", "multi_processing")
 

@@ -6,7 +6,7 @@ image over tflite_fp32's, measured side by side (interleaved rounds) at 1 and al
     .venv/bin/python benchmarks/export_latency.py RUN_DIR --existing     # the run's own exports as they are
     .venv/bin/python benchmarks/export_latency.py RUN_DIR --quantizers converter,ai_edge_quantizer --formats tflite_fp32,tflite_dynamic,tflite_int8
 
-By default the exports are rebuilt with the current exporter (segflow.exporters, calibration
+By default the exports are rebuilt with the current exporter (segflow.export.exporters, calibration
 and parity gate included) from the run's served model (trainer/model) and evaluated on its
 eval split (example_gen/examples), into a temporary folder; `--model` (a folder holding
 Format-Serving) and `--examples` (an ExampleGen output) name them directly. `--quantizers`
@@ -27,10 +27,10 @@ from typing import Any, get_args
 
 import numpy as np
 
-from segflow.benchmark import BenchmarkSettings, benchmark, interleave, make_call, markdown, report
+from segflow.export.benchmark import BenchmarkSettings, benchmark, interleave, make_call, markdown, report
 from segflow.components.exporter import core as exporter
-from segflow.config import ExperimentConfig, ExportConfig, load_config, validate_config
-from segflow.serving import SERVING_SUBDIR, ServingSpec
+from segflow.config.experiment import ExperimentConfig, ExportConfig, load_config, validate_config
+from segflow.export.serving import SERVING_SUBDIR, ServingSpec
 
 DEFAULT_FORMATS = "saved_model,tflite_fp32,tflite_fp16,tflite_dynamic,tflite_int8,tflite_int16x8,onnx"
 

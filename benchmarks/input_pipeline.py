@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/input_pipeline.py [--steps 40] [--rounds 7] [--workdir /tmp/inbench]
 
-Variants, each fed the CamVid train split of pipelines/configs/camvid.yaml (as ExampleGen
+Variants, each fed the CamVid train split of configs/camvid.yaml (as ExampleGen
 wrote it into --workdir) and the same policy (HorizontalFlip p 0.5, Affine and ColorJitter p 1, as YAML entries):
 (a) baseline: a keras.utils.Sequence as users of Keras segmentation libraries write it: PIL
     reads the PNGs, albumentations resizes and augments each item; consumed as `model.fit`
@@ -36,18 +36,18 @@ import tensorflow as tf
 import tf_keras as keras
 from PIL import Image
 
-from segflow.augment import build_policy
+from segflow.data.augment import build_policy
 from segflow.components.trainer import core as trainer
 from segflow.components.transform import core as transform
-from segflow.config import ExperimentConfig, load_config
-from segflow.examples import split_files
-from segflow.preprocessing import PixelSpec
+from segflow.config.experiment import ExperimentConfig, load_config
+from segflow.data.examples import split_files
+from segflow.data.preprocessing import PixelSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from trainer_throughput import prepare  # noqa: E402  (the data components, once)
 
 CAMVID = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "camvid"
-CONFIG = Path(__file__).resolve().parents[1] / "pipelines" / "configs" / "camvid.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "camvid.yaml"
 POLICY = (
     "{HorizontalFlip: {p: 0.5}, Affine: {scale: [0.9, 1.1], translate_percent: [-0.05, 0.05], rotate: [-10, 10], p: 1.0},"
     " ColorJitter: {brightness: 0.2, contrast: 0.2, saturation: 0.2, hue: 0.05, p: 1.0}}"

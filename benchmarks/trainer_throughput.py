@@ -29,14 +29,14 @@ import tensorflow as tf
 import tf_keras as keras
 
 from segflow.components.example_gen import core as example_gen
-from segflow.components.example_gen.core import read_counts
+from segflow.data.examples import read_counts
 from segflow.components.schema_gen import core as schema_gen
 from segflow.components.statistics_gen import core as statistics_gen
 from segflow.components.trainer import core as trainer
 from segflow.components.transform import core as transform
-from segflow.config import ExperimentConfig, load_config
-from segflow.losses import LabelSpec, resolve_class_weights
-from segflow.preprocessing import PixelSpec
+from segflow.config.experiment import ExperimentConfig, load_config
+from segflow.model.losses import LabelSpec, resolve_class_weights
+from segflow.data.preprocessing import PixelSpec
 
 
 def prepare(config: ExperimentConfig, root: Path) -> tuple[Path, Path]:

@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segflow.config import ConfigError, ExperimentConfig, load_config
-from segflow.kfp_client import KubeflowError
+from segflow.config.experiment import ExperimentConfig, load_config
+from segflow.pipelines.kubeflow import KubeflowError
+from segflow.utils.errors import ConfigError
 
 if TYPE_CHECKING:
     from segflow.console import NativeOutput
@@ -34,9 +35,9 @@ def _run(args: argparse.Namespace, kind: str) -> int:
 
 
 def _run_local(args: argparse.Namespace, kind: str, native: NativeOutput | None) -> int:
-    from segflow.containers import DEFAULT_IMAGE, ContainerEngineError
+    from segflow.cluster.containers import DEFAULT_IMAGE, ContainerEngineError
     from segflow.pipelines.local import default_output, run_local
-    from segflow.storage import is_uri
+    from segflow.utils.storage import is_uri
 
     if args.image and not args.containers:
         print("segflow: error: --image is an option of --containers", file=sys.stderr)
@@ -134,14 +135,14 @@ def _warn_cluster_only(config: ExperimentConfig, local_run: bool = False) -> Non
 
 
 def _connection(args: argparse.Namespace) -> Any:
-    from segflow.kfp_client import Connection
+    from segflow.pipelines.kubeflow import Connection
 
     token = args.existing_token or os.environ.get("SEGFLOW_KFP_TOKEN") or None
     return Connection(args.host, token, args.namespace, args.kube_context, args.ssl_ca_cert, args.ui_host)
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from segflow.kfp_client import submit
+    from segflow.pipelines.kubeflow import submit
 
     config = _load(args)
     _warn_cluster_only(config)
@@ -154,7 +155,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _schedule(args: argparse.Namespace) -> int:
-    from segflow.kfp_client import schedule
+    from segflow.pipelines.kubeflow import schedule
 
     config = _load(args)
     _warn_cluster_only(config)
@@ -172,7 +173,7 @@ def _schedule(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
-    from segflow.kfp_client import list_runs
+    from segflow.pipelines.kubeflow import list_runs
 
     rows = list_runs(_connection(args), args.limit, args.experiment)
     if args.json:
@@ -186,7 +187,15 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from segflow.predict import PredictError, PredictOptions, list_inputs, load_model, parse_scale, predict_files, resolve_scale
+    from segflow.export.predict import (
+        PredictError,
+        PredictOptions,
+        list_inputs,
+        load_model,
+        parse_scale,
+        predict_files,
+        resolve_scale,
+    )
 
     try:
         defaults_replaced = {name: getattr(args, name) for name in ("overlap", "batch") if getattr(args, name) is not None}
@@ -212,7 +221,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from segflow.preview import write_preview
+    from segflow.train.preview import write_preview
 
     written = write_preview(_load(args), args.output, args.count)
     print(f"wrote {written['grid']} ({written['examples']} examples) and the resolved policy {written['policy']}")
@@ -220,9 +229,8 @@ def _preview(args: argparse.Namespace) -> int:
 
 
 def _lr_find(args: argparse.Namespace) -> int:
-    from segflow.lr_find import SweepSettings, find_learning_rate
-
     from segflow.pipelines.local import default_output
+    from segflow.pipelines.lr_find import SweepSettings, find_learning_rate
 
     config = _load(args)
     settings = SweepSettings(steps=args.steps, min_rate=args.min_rate, max_rate=args.max_rate)
@@ -232,8 +240,13 @@ def _lr_find(args: argparse.Namespace) -> int:
 
 
 def _benchmark(args: argparse.Namespace) -> int:
-    from segflow.benchmark import BenchmarkError, BenchmarkSettings, benchmark, markdown
-    from segflow.io import write_json
+    from segflow.export.benchmark import (
+        BenchmarkError,
+        BenchmarkSettings,
+        benchmark,
+        markdown,
+    )
+    from segflow.utils.io import write_json
 
     try:
         settings = BenchmarkSettings(
@@ -252,7 +265,7 @@ def _benchmark(args: argparse.Namespace) -> int:
 
 
 def _html_report(args: argparse.Namespace) -> int:
-    from segflow.report import ReportError, write_report
+    from segflow.evaluate.report import ReportError, write_report
 
     defaults_replaced = {name: getattr(args, name) for name in ("worst", "samples") if getattr(args, name) is not None}
     try:
@@ -265,7 +278,7 @@ def _html_report(args: argparse.Namespace) -> int:
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from segflow.demo_data import CLASS_NAMES, write_demo_dataset
+    from segflow.data.demo_data import CLASS_NAMES, write_demo_dataset
 
     root = write_demo_dataset(args.directory, count=args.count, size=args.size, seed=args.seed)
     print(f"wrote {args.count} image/mask pairs ({', '.join(CLASS_NAMES)}) to {root}/images and {root}/masks")
@@ -273,7 +286,14 @@ def _demo_data(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from segflow.analyze import AnalyzeError, compare, console, load_runs, write_csv, write_html
+    from segflow.evaluate.analyze import (
+        AnalyzeError,
+        compare,
+        console,
+        load_runs,
+        write_csv,
+        write_html,
+    )
 
     try:
         comparison = compare(load_runs(args.runs), args.metric)
@@ -291,10 +311,10 @@ def _analyze(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from segflow.registry import REGISTRIES
+    from segflow.utils.registry import REGISTRIES
 
     if args.kind == "exports" and args.json:
-        from segflow.exporters import capability_table
+        from segflow.export.exporters import capability_table
 
         print(json.dumps(capability_table(), indent=2))
         return 0
@@ -322,8 +342,8 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from segflow.lr_find import SweepSettings
-    from segflow.registry import REGISTRIES
+    from segflow.pipelines.lr_find import SweepSettings
+    from segflow.utils.registry import REGISTRIES
 
     parser = argparse.ArgumentParser(prog="segflow", description="Image-segmentation training pipeline (TFX-style components on KFP and Beam).")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -7,8 +7,8 @@ from typing import Any, Callable
 import pytest
 
 import segflow  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow is imported)
-from segflow.config import ExperimentConfig, validate_config
-from segflow.demo_data import CLASS_NAMES, write_demo_dataset
+from segflow.config.experiment import ExperimentConfig, validate_config
+from segflow.data.demo_data import CLASS_NAMES, write_demo_dataset
 
 SHARED_DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 

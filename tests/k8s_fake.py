@@ -1,6 +1,6 @@
 """A local fake of the Kubernetes API for the launcher's cluster backends.
 
-It serves, over real HTTP, the endpoints `segflow.k8s_launcher` calls through the official
+It serves, over real HTTP, the endpoints `segflow.cluster.k8s_launcher` calls through the official
 `kubernetes` client (Services, batch/v1 Jobs, kubeflow.org/v1 TFJobs, pods, pod logs,
 deletes), and a small "kubelet" that runs every pod's container command as a local process:
 with the pod's plain `env` entries, its `workingDir`, the completion index of an Indexed
@@ -36,8 +36,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from segflow.k8s_launcher import COMPLETION_INDEX, REPLICA_INDEX, REPLICA_TYPE
-from segflow.k8s_objects import CLUSTER_ENV, INDEX_ENV
+from segflow.cluster.k8s_launcher import COMPLETION_INDEX, REPLICA_INDEX, REPLICA_TYPE
+from segflow.cluster.k8s_objects import CLUSTER_ENV, INDEX_ENV
 
 TOKEN = "fake-token"
 

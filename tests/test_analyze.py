@@ -12,10 +12,10 @@ from typing import Any, Callable
 
 import pytest
 
-from segflow.analyze import compare, config_diff, flatten, load_runs, metric_sections, run_history
+from segflow.evaluate.analyze import compare, config_diff, flatten, load_runs, metric_sections, run_history
 from segflow.cli import main
-from segflow.config import ExperimentConfig
-from segflow.io import write_json
+from segflow.config.experiment import ExperimentConfig
+from segflow.utils.io import write_json
 
 from tests.conftest import tiny_raw_config
 

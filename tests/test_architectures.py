@@ -11,8 +11,10 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from segflow.config import ConfigError, validate_config
-from segflow.models import (
+from segflow.config.experiment import validate_config
+
+from segflow.utils.errors import ConfigError
+from segflow.model.models import (
     APPLICATIONS,
     ENCODER,
     INPUT_ADAPTER,
@@ -23,7 +25,7 @@ from segflow.models import (
     build_model,
     set_encoder_trainable,
 )
-from segflow.registry import ARCHITECTURES, BACKBONES
+from segflow.utils.registry import ARCHITECTURES, BACKBONES
 
 # Applications that take more than a few seconds to build on 2 cores: `make test-slow`.
 SLOW_BACKBONES = {
@@ -163,7 +165,7 @@ def test_frozen_encoder_keeps_batchnorm_statistics_and_weights() -> None:
 
 
 def _int8_tflite(model: keras.Model, shape: tuple[int, int, int]) -> bytes:
-    """Converted as segflow/exporters.py does (full integer, uint8 in and out), from a concrete function."""
+    """Converted as segflow/export/exporters.py does (full integer, uint8 in and out), from a concrete function."""
     function = tf.function(lambda x: tf.nn.softmax(model(x, training=False), axis=-1)).get_concrete_function(tf.TensorSpec((1, *shape), tf.float32))
     converter = tf.lite.TFLiteConverter.from_concrete_functions([function], model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]

@@ -11,9 +11,10 @@ import cv2
 import numpy as np
 import pytest
 
-from segflow.augment import SQUARE_ONLY, apply_policy, build_policy, policy_dict
-from segflow.config import ConfigError, validate_config
-from segflow.registry import AUGMENTATIONS
+from segflow.data.augment import SQUARE_ONLY, apply_policy, build_policy, policy_dict
+from segflow.config.experiment import validate_config
+from segflow.utils.errors import ConfigError
+from segflow.utils.registry import AUGMENTATIONS
 
 CLASSES = {0, 1, 2}
 IGNORE = 255
@@ -242,7 +243,7 @@ def test_preview_writes_a_png_grid_and_the_policy(tmp_path: Path) -> None:
     from PIL import Image
 
     from segflow.cli import main
-    from segflow.demo_data import write_demo_dataset
+    from segflow.data.demo_data import write_demo_dataset
 
     data = write_demo_dataset(tmp_path / "data", count=6, size=48)
     config = tmp_path / "config.yaml"

@@ -1,4 +1,4 @@
-"""Beam's multi_threading DirectRunner must not drop elements (segflow.beam_runners.disable_time_based_flush).
+"""Beam's multi_threading DirectRunner must not drop elements (segflow.utils.beam_runners.disable_time_based_flush).
 
 Beam 2.77's in-process SDK workers flush their output buffer from a timer thread every second
 while the bundle's thread keeps writing to it; an element written between the flush's copy and
@@ -15,10 +15,10 @@ from typing import Any, Iterator
 
 import pytest
 
-from segflow.beam_runners import pipeline_options
+from segflow.utils.beam_runners import pipeline_options
 from segflow.components.example_gen import core as example_gen
-from segflow.config import validate_config
-from segflow.demo_data import write_demo_dataset
+from segflow.config.experiment import validate_config
+from segflow.data.demo_data import write_demo_dataset
 from tests.conftest import tiny_raw_config
 
 REPETITIONS = 3

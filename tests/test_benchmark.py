@@ -12,12 +12,12 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from segflow import benchmark as bench
+from segflow.export import benchmark as bench
 from segflow.cli import main
 from segflow.components.exporter import core as exporter
-from segflow.examples import SegmentationExample
-from segflow.registry import EXPORT_FORMATS
-from segflow.serving import SERVING_SUBDIR, ServingSpec
+from segflow.data.examples import SegmentationExample
+from segflow.utils.registry import EXPORT_FORMATS
+from segflow.export.serving import SERVING_SUBDIR, ServingSpec
 
 FAST = bench.BenchmarkSettings(threads=(1, 2), runs=2, warmup=0)
 

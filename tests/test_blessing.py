@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from segflow.beam_evaluation import BASELINE, CANDIDATE, BlessingThresholds, eval_config, metric_keys
+from segflow.evaluate.beam_evaluation import BASELINE, CANDIDATE, BlessingThresholds, eval_config, metric_keys
 from segflow.components.evaluator.core import blessing_line, blessing_record, blessing_thresholds
-from segflow.config import EvaluationConfig
+from segflow.config.experiment import EvaluationConfig
 
 CLASSES = ("background", "cell", "membrane")
 
@@ -76,7 +76,7 @@ def test_no_change_threshold_on_the_first_run() -> None:
 
 def test_the_baseline_is_the_latest_committed_version(tmp_path: Path) -> None:
     from segflow.components.evaluator.core import find_baseline
-    from segflow.components.pusher.core import publish
+    from segflow.export.model_registry import publish
 
     registry = str(tmp_path / "registry")
     assert find_baseline(registry, "tiny")["reason"].startswith("no committed version of 'tiny'")
@@ -116,8 +116,8 @@ def _worse_run(config: Path, raw: dict[str, Any], run: Path, capsys: pytest.Capt
 def test_a_worse_run_than_the_registrys_is_not_exported_or_pushed(trained: dict[str, Any], tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The registry holds the session's trained model (its saved_model export, as the pusher
     publishes it) as version 1; one kfp.local run of a worse model is not exported or pushed."""
-    from segflow.components.pusher.core import publish
-    from segflow.serving import SERVING_SUBDIR
+    from segflow.export.model_registry import publish
+    from segflow.export.serving import SERVING_SUBDIR
     from tests.conftest import tiny_raw_config
 
     registry = tmp_path / "registry"

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from segflow.cli import main
-from segflow.config import ConfigError, load_config
+from segflow.config.experiment import load_config
+from segflow.utils.errors import ConfigError
 from segflow.pipelines.pipeline import compile_pipeline
 
 HERE = Path(__file__).resolve().parent
@@ -90,7 +91,7 @@ def test_no_kubernetes_settings_compile_no_platform_spec(tmp_path: Path) -> None
     """The default config: the default image, no platform section, no retries, no resources."""
     text = compile_pipeline(load_config(GOLDEN_CONFIG), tmp_path / "p.yaml").read_text()
     assert "platforms:" not in text and "retryPolicy" not in text and "resources:" not in text
-    from segflow.kfp_base import BASE_IMAGE
+    from segflow.cluster.kfp_base import BASE_IMAGE
 
     executors = yaml.safe_load(text)["deploymentSpec"]["executors"]
     assert {executor["container"]["image"] for executor in executors.values()} == {BASE_IMAGE}
@@ -201,7 +202,7 @@ BEAM_CASES = {
 def test_beam_runner_options_are_checked_by_beams_option_classes(runner: str) -> None:
     from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-    from segflow.runtime import beam_options
+    from segflow.utils.runtime import beam_options
 
     bad, good, message = BEAM_CASES[runner]
     with pytest.raises(ConfigError) as error:
@@ -224,7 +225,7 @@ def test_dataflow_needs_a_gcs_temp_location_and_a_valid_project() -> None:
 
 
 def test_default_runner_keeps_the_direct_runner_settings() -> None:
-    from segflow.runtime import beam_options
+    from segflow.utils.runtime import beam_options
 
     config = load_config(GOLDEN_CONFIG, ["beam.running_mode=multi_processing", "beam.num_workers=3"])
     given = beam_options(config.beam, "/tmp/x").get_all_options()

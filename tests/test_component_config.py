@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from segflow.component_config import COMPONENT_KEYS, COMPONENT_LOCATIONS, LOCATION_PARAMETERS, config_from_slice, config_slice, locations, resolve_locations
+from segflow.config.component_config import COMPONENT_KEYS, COMPONENT_LOCATIONS, LOCATION_PARAMETERS, config_from_slice, config_slice, locations, resolve_locations
 from segflow.components.dataset_fingerprint import core as fingerprint_core
-from segflow.config import ExperimentConfig, validate_config
+from segflow.config.experiment import ExperimentConfig, validate_config
 
-COMPONENTS_DIR = Path(__file__).resolve().parents[1] / "components"
+COMPONENTS_DIR = Path(__file__).resolve().parents[1] / "segflow" / "components"
 # Methods a core may call on the config. `to_json` hands the whole config to a child process
 # that runs functions of the same core.py, whose reads this guard sees too.
 CONFIG_METHODS = {"to_json"}
@@ -188,17 +188,17 @@ def _covered(key: str, table: tuple[str, ...]) -> bool:
 @pytest.mark.parametrize("component", sorted(COMPONENT_KEYS))
 def test_every_config_key_a_core_reads_is_in_its_slice(component: str) -> None:
     """A core that starts reading a new key fails here until the key is added to its row of
-    segflow.component_config.COMPONENT_KEYS (otherwise it would get the key's default)."""
+    segflow.config.component_config.COMPONENT_KEYS (otherwise it would get the key's default)."""
     reads, problems = config_reads((COMPONENTS_DIR / component / "core.py").read_text())
-    assert not problems, f"components/{component}/core.py: {problems}"
+    assert not problems, f"segflow/components/{component}/core.py: {problems}"
     given = COMPONENT_KEYS[component] + tuple(LOCATION_PARAMETERS[name] for name in COMPONENT_LOCATIONS.get(component, ()))
     missing = sorted(key for key in reads if not _covered(key, given))
-    assert not missing, f"components/{component}/core.py reads {missing}: add them to COMPONENT_KEYS[{component!r}]"
+    assert not missing, f"segflow/components/{component}/core.py reads {missing}: add them to COMPONENT_KEYS[{component!r}]"
 
 
 def test_the_trainers_slice_has_what_the_multi_worker_launcher_reads() -> None:
-    """The trainer step hands its config to segflow/k8s_objects.py, which builds the worker pods."""
-    source = (Path(__file__).resolve().parents[1] / "segflow" / "k8s_objects.py").read_text()
+    """The trainer step hands its config to segflow/cluster/k8s_objects.py, which builds the worker pods."""
+    source = (Path(__file__).resolve().parents[1] / "segflow" / "cluster" / "k8s_objects.py").read_text()
     reads, _ = config_reads(source)
     assert {"name", "trainer.workers", "kubernetes.namespace", "kubernetes.pvc"} <= reads
     assert not [key for key in reads if not _covered(key, COMPONENT_KEYS["trainer"])]

@@ -6,8 +6,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from segflow.config import ConfigError, apply_override, load_config, parse_loss, validate_config
-from segflow.component_config import resolve_locations
+from segflow.config.experiment import apply_override, load_config, validate_config
+
+from segflow.utils.errors import ConfigError
+
+from segflow.model.losses import parse_loss
+from segflow.config.component_config import resolve_locations
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +45,7 @@ export: [saved_model, tflite_int8]
     assert not config.sigmoid_head
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "pipelines" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path: Path) -> None:
     load_config(path)
 

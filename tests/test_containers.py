@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
-from segflow import containers
-from segflow.kfp_base import BASE_IMAGE
+from segflow.cluster import containers
+from segflow.cluster.kfp_base import BASE_IMAGE
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted((ROOT / "containers").glob("Dockerfile*"))
@@ -140,8 +140,8 @@ def test_adapter_runs_without_auto_remove_and_reports_the_real_status(status: in
 
 
 def test_mounts_inputs_read_only_and_the_registry_writable(tmp_path: Path) -> None:
-    from segflow.component_config import resolve_locations
-    from segflow.config import ExperimentConfig
+    from segflow.config.component_config import resolve_locations
+    from segflow.config.experiment import ExperimentConfig
 
     (tmp_path / "images").mkdir()
     (tmp_path / "masks").mkdir()
@@ -158,7 +158,7 @@ def test_mounts_inputs_read_only_and_the_registry_writable(tmp_path: Path) -> No
 def test_image_without_containers_is_an_error(capsys: pytest.CaptureFixture[str]) -> None:
     from segflow.cli import main
 
-    assert main(["run", str(ROOT / "pipelines" / "configs" / "demo.yaml"), "--image", "x:1"]) == 2
+    assert main(["run", str(ROOT / "configs" / "demo.yaml"), "--image", "x:1"]) == 2
     assert "--containers" in capsys.readouterr().err
 
 
@@ -187,7 +187,7 @@ def test_demo_dag_in_containers_gives_the_in_process_summary(tmp_path: Path) -> 
     if problem:
         print(f"SKIPPED: {problem}")
         pytest.skip(problem)
-    config = ROOT / "pipelines" / "configs" / "demo.yaml"
+    config = ROOT / "configs" / "demo.yaml"
     assert _segflow("demo-data", "data/demo", cwd=tmp_path).returncode == 0
     # Two epochs do not reach the demo's blessing threshold; at 0 the whole DAG runs (exporter and pusher are inside dsl.If).
     overrides = ["--set", "stages.0.epochs=2", "--set", "evaluation.min_mean_iou=0.0"]

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import tf_keras as keras
 
-from segflow.io import atomic_dir, commit_dir
+from segflow.utils.io import atomic_dir, commit_dir
 
 
 def test_atomic_dir_replaces_without_deleting_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -28,7 +28,7 @@ def test_atomic_dir_replaces_without_deleting_first(tmp_path: Path, monkeypatch:
             removed_while_target_missing.append(str(path))
         original_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr("segflow.io.shutil.rmtree", watching_rmtree)
+    monkeypatch.setattr("segflow.utils.io.shutil.rmtree", watching_rmtree)
     with atomic_dir(target) as out:
         (out / "v").write_text("2")
     assert (target / "v").read_text() == "2" and removed_while_target_missing == []
@@ -62,7 +62,8 @@ def test_trainer_resumes_after_a_crash(make_config: Any, tmp_path: Path, monkeyp
     """A crash in stage 2 keeps stage 1's result and stage 2's last epoch in `backup/`;
     the rerun skips stage 1, continues stage 2, and the temporary outputs are gone."""
     from segflow.components.trainer import core as trainer
-    from segflow.components.trainer.core import BACKUP_FOLDER, HISTORY_FILE
+    from segflow.components.trainer.core import BACKUP_FOLDER
+    from segflow.evaluate.analyze import HISTORY_FILE
     from tests.conftest import train_cores
 
     config = make_config(stages=[{"epochs": 1, "learning_rate": 0.003}, {"epochs": 2, "learning_rate": 0.001}])

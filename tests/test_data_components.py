@@ -16,9 +16,9 @@ from segflow.components.example_gen import core as example_gen
 from segflow.components.example_validator import core as example_validator
 from segflow.components.schema_gen import core as schema_gen
 from segflow.components.statistics_gen import core as statistics_gen
-from segflow.config import ExperimentConfig, validate_config
-from segflow.examples import assign_splits, iter_split
-from segflow.io import encode_png
+from segflow.config.experiment import ExperimentConfig, validate_config
+from segflow.data.examples import assign_splits, iter_split
+from segflow.utils.io import encode_png
 
 
 def _quarantine(examples: Path) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Image decoding: every format, TIFF compression, bit depth and channel count decodes to the
 written RGB(A) array; multi-page TIFFs are refused or expanded, never cut to their first page.
 
-Test files are written by writers independent of segflow.io: tifffile, Pillow, a few lines of
+Test files are written by writers independent of segflow.utils.io: tifffile, Pillow, a few lines of
 PNG below, and OpenCV only where tifffile cannot encode (LZW without imagecodecs), with the
 channel order given explicitly."""
 from __future__ import annotations
@@ -17,8 +17,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from segflow.config import validate_config
-from segflow.io import ImageReadError, decode_image, decode_mask, decode_pages, read_image
+from segflow.config.experiment import validate_config
+from segflow.utils.io import ImageReadError, decode_image, decode_mask, decode_pages, read_image
 
 RNG = np.random.default_rng(7)
 BGR = {1: [0], 3: [2, 1, 0], 4: [2, 1, 0, 3]}  # OpenCV's order, for writing with OpenCV only
@@ -235,8 +235,9 @@ def _stack(path: Path, pages: np.ndarray) -> None:
 
 
 def test_example_gen_expands_pages_and_checks_page_counts(tmp_path: Path) -> None:
-    from segflow.components.example_gen.core import label_lookup, process_pair
-    from segflow.examples import deserialize
+    from segflow.components.example_gen.core import process_pair
+    from segflow.data.sources import label_lookup
+    from segflow.data.examples import deserialize
 
     images = RNG.integers(0, 255, (3, 8, 8), endpoint=True).astype(np.uint8)
     masks = RNG.integers(0, 2, (3, 8, 8), endpoint=True).astype(np.uint8)

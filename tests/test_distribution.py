@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from segflow.config import validate_config
-from segflow.distribute import (
+from segflow.config.experiment import validate_config
+from segflow.train.distribute import (
     choose_kind,
     cluster_workers,
     evaluation_batch,
@@ -30,7 +30,8 @@ from segflow.distribute import (
     task_index,
     tf_config,
 )
-from segflow.launcher import SCRATCH_ENV, LaunchRequest, WorkerFailed, backend_name, launch
+from segflow.cluster.launcher import backend_name, launch
+from segflow.cluster.workers import SCRATCH_ENV, LaunchRequest, WorkerFailed
 from tests.conftest import tiny_raw_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +102,7 @@ def test_tf_config_of_local_and_indexed_workers() -> None:
 
 PLANS = """
 import json, segflow
-from segflow.distribute import make_plan
+from segflow.train.distribute import make_plan
 plans = {name: make_plan(name) for name in ("auto", "one_device", "mirrored")}
 print(json.dumps({name: [plan.kind, plan.replicas, type(plan.strategy).__name__] for name, plan in plans.items()}))
 """
@@ -150,7 +151,7 @@ from pathlib import Path
 import segflow, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from segflow.config import ExperimentConfig
+from segflow.config.experiment import ExperimentConfig
 from segflow.components.trainer import core
 config, examples, transform, out = sys.argv[1:]
 final = core.run(ExperimentConfig.from_json(config), examples, transform, Path(out) / "model", Path(out) / "model_run")
@@ -251,7 +252,7 @@ def test_a_killed_worker_fails_clearly_and_leaves_nothing_behind(
 
 
 def sleep_for(seconds: float) -> None:
-    """A worker entry for launcher tests (imported by `python -m segflow.launcher worker`)."""
+    """A worker entry for launcher tests (imported by `python -m segflow.cluster.workers worker`)."""
     time.sleep(seconds)
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from segflow.beam_evaluation import BatchPredictor, EvalSettings, default_slicing_specs, eval_config, run_pipeline
-from segflow.config import EvaluationConfig
-from segflow.beam_runners import pipeline_options
-from segflow.examples import SegmentationExample, serialize, shard_name, split_dir, write_shard
-from segflow.metrics import boundary_counts, boundary_report
+from segflow.evaluate.beam_evaluation import BatchPredictor, EvalSettings, default_slicing_specs, eval_config, run_pipeline
+from segflow.config.experiment import EvaluationConfig
+from segflow.utils.beam_runners import pipeline_options
+from segflow.data.examples import SegmentationExample, serialize, shard_name, split_dir, write_shard
+from segflow.model.metrics import boundary_counts, boundary_report
 
 IGNORE = 255
 CLASSES = ("background", "cell", "membrane")
@@ -273,7 +273,7 @@ def test_threshold_sweep_picks_the_separating_threshold(tmp_path: Path) -> None:
 
 
 def test_flip_tta_averages_the_flipped_prediction() -> None:
-    from segflow.tta import with_tta
+    from segflow.model.tta import with_tta
 
     def left_heavy(images: np.ndarray) -> np.ndarray:
         width = images.shape[2]
@@ -289,7 +289,7 @@ def test_every_test_time_view_is_mapped_back_onto_the_image(tta: str) -> None:
     """A model that reads pixel values gives the same probabilities in every view, so any TTA
     returns them unchanged (views mapped back in place, on non-square images too); a model that
     also sees position gets the mean over the views, computed here view by view."""
-    from segflow.tta import TTA_VIEWS, with_tta
+    from segflow.model.tta import TTA_VIEWS, with_tta
 
     images = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 1)).astype(np.uint8)
 
@@ -336,8 +336,8 @@ def test_evaluator_core_writes_summary_metrics_slices_tfma_files_and_blessing(ev
     import tensorflow_model_analysis as tfma
 
     from segflow.components.evaluator import core as evaluator
-    from segflow.config import validate_config
-    from segflow.serving import SERVING_SUBDIR, ServingSpec
+    from segflow.config.experiment import validate_config
+    from segflow.export.serving import SERVING_SUBDIR, ServingSpec
 
     serving = tmp_path / "model" / SERVING_SUBDIR
     module = ChannelScoresModule()

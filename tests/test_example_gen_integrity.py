@@ -16,8 +16,8 @@ import tensorflow as tf
 import tifffile
 
 from segflow.components.example_gen import core as example_gen
-from segflow.config import ExperimentConfig, load_config, validate_config
-from segflow.examples import SPLITS, assign_splits, deserialize, group_key, iter_split, read_fingerprint, split_dir
+from segflow.config.experiment import ExperimentConfig, load_config, validate_config
+from segflow.data.examples import SPLITS, assign_splits, deserialize, group_key, iter_split, read_fingerprint, split_dir
 from tests.conftest import require_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,7 +162,7 @@ def test_camvid_config_uses_the_official_split() -> None:
     """SegNet's split as published (367 train, 101 val, 233 test): its folders, not a hash
     split of the train folder (the published split shares two sequences; ExampleGen warns)."""
     camvid = require_dataset("camvid")
-    config = load_config(REPO / "pipelines" / "configs" / "camvid.yaml")
+    config = load_config(REPO / "configs" / "camvid.yaml")
     assert config.dataset.eval_split is None and config.dataset.eval is not None and config.dataset.test is not None
     folders = {"train": config.dataset.images, "eval": config.dataset.eval.images, "test": config.dataset.test.images}
     assert {split: Path(folder).resolve() for split, folder in folders.items()} == {
@@ -179,7 +179,7 @@ def test_serialized_examples_do_not_depend_on_the_process_hash_seed() -> None:
     import sys
 
     program = (
-        "import numpy as np, hashlib; from segflow.examples import SegmentationExample, serialize; "
+        "import numpy as np, hashlib; from segflow.data.examples import SegmentationExample, serialize; "
         "e = SegmentationExample('a.png', np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8)); "
         "print(hashlib.sha256(serialize(e)).hexdigest())"
     )

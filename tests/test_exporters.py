@@ -16,13 +16,14 @@ import tensorflow as tf
 
 from segflow.components.exporter import core as exporter
 from segflow.components.pusher import core as pusher
-from segflow.config import ConfigError, ExperimentConfig, validate_config
-from segflow.evaluation import evaluate
-from segflow.examples import iter_split
-from segflow.exporters import ONNX_NORMALISATION_PROPERTY, ONNX_SPEC_PROPERTY, ExportError, ExportFormat, capability_table, normalisation, parity_gate
-from segflow.io import read_json, write_json
-from segflow.registry import EXPORT_FORMATS
-from segflow.serving import SERVING_SUBDIR, SPEC_FILE, ServingSpec, serving_mask_predictor
+from segflow.config.experiment import ExperimentConfig, validate_config
+from segflow.utils.errors import ConfigError
+from segflow.evaluate.evaluation import evaluate
+from segflow.data.examples import iter_split
+from segflow.export.exporters import ONNX_NORMALISATION_PROPERTY, ONNX_SPEC_PROPERTY, ExportError, ExportFormat, capability_table, normalisation, parity_gate
+from segflow.utils.io import read_json, write_json
+from segflow.utils.registry import EXPORT_FORMATS
+from segflow.export.serving import SERVING_SUBDIR, SPEC_FILE, ServingSpec, serving_mask_predictor
 from tests.conftest import tiny_raw_config
 
 ONNX_OPSET = 15  # not the default, so the test sees the setting reach the file
@@ -158,7 +159,7 @@ def test_saved_model_export_is_weights_plus_signatures(trained: dict, tiny_data:
 
     from segflow.components.trainer.core import build_network
     from segflow.components.transform.core import transform_layer
-    from segflow.serving import SegmentationServer, saved_model_predictor
+    from segflow.export.serving import SegmentationServer, saved_model_predictor
 
     config = validate_config(tiny_raw_config(tiny_data, model={"depth": 2, "base_filters": 48}))
     network = build_network(config)
@@ -353,7 +354,7 @@ def test_the_run_report_shows_skipped_and_failed_exports(capsys: pytest.CaptureF
 def test_tflite_exports_carry_mediapipe_segmenter_metadata(all_exports: tuple[dict, Path], trained: dict) -> None:
     from tensorflow.lite.python import schema_py_generated as schema
 
-    from segflow.tflite_metadata import METADATA_IDENTIFIER, METADATA_NAME, read_labels
+    from segflow.export.tflite_metadata import METADATA_IDENTIFIER, METADATA_NAME, read_labels
 
     _, out = all_exports
     spec = ServingSpec.load(Path(trained["model"]) / SERVING_SUBDIR)
@@ -367,7 +368,7 @@ def test_tflite_exports_carry_mediapipe_segmenter_metadata(all_exports: tuple[di
 
 
 def test_mediapipe_metadata_needs_a_raw_pixel_input() -> None:
-    from segflow.tflite_metadata import mediapipe_unsupported
+    from segflow.export.tflite_metadata import mediapipe_unsupported
 
     raw = {"dtype": "uint8", "shape": [1, 32, 32, 3], "scale": 1.0, "zero_point": 0}
     floats = {"dtype": "float32", "shape": [1, 32, 32, 3], "scale": 0.0, "zero_point": 0}
@@ -382,8 +383,8 @@ def test_int8_input_takes_raw_pixels_whatever_the_calibration_range(trained: dic
     export's has scale 1, zero point 0 (what MediaPipe feeds) and computes the same outputs."""
     from ai_edge_litert.interpreter import Interpreter
 
-    from segflow.exporters import ExportOptions, _batch_one_converter, tflite_predictor
-    from segflow.tflite_metadata import raw_pixel_input, read_labels
+    from segflow.export.exporters import ExportOptions, _batch_one_converter, tflite_predictor
+    from segflow.export.tflite_metadata import raw_pixel_input, read_labels
 
     serving = Path(trained["model"]) / SERVING_SUBDIR
     spec = ServingSpec.load(serving)

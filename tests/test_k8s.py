@@ -25,8 +25,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from segflow import k8s_objects
-from segflow.config import ExperimentConfig, validate_config
+from segflow.cluster import k8s_objects
+from segflow.config.experiment import ExperimentConfig, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -358,7 +358,7 @@ def test_gpu_overlay_puts_the_run_cronjob_on_the_gpu_pool() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# generated launcher objects (segflow.k8s_objects)
+# generated launcher objects (segflow.cluster.k8s_objects)
 
 
 def test_indexed_job_and_headless_service_validate() -> None:
@@ -438,13 +438,13 @@ def test_tf_config_of_each_pod_names_every_worker_and_itself(workers: int) -> No
 
 
 def test_exec_wrapper_sets_tf_config_and_runs_the_worker() -> None:
-    """`python3 -m segflow.k8s_objects exec -- COMMAND` as the Indexed Job pod runs it."""
+    """`python3 -m segflow.cluster.k8s_objects exec -- COMMAND` as the Indexed Job pod runs it."""
     config = cluster_config()
     job = k8s_objects.indexed_job(config, "r1", [sys.executable, "-c", "import os; print(os.environ['TF_CONFIG'])"])
     container = job["spec"]["template"]["spec"]["containers"][0]
     env = {item["name"]: item["value"] for item in container["env"] if "value" in item}
     command = [sys.executable, *container["command"][1:]]  # python3 of this venv
-    assert container["command"][:4] == ["python3", "-m", "segflow.k8s_objects", "exec"]
+    assert container["command"][:4] == ["python3", "-m", "segflow.cluster.k8s_objects", "exec"]
     result = subprocess.run(
         command, env={**os.environ, **env, "JOB_COMPLETION_INDEX": "2"}, capture_output=True, text=True, timeout=60, cwd=ROOT
     )

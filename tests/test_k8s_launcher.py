@@ -20,9 +20,10 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from segflow.config import ExperimentConfig, validate_config
-from segflow.k8s_launcher import launch_on_kubernetes
-from segflow.launcher import LaunchRequest, WorkerFailed, launch, worker_scratch
+from segflow.config.experiment import ExperimentConfig, validate_config
+from segflow.cluster.k8s_launcher import launch_on_kubernetes
+from segflow.cluster.launcher import launch
+from segflow.cluster.workers import LaunchRequest, WorkerFailed, worker_scratch
 from tests.conftest import tiny_raw_config
 from tests.k8s_fake import FakeKubernetes
 
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def report_tf_config(fail_worker: int = -1, code: int = 3, sleep: float = 0.0) -> dict[str, Any]:
     """A worker entry: prints, optionally fails or sleeps, and returns what it saw."""
     tf_config = json.loads(os.environ["TF_CONFIG"])
-    from segflow.distribute import task_index
+    from segflow.train.distribute import task_index
 
     index = task_index(tf_config)
     print(f"hello from worker {index}", flush=True)

@@ -14,11 +14,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from segflow.config import ConfigError, ExperimentConfig, parse_loss
-from segflow.examples import SegmentationExample, serialize, shard_name, split_dir, write_shard
-from segflow.losses import PARAMETER_RANGES, LabelSpec, border_weights, build_loss, loss_parameters, median_frequency_weights, resolve_class_weights
-from segflow.metrics import ConfusionMatrix, SegmentationMetrics, metric_key
-from segflow.registry import LOSSES
+from segflow.config.experiment import ExperimentConfig
+
+from segflow.utils.errors import ConfigError
+
+from segflow.model.losses import parse_loss
+from segflow.data.examples import SegmentationExample, serialize, shard_name, split_dir, write_shard
+from segflow.model.losses import PARAMETER_RANGES, LabelSpec, border_weights, build_loss, loss_parameters, median_frequency_weights, resolve_class_weights
+from segflow.model.metrics import ConfusionMatrix, SegmentationMetrics, metric_key
+from segflow.utils.registry import LOSSES
 
 # One name per loss function: aliases (ce, iou, ...) share their function's tests.
 LOSS_NAMES = sorted({LOSSES.get(name): name for name in reversed(LOSSES.names())}.values())
@@ -244,7 +248,7 @@ def test_epoch_metrics_sum_over_mirrored_replicas() -> None:
         import segflow, numpy as np, tensorflow as tf
         cpu = tf.config.list_physical_devices("CPU")[0]
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-        from segflow.metrics import SegmentationMetrics
+        from segflow.model.metrics import SegmentationMetrics
         rng = np.random.default_rng(0)
         labels = rng.integers(0, 3, size=(4, 8, 8)).astype(np.int32)
         logits = rng.normal(size=(4, 8, 8, 3)).astype(np.float32)

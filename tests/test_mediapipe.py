@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from segflow.components.exporter import core as exporter
-from segflow.config import validate_config
-from segflow.io import decode_mask, read_image
-from segflow.registry import EXPORT_FORMATS
-from segflow.serving import SERVING_SUBDIR, ServingSpec
+from segflow.config.experiment import validate_config
+from segflow.utils.io import decode_mask, read_image
+from segflow.utils.registry import EXPORT_FORMATS
+from segflow.export.serving import SERVING_SUBDIR, ServingSpec
 from tests.conftest import tiny_raw_config, train_cores
 
 pytestmark = pytest.mark.mediapipe

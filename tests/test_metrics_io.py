@@ -9,8 +9,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from segflow.io import ImageReadError, atomic_dir, decode_image, decode_mask, encode_png
-from segflow.metrics import ConfusionMatrix
+from segflow.utils.io import ImageReadError, atomic_dir, decode_image, decode_mask, encode_png
+from segflow.model.metrics import ConfusionMatrix
 
 
 def test_confusion_matrix_metrics_by_hand() -> None:

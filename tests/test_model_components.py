@@ -9,13 +9,15 @@ import tensorflow as tf
 
 from segflow.components.evaluator import core as evaluator
 from segflow.components.exporter import core as exporter
-from segflow.components.trainer.core import BACKUP_FOLDER, HISTORY_FILE
-from segflow.components.transform.core import NORMALIZATION_FILE, RAW_FEATURE, TRANSFORMED_FEATURE, transform_layer
-from segflow.config import ExperimentConfig
-from segflow.examples import iter_split
-from segflow.io import read_json
-from segflow.preprocessing import PixelSpec
-from segflow.serving import SERVING_SUBDIR, ServingSpec, predict_image, saved_model_predictor
+from segflow.components.trainer.core import BACKUP_FOLDER
+from segflow.evaluate.analyze import HISTORY_FILE
+from segflow.components.transform.core import NORMALIZATION_FILE, transform_layer
+from segflow.data.preprocessing import RAW_FEATURE, TRANSFORMED_FEATURE
+from segflow.config.experiment import ExperimentConfig
+from segflow.data.examples import iter_split
+from segflow.utils.io import read_json
+from segflow.data.preprocessing import PixelSpec
+from segflow.export.serving import SERVING_SUBDIR, ServingSpec, predict_image, saved_model_predictor
 
 
 def test_transform_standardises_train_pixels(trained: dict) -> None:
@@ -71,8 +73,8 @@ def test_sigmoid_head_on_16bit_grayscale_with_minmax(tmp_path: Path) -> None:
     paths the multi-class RGB fixture does not take, through every model-side core."""
     import tifffile
 
-    from segflow.config import validate_config
-    from segflow.io import encode_png
+    from segflow.config.experiment import validate_config
+    from segflow.utils.io import encode_png
     from tests.conftest import train_cores
 
     rng = np.random.default_rng(0)

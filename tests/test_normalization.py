@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from segflow.config import ConfigError, validate_config
-from segflow.examples import split_files
+from segflow.config.experiment import validate_config
+
+from segflow.utils.errors import ConfigError
+from segflow.data.examples import split_files
 from tests.conftest import tiny_raw_config
 
 
@@ -34,8 +36,8 @@ def _transformed(tiny_data: Path, root: Path, tmp_path: Path, normalization: Any
     """(train pixels as the network sees them before normalisation, the same after the TFT
     graph, normalization.json) for a config with this `normalization`."""
     from segflow.components.transform import core as transform
-    from segflow.io import read_json
-    from segflow.preprocessing import PixelSpec
+    from segflow.utils.io import read_json
+    from segflow.data.preprocessing import PixelSpec
 
     config = validate_config(tiny_raw_config(tiny_data, normalization=normalization))
     transform.run(config, root / "examples", root / "schema", tmp_path / "transform")

@@ -12,9 +12,11 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from segflow.config import ConfigError, LookaheadConfig, OptimizerConfig, validate_config
-from segflow.optimizers import RAdam, Lookahead, WeightAveraging, build_optimizer, recompute_batchnorm
-from segflow.registry import OPTIMIZERS
+from segflow.config.experiment import LookaheadConfig, OptimizerConfig, validate_config
+
+from segflow.utils.errors import ConfigError
+from segflow.train.optimizers import RAdam, Lookahead, WeightAveraging, build_optimizer, recompute_batchnorm
+from segflow.utils.registry import OPTIMIZERS
 
 from tests.conftest import tiny_raw_config, train_cores
 

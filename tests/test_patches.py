@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from segflow.config import ConfigError, ExperimentConfig, validate_config
-from segflow.patches import CropPlan, crop_plan, grid_tiles, labelled_pixels, model_mask, sample_crop
-from segflow.preprocessing import blend_window, fitted_size, image_probabilities, model_pixels, tiled_probabilities
+from segflow.config.experiment import ExperimentConfig, validate_config
+
+from segflow.utils.errors import ConfigError
+from segflow.data.patches import CropPlan, crop_plan, grid_tiles, labelled_pixels, model_mask, sample_crop
+from segflow.data.preprocessing import blend_window, fitted_size, image_probabilities, model_pixels, tiled_probabilities
 
 RNG = np.random.default_rng(0)
 
@@ -130,9 +132,9 @@ def test_a_model_trained_on_crops_serves_whole_images_in_tiles(tmp_path: Path, c
     from segflow.components.evaluator import core as evaluator
     from segflow.components.trainer.core import make_dataset
     from segflow.components.transform.core import transform_layer
-    from segflow.demo_data import write_demo_dataset
-    from segflow.preprocessing import PixelSpec
-    from segflow.serving import SERVING_SUBDIR, ServingSpec, predict_image, saved_model_predictor
+    from segflow.data.demo_data import write_demo_dataset
+    from segflow.data.preprocessing import PixelSpec
+    from segflow.export.serving import SERVING_SUBDIR, ServingSpec, predict_image, saved_model_predictor
     from tests.conftest import tiny_raw_config, train_cores
 
     data = write_demo_dataset(tmp_path / "data", count=12, size=64)
@@ -188,7 +190,7 @@ def _hard_crops_do_not_depend_on_when_the_maps_come(config: ExperimentConfig, ex
 
 
 def test_error_maps_give_each_image_its_wrong_pixels() -> None:
-    from segflow.hard_negatives import ErrorMaps, draw_positions, wrong_pixels
+    from segflow.data.hard_negatives import ErrorMaps, draw_positions, wrong_pixels
 
     mask = tf.constant([[0, 1, 9], [1, 1, 0]], tf.uint8)
     probabilities = tf.one_hot([[1, 1, 0], [1, 0, 0]], 2)  # wrong at (0,0) and (1,1); (0,2) is ignore_index

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from segflow.cli import main
-from segflow.config import load_config
-from segflow.io import encode_png
+from segflow.config.experiment import load_config
+from segflow.utils.io import encode_png
 from segflow.pipelines.pipeline import compile_pipeline
 
 HERE = Path(__file__).resolve().parent
@@ -83,7 +83,7 @@ def test_locations_are_pipeline_parameters_with_the_config_as_defaults(tmp_path:
     }
     dataset_parameters = {"images", "masks", "eval_images", "eval_masks", "test_images", "test_masks"}
     assert set(_compiled(tmp_path, kind="validate")["root"]["inputDefinitions"]["parameters"]) == dataset_parameters
-    from segflow.component_config import COMPONENT_LOCATIONS
+    from segflow.config.component_config import COMPONENT_LOCATIONS
 
     for name, task in _dag_tasks(compiled).items():
         taken = {key for key, value in task["inputs"].get("parameters", {}).items() if "componentInputParameter" in value}

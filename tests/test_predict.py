@@ -18,10 +18,10 @@ import tensorflow as tf
 from scipy import ndimage
 
 from segflow.cli import main
-from segflow.components.transform.core import RAW_FEATURE, TRANSFORMED_FEATURE
-from segflow.io import decode_mask, encode_png, read_image
-from segflow.models import ModelSpec, build_model
-from segflow.predict import (
+from segflow.data.preprocessing import RAW_FEATURE, TRANSFORMED_FEATURE
+from segflow.utils.io import decode_mask, encode_png, read_image
+from segflow.model.models import ModelSpec, build_model
+from segflow.export.predict import (
     PredictError,
     blend_window,
     load_model,
@@ -32,10 +32,10 @@ from segflow.predict import (
     rle_encode,
     tile_positions,
 )
-from segflow.preprocessing import model_pixels
-from segflow.registry import EXPORT_FORMATS
-from segflow.serving import SERVING_SUBDIR, SPEC_FILE, SegmentationServer, ServingSpec, serving_mask_predictor
-from segflow.io import write_json
+from segflow.data.preprocessing import model_pixels
+from segflow.utils.registry import EXPORT_FORMATS
+from segflow.export.serving import SERVING_SUBDIR, SPEC_FILE, SegmentationServer, ServingSpec, serving_mask_predictor
+from segflow.utils.io import write_json
 
 MODEL_SIZE = 256
 CLASSES = ("background", "cell", "border")
@@ -176,8 +176,8 @@ def test_onnx_export_alone_carries_its_spec(models: dict[str, Any], tmp_path: Pa
 
 def test_a_tflite_file_and_its_sidecar_suffice(models: dict[str, Any], tmp_path: Path) -> None:
     """A pushed version may hold model_fp32.tflite and its sidecar JSON but no saved_model."""
-    from segflow.exporters import sidecar, sidecar_name
-    from segflow.io import write_json
+    from segflow.export.exporters import sidecar, sidecar_name
+    from segflow.utils.io import write_json
 
     alone = tmp_path / "model_fp32.tflite"
     shutil.copy(models["tflite"], alone)
@@ -290,7 +290,7 @@ def test_training_scale_follows_how_the_model_was_fed(models: dict[str, Any], tm
     """Crops at full resolution: native scale; fitted with padding: one factor for both sides."""
     from dataclasses import replace
 
-    from segflow.predict import training_scale
+    from segflow.export.predict import training_scale
 
     spec = replace(ServingSpec.load(models["serving"]), resize=resize)
     statistics = tmp_path / "run" / "statistics_gen" / "statistics"

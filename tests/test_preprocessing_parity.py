@@ -17,13 +17,14 @@ import pytest
 import tensorflow as tf
 
 from segflow.components.exporter import core as exporter
-from segflow.components.transform.core import RAW_FEATURE, TRANSFORMED_FEATURE, transform_layer
-from segflow.config import validate_config
-from segflow.evaluation import predict_split
-from segflow.examples import iter_split
-from segflow.io import encode_png
-from segflow.preprocessing import PixelSpec, model_pixels_numpy, scale_pixels, to_model_channels
-from segflow.serving import SERVING_SUBDIR, ServingSpec, predict_image, saved_model_predictor, serving_mask_predictor
+from segflow.components.transform.core import transform_layer
+from segflow.data.preprocessing import RAW_FEATURE, TRANSFORMED_FEATURE
+from segflow.config.experiment import validate_config
+from segflow.evaluate.evaluation import predict_split
+from segflow.data.examples import iter_split
+from segflow.utils.io import encode_png
+from segflow.data.preprocessing import PixelSpec, model_pixels_numpy, scale_pixels, to_model_channels
+from segflow.export.serving import SERVING_SUBDIR, ServingSpec, predict_image, saved_model_predictor, serving_mask_predictor
 from tests.conftest import train_cores
 
 KINDS = ("rgb8", "gray8", "gray16_low8")
@@ -123,7 +124,7 @@ def test_the_evaluator_scores_serving_default(parity_run: dict[str, Any], tmp_pa
 
     report = evaluator.run(parity_run["config"], parity_run["examples"], parity_run["model"], tmp_path / "m", tmp_path / "b")
     served = predict_split(serving_mask_predictor(Path(parity_run["model"]) / SERVING_SUBDIR), parity_run["examples"], "eval")
-    from segflow.metrics import ConfusionMatrix
+    from segflow.model.metrics import ConfusionMatrix
 
     matrix = ConfusionMatrix(2)
     for example in iter_split(parity_run["examples"], "eval"):

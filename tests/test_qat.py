@@ -1,4 +1,4 @@
-"""Quantization-aware training (segflow.qat, tensorflow-model-optimization): every
+"""Quantization-aware training (segflow.model.qat, tensorflow-model-optimization): every
 architecture on a built-in encoder gets a fake-quantized copy that starts from the trained
 weights, fine-tunes, converts to full-integer TFLite and runs in LiteRT; configs that
 cannot work fail at validation. The trainer + exporter round trip of `tflite_int8_qat` is
@@ -12,10 +12,12 @@ import pytest
 import tensorflow as tf
 import tf_keras as keras
 
-from segflow.config import ConfigError, validate_config
-from segflow.models import ModelSpec, build_model
-from segflow.qat import flat_copy, quantization_aware
-from segflow.registry import ARCHITECTURES
+from segflow.config.experiment import validate_config
+
+from segflow.utils.errors import ConfigError
+from segflow.model.models import ModelSpec, build_model
+from segflow.model.qat import flat_copy, quantization_aware
+from segflow.utils.registry import ARCHITECTURES
 from tests.conftest import tiny_raw_config
 
 SHAPE = (32, 32, 1)

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 
 from segflow.components.exporter import core as exporter
-from segflow.config import ConfigError, validate_config
-from segflow.exporters import ExportFormat, quantizer_report_name
-from segflow.litert_quantizer import REPORT_SUFFIX
-from segflow.io import read_json
-from segflow.registry import EXPORT_FORMATS
-from segflow.serving import SERVING_SUBDIR, ServingSpec
-from segflow.tflite_metadata import read_labels
+from segflow.config.experiment import validate_config
+from segflow.utils.errors import ConfigError
+from segflow.export.exporters import ExportFormat, quantizer_report_name
+from segflow.export.litert_quantizer import REPORT_SUFFIX
+from segflow.utils.io import read_json
+from segflow.utils.registry import EXPORT_FORMATS
+from segflow.export.serving import SERVING_SUBDIR, ServingSpec
+from segflow.export.tflite_metadata import read_labels
 from tests.conftest import tiny_raw_config
 from tests.test_exporters import _check_sidecar
 

@@ -23,7 +23,7 @@ def test_isbi2012_int8_within_002_of_float(tmp_path: Path, monkeypatch: pytest.M
     require_dataset("isbi2012_membrane")
     monkeypatch.chdir(REPO)  # the shipped config's paths are relative to the repository root
     run = tmp_path / "isbi"
-    assert main(["run", "pipelines/configs/isbi2012.yaml", "-o", str(run), "--set", f"push.registry={tmp_path / 'registry'}"]) == 0
+    assert main(["run", "configs/isbi2012.yaml", "-o", str(run), "--set", f"push.registry={tmp_path / 'registry'}"]) == 0
     summary = _summary(run)
     assert summary["counts"] == {"examples_in": 30, "examples_written": 30, "quarantined": 0, "skipped": 0, "train_examples": summary["counts"]["train_examples"], "eval_examples": summary["counts"]["eval_examples"]}
     float_iou = summary["metrics"]["eval"]["mean_iou"]
@@ -47,7 +47,7 @@ def test_camvid_subset_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         f"dataset.images={subset / 'train'}", f"dataset.masks={subset / 'trainannot'}", "dataset.eval=null", "dataset.test=null",
         "shape=[192, 256, 3]", "stages.0.epochs=8", f"push.registry={tmp_path / 'registry'}",
     ]
-    assert main(["run", "pipelines/configs/camvid.yaml", "-o", str(run), *[arg for o in overrides for arg in ("--set", o)]]) == 0
+    assert main(["run", "configs/camvid.yaml", "-o", str(run), *[arg for o in overrides for arg in ("--set", o)]]) == 0
     summary = _summary(run)
     assert summary["status"] == "succeeded" and summary["counts"]["examples_written"] == 75
     metrics = summary["metrics"]["eval"]

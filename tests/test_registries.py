@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from segflow.augment import apply_policy, build_policy
-from segflow.losses import LabelSpec, build_loss
-from segflow.models import ModelSpec, build_model
-from segflow.registry import ARCHITECTURES, AUGMENTATIONS, LOSSES, Registry
+from segflow.data.augment import apply_policy, build_policy
+from segflow.model.losses import LabelSpec, build_loss
+from segflow.model.models import ModelSpec, build_model
+from segflow.utils.registry import ARCHITECTURES, AUGMENTATIONS, LOSSES, Registry
 
 
 def test_duplicate_names_are_errors() -> None:
-    registry: Registry = Registry("thing", "segflow.registry")
+    registry: Registry = Registry("thing", "segflow.utils.registry")
     registry.add("a", 1)
     with pytest.raises(ValueError, match="already registered"):
         registry.add("a", 2)

@@ -13,10 +13,11 @@ import pytest
 from PIL import Image
 
 from segflow.cli import main
-from segflow.io import write_json
-from segflow.pipelines.local import SUMMARY_FILE, build_summary
-from segflow.report import SECTIONS, build_report
-from segflow.runtime import execute
+from segflow.utils.io import write_json
+from segflow.pipelines.local import build_summary
+from segflow.evaluate.analyze import SUMMARY_FILE
+from segflow.evaluate.report import SECTIONS, build_report
+from segflow.utils.runtime import execute
 
 DATA_URI = re.compile(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from segflow.augment import apply_policy, build_policy, example_seed
-from segflow.examples import read_fingerprint
+from segflow.data.augment import apply_policy, build_policy, example_seed
+from segflow.data.examples import read_fingerprint
 
 
 def _run_twice(make_config: Any, tmp_path: Path, **overrides: Any) -> list[dict[str, Any]]:
@@ -87,7 +87,7 @@ def _calibration_names(names: list[str], limit: int) -> list[str]:
     from unittest import mock
 
     from segflow.components.exporter import core as exporter
-    from segflow.examples import SegmentationExample
+    from segflow.data.examples import SegmentationExample
 
     examples = [SegmentationExample(name, np.full((4, 4, 3), index, np.uint8), np.zeros((4, 4), np.uint8)) for index, name in enumerate(names)]
     with mock.patch.object(exporter, "iter_split", return_value=iter(examples)):
@@ -105,7 +105,7 @@ def test_tft_statistics_do_not_depend_on_record_order(trained: dict, tmp_path: P
     import tensorflow as tf
 
     from segflow.components.transform import core as transform
-    from segflow.examples import split_dir, split_files, write_shard
+    from segflow.data.examples import split_dir, split_files, write_shard
 
     records = [record.numpy() for record in tf.data.TFRecordDataset(split_files(trained["examples"], "train"), compression_type="GZIP")]
     results = []
@@ -129,11 +129,11 @@ def test_demo_config_runs_are_reproducible(tmp_path: Path) -> None:
     import yaml
 
     from segflow.cli import main
-    from segflow.demo_data import write_demo_dataset
+    from segflow.data.demo_data import write_demo_dataset
 
     repo = Path(__file__).resolve().parents[1]
     data = write_demo_dataset(tmp_path / "data")
-    raw = yaml.safe_load((repo / "pipelines" / "configs" / "demo.yaml").read_text())
+    raw = yaml.safe_load((repo / "configs" / "demo.yaml").read_text())
     raw["dataset"].update(images=str(data / "images"), masks=str(data / "masks"))
     raw["push"] = {"registry": str(tmp_path / "registry")}
     config = tmp_path / "demo.yaml"

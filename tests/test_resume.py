@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from segflow.components.example_gen.core import read_counts
-from segflow.components.trainer.core import BACKUP_FOLDER, HISTORY_FILE, KILL_WORKER_ENV
-from segflow.io import read_json
+from segflow.data.examples import read_counts
+from segflow.components.trainer.core import BACKUP_FOLDER, KILL_WORKER_ENV
+from segflow.evaluate.analyze import HISTORY_FILE
+from segflow.utils.io import read_json
 from tests.conftest import tiny_raw_config
 
 

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from segflow.config import PlateauConfig, ScheduleConfig, validate_config
-from segflow.registry import SCHEDULES
-from segflow.schedules import ReduceOnPlateau, StageSchedule, build_schedule
+from segflow.config.experiment import PlateauConfig, ScheduleConfig, validate_config
+from segflow.utils.registry import SCHEDULES
+from segflow.train.schedules import ReduceOnPlateau, StageSchedule, build_schedule
 
 from tests.conftest import tiny_raw_config
 

@@ -14,10 +14,11 @@ import yaml
 
 from segflow.cli import main
 from segflow.components.example_gen import core as example_gen
-from segflow.config import ConfigError, validate_config
-from segflow.demo_data import write_demo_dataset
-from segflow.serving import SERVING_SUBDIR
-from segflow.examples import assign_folds, group_key, iter_split, present_splits
+from segflow.config.experiment import validate_config
+from segflow.utils.errors import ConfigError
+from segflow.data.demo_data import write_demo_dataset
+from segflow.export.serving import SERVING_SUBDIR
+from segflow.data.examples import assign_folds, group_key, iter_split, present_splits
 from tests.conftest import tiny_raw_config
 
 
@@ -130,7 +131,7 @@ def test_kfold_run_reports_every_fold_and_the_test_ensemble(tiny_data: Path, tes
     metrics, which equal a direct computation from the fold models' mean probabilities."""
     import tensorflow as tf
 
-    from segflow.metrics import ConfusionMatrix
+    from segflow.model.metrics import ConfusionMatrix
 
     raw = _raw(tiny_data, folds=3, folds_to_train=[0, 2], test={"images": str(test_folder / "images"), "masks": str(test_folder / "masks")})
     (tmp_path / "kfold.yaml").write_text(yaml.safe_dump(raw))

@@ -1,4 +1,4 @@
-"""segflow.storage on local paths, and on a real S3-compatible server (moto in server mode):
+"""segflow.utils.storage on local paths, and on a real S3-compatible server (moto in server mode):
 ExampleGen reading a dataset from s3://, the Pusher publishing to s3://, `localized`."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Iterator
 
 import pytest
 
-from segflow import storage
-from segflow.config import validate_config
-from segflow.demo_data import write_demo_dataset
+from segflow.utils import storage
+from segflow.config.experiment import validate_config
+from segflow.data.demo_data import write_demo_dataset
 from tests.conftest import tiny_raw_config
 
 BUCKET = "segflow-test"
@@ -172,7 +172,7 @@ def test_example_gen_reads_a_dataset_from_s3(s3_root: str, tmp_path: Path) -> No
 def test_trainer_reads_its_inputs_from_s3(s3_root: str, trained: dict, tmp_path: Path) -> None:
     """Examples and the transform graph in a bucket: the trainer copies them down and trains."""
     from segflow.components.trainer import core as trainer
-    from segflow.serving import SERVING_SUBDIR
+    from segflow.export.serving import SERVING_SUBDIR
 
     examples = storage.join(s3_root, "examples")
     transform = storage.join(s3_root, "transform")
@@ -184,10 +184,10 @@ def test_trainer_reads_its_inputs_from_s3(s3_root: str, trained: dict, tmp_path:
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_pusher_versions_and_uncommitted_folders(where: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    from segflow.components.evaluator.core import BLESSED
-    from segflow.components.exporter.core import EXPORTS_FILE
+    from segflow.evaluate.evaluation import BLESSED
+    from segflow.export.exporters import EXPORTS_FILE
     from segflow.components.pusher import core as pusher
-    from segflow.io import write_json
+    from segflow.utils.io import write_json
 
     registry = storage.join(request.getfixturevalue("s3_root"), "registry") if where == "s3" else str(tmp_path / "registry")
     config = validate_config(tiny_raw_config(tmp_path, push={"registry": registry}))

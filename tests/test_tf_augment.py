@@ -1,4 +1,4 @@
-"""The TensorFlow versions of augmentation transforms (segflow/tf_augment.py) against
+"""The TensorFlow versions of augmentation transforms (segflow/data/tf_augment.py) against
 albumentations, and the trainer's stream on the TF path.
 
 Every entry of TF_TRANSFORMS is exercised through CASES (a new entry without a case fails
@@ -18,8 +18,8 @@ import pytest
 import tensorflow as tf
 from albumentations.augmentations.geometric import functional as fgeometric
 
-from segflow.augment import build_policy
-from segflow.tf_augment import TF_TRANSFORMS, TFTransform, affine_matrix, build_tf_policy, example_seed_tensor
+from segflow.data.augment import build_policy
+from segflow.data.tf_augment import TF_TRANSFORMS, TFTransform, affine_matrix, build_tf_policy, example_seed_tensor
 
 IGNORE = 11
 CASES: dict[str, list[dict[str, Any]]] = {
@@ -196,8 +196,8 @@ def test_example_seed_depends_on_seed_epoch_and_file() -> None:
 def test_trainer_stream_on_the_tf_path_is_deterministic(make_config: Any, tmp_path: Path) -> None:
     from segflow.components.example_gen import core as example_gen
     from segflow.components.trainer import core as trainer
-    from segflow.components.transform.core import RAW_FEATURE, TRANSFORMED_FEATURE
-    from segflow.preprocessing import PixelSpec
+    from segflow.data.preprocessing import RAW_FEATURE, TRANSFORMED_FEATURE
+    from segflow.data.preprocessing import PixelSpec
 
     augmentation = {
         "HorizontalFlip": {"p": 0.5},

@@ -11,9 +11,9 @@ from typing import Any, Callable
 
 import pytest
 
-from segflow import tracking
-from segflow.config import ExperimentConfig
-from segflow.io import write_json
+from segflow.evaluate import tracking
+from segflow.config.experiment import ExperimentConfig
+from segflow.utils.io import write_json
 
 
 def _run_folder(root: Path) -> dict[str, Any]:

@@ -17,9 +17,10 @@ import tensorflow as tf
 import tf_keras as keras
 
 from segflow.components.trainer import core as trainer
-from segflow.components.trainer.core import BACKUP_FOLDER, HISTORY_FILE, LAST_GOOD_FILE, TRAINING_FILE
-from segflow.config import ExperimentConfig, validate_config
-from segflow.io import read_json
+from segflow.components.trainer.core import BACKUP_FOLDER, LAST_GOOD_FILE, TRAINING_FILE
+from segflow.evaluate.analyze import HISTORY_FILE
+from segflow.config.experiment import ExperimentConfig, validate_config
+from segflow.utils.io import read_json
 from tests.conftest import tiny_raw_config
 
 
@@ -118,8 +119,8 @@ def test_speed_switches_train_and_serve_float32(
 ) -> None:
     from ai_edge_litert.interpreter import Interpreter
 
-    from segflow.exporters import EXPORT_FORMATS
-    from segflow.serving import SERVING_SUBDIR
+    from segflow.export.exporters import EXPORT_FORMATS
+    from segflow.export.serving import SERVING_SUBDIR
 
     config = make_config(trainer=switches)
     networks: list[keras.Model] = []

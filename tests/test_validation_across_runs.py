@@ -14,10 +14,10 @@ from segflow.components.example_gen import core as example_gen
 from segflow.components.example_validator import core as example_validator
 from segflow.components.schema_gen import core as schema_gen
 from segflow.components.statistics_gen import core as statistics_gen
-from segflow.config import ExperimentConfig, validate_config
-from segflow.demo_data import CLASS_NAMES
-from segflow.examples import SegmentationExample, serialize
-from segflow.io import encode_png
+from segflow.config.experiment import ExperimentConfig, validate_config
+from segflow.data.demo_data import CLASS_NAMES
+from segflow.data.examples import SegmentationExample, serialize
+from segflow.utils.io import encode_png
 from tests.conftest import tiny_raw_config
 
 DRIFT_CODES = {"BIT_DEPTH_CHANGED", "DYNAMIC_RANGE_CHANGED", "IMAGE_SIZE_CHANGED", "CLASS_DRIFT", "OUT_OF_DOMAIN", "MIXED_BIT_DEPTH"}
