@@ -58,9 +58,10 @@ test-mediapipe: install $(MEDIAPIPE_VENV)/.installed-stamp
 	$(BIN)/pytest -m mediapipe -rs -s tests/test_mediapipe.py; status=$$?; \
 	echo "test-mediapipe: $$(( $$(date +%s) - start )) s"; exit $$status
 
-## golden: rewrite tests/golden/pipeline.yaml, pipeline-kfold.yaml and pipeline-cluster.yaml after an intended change of the compiled pipeline
+## golden: rewrite tests/golden/pipeline.yaml, pipeline-kfold.yaml and pipeline-cluster.yaml after an intended change of the compiled pipeline,
+## and configs/segflow.schema.json after a change of the config models
 golden: install
-	SEGFLOW_UPDATE_GOLDEN=1 $(BIN)/pytest tests/test_pipeline.py tests/test_cluster.py -k golden
+	SEGFLOW_UPDATE_GOLDEN=1 $(BIN)/pytest tests/test_pipeline.py tests/test_cluster.py tests/test_config.py -k "golden or schema"
 
 clean:
 	rm -rf $(VENV) $(MEDIAPIPE_VENV) runs data model-registry

@@ -1,4 +1,4 @@
-"""`segflow` command line: run, validate, compile, submit, schedule, runs, predict, report, demo-data, list."""
+"""`segflow` command line: every command calls segflow.api or the module that does the work (`segflow --help` lists them)."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from segflow.config.experiment import ExperimentConfig, load_config
+from segflow import api
+from segflow.config.experiment import ExperimentConfig
 from segflow.pipelines.kubeflow import KubeflowError
 from segflow.utils.errors import ConfigError
 
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def _load(args: argparse.Namespace) -> ExperimentConfig:
-    return load_config(args.config, args.set or [])
+    return api.load_config(args.config, args.set or [])
 
 
 def _add_config_arguments(parser: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -36,7 +37,7 @@ def _run(args: argparse.Namespace, kind: str) -> int:
 
 def _run_local(args: argparse.Namespace, kind: str, native: NativeOutput | None) -> int:
     from segflow.cluster.containers import DEFAULT_IMAGE, ContainerEngineError
-    from segflow.pipelines.local import default_output, run_local
+    from segflow.pipelines.local import default_output
     from segflow.utils.storage import is_uri
 
     if args.image and not args.containers:
@@ -52,7 +53,7 @@ def _run_local(args: argparse.Namespace, kind: str, native: NativeOutput | None)
     output = args.output or default_output(config)
     image = (args.image or DEFAULT_IMAGE) if args.containers else None
     try:
-        summary = run_local(config, output, kind=kind, verbose=args.verbose, image=image)
+        summary = api.run(config, output, kind=kind, verbose=args.verbose, image=image)
         if native is not None and not is_uri(str(output)):
             native.keep(output)  # only now: a refused --output may be another run's folder
     except ContainerEngineError as error:
@@ -64,14 +65,12 @@ def _run_local(args: argparse.Namespace, kind: str, native: NativeOutput | None)
 
 def _resume(args: argparse.Namespace, native: NativeOutput | None) -> int:
     """`segflow run --resume RUN_DIR`: the run folder's own config; nothing else may change."""
-    from segflow.pipelines.local import resume_local
-
     conflicting = [flag for flag, value in (("CONFIG", args.config), ("--set", args.set), ("--output", args.output), ("--containers", args.containers)) if value]
     if conflicting:
         print(f"segflow: error: --resume continues RUN_DIR with its own config.yaml; drop {', '.join(conflicting)}", file=sys.stderr)
         return 2
     try:
-        summary = resume_local(args.resume, verbose=args.verbose)
+        summary = api.resume(args.resume, verbose=args.verbose)
         if native is not None:
             native.keep(args.resume)
     except (ValueError, FileNotFoundError) as error:
@@ -187,30 +186,21 @@ def _runs(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from segflow.export.predict import (
-        PredictError,
-        PredictOptions,
-        list_inputs,
-        load_model,
-        parse_scale,
-        predict_files,
-        resolve_scale,
-    )
+    from segflow.export.predict import PredictError, PredictOptions, parse_scale
 
     try:
         defaults_replaced = {name: getattr(args, name) for name in ("overlap", "batch") if getattr(args, name) is not None}
         options = PredictOptions(
             tta=args.tta, threshold=args.threshold, min_object=args.min_object, min_hole=args.min_hole, scale=parse_scale(args.scale), **defaults_replaced
         )
-        inputs = list_inputs(args.input)
-        model = load_model(args.model, args.spec)
-        print(f"model: {model.path} ({model.note}), spec {model.spec_source}", file=sys.stderr)
-        scale, source = resolve_scale(options, model)
-        print(f"scale: {scale[0]:g} x {scale[1]:g} ({source}{'' if options.scale else '; --scale to change'})", file=sys.stderr)
-        report = predict_files(model, inputs, args.output, args.format or ["png"], options)
+        result = api.predict(args.model, args.input, args.output, args.format or ["png"], options, spec=args.spec)
     except PredictError as error:
         print(f"segflow: error: {error}", file=sys.stderr)
         return 2
+    print(f"model: {result.model} ({result.model_note}), spec {result.spec_source}", file=sys.stderr)
+    scale = result.scale
+    print(f"scale: {scale[0]:g} x {scale[1]:g} ({result.scale_source}{'' if options.scale else '; --scale to change'})", file=sys.stderr)
+    report = result.report
     print(f"predicted {report['written']} of {report['images']} images in {report['seconds']:.1f} s; wrote {Path(args.output).resolve()}")
     if report["skipped"]:
         print(f"skipped {len(report['skipped'])} (listed in {Path(args.output) / 'predict.json'}):", file=sys.stderr)
@@ -307,6 +297,18 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.html:
         write_html(comparison, args.html)
         print(f"wrote {Path(args.html).resolve()}")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from segflow.config.experiment import config_schema
+
+    text = json.dumps(config_schema(), indent=2) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"wrote {args.output}; point a config at it with the first line  # yaml-language-server: $schema=<its path relative to the config, or a URL>", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -479,6 +481,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=128)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=_demo_data)
+
+    schema = commands.add_parser("schema", help="print the JSON Schema of the experiment config, for editors' completion and inline errors")
+    schema.add_argument("--output", "-o", metavar="FILE", help="write it to FILE instead of standard output")
+    schema.set_defaults(handler=_schema)
 
     list_ = commands.add_parser("list", help="list registered entries of a kind")
     list_.add_argument("kind", choices=sorted(REGISTRIES))

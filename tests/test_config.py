@@ -1,17 +1,19 @@
 """Config validation: the user contract of DESIGN.md and clear key-path errors."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
-from segflow.config.experiment import apply_override, load_config, validate_config
-
-from segflow.utils.errors import ConfigError
-
-from segflow.model.losses import parse_loss
+from segflow.cli import main
 from segflow.config.component_config import resolve_locations
+from segflow.config.experiment import apply_override, config_schema, load_config, validate_config
+from segflow.model.losses import parse_loss
+from segflow.utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,6 +50,52 @@ export: [saved_model, tflite_int8]
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path: Path) -> None:
     load_config(path)
+
+
+SCHEMA_FILE = REPO / "configs" / "segflow.schema.json"
+
+
+def test_the_checked_in_schema_is_segflow_schemas_output() -> None:
+    """configs/segflow.schema.json is what `segflow schema` prints (SEGFLOW_UPDATE_GOLDEN=1 rewrites it)."""
+    current = json.dumps(config_schema(), indent=2) + "\n"
+    if os.environ.get("SEGFLOW_UPDATE_GOLDEN"):
+        SCHEMA_FILE.write_text(current)
+    assert SCHEMA_FILE.read_text() == current, "the config models changed: run `make golden` to rewrite configs/segflow.schema.json"
+
+
+def test_segflow_schema_prints_the_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["schema"]) == 0
+    assert json.loads(capsys.readouterr().out) == config_schema()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate_against_the_schema_and_point_editors_at_it(path: Path) -> None:
+    assert path.read_text().splitlines()[0] == "# yaml-language-server: $schema=segflow.schema.json"
+    errors = [f"{'.'.join(map(str, error.path))}: {error.message}" for error in jsonschema.Draft202012Validator(config_schema()).iter_errors(yaml.safe_load(path.read_text()))]
+    assert not errors
+
+
+@pytest.mark.parametrize(
+    ("raw", "path"),
+    [
+        (minimal(epochz=3), []),
+        (minimal(model={"dpeth": 3}), ["model"]),
+        (minimal(batch=0), ["batch"]),
+        (minimal(export="saved_model"), ["export"]),
+        (minimal(normalization="zscore"), ["normalization"]),
+    ],
+)
+def test_the_schema_refuses_what_the_config_refuses(raw: dict, path: list[str]) -> None:
+    with pytest.raises(ConfigError):
+        validate_config(raw)
+    errors = list(jsonschema.Draft202012Validator(config_schema()).iter_errors(raw))
+    assert [list(error.path) for error in errors] == [path]
+
+
+def test_the_schema_takes_the_shorthand_sections() -> None:
+    raw = minimal(export=["saved_model"], normalization="minmax")
+    validate_config(raw)
+    assert not list(jsonschema.Draft202012Validator(config_schema()).iter_errors(raw))
 
 
 @pytest.mark.parametrize(

@@ -554,6 +554,11 @@ class TrackingConfig(_Strict):
     experiment: str | None = Field(None, description="MLflow experiment name; null: the config's name")
 
 
+# Sections that may be written as the value of their main key: `export: [a, b]` is short for
+# `export: {formats: [a, b]}`. The config's validator and its JSON Schema both read this table.
+SHORTHANDS = {"export": "formats", "normalization": "method"}
+
+
 class ExperimentConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     dataset: DatasetConfig
@@ -593,11 +598,11 @@ class ExperimentConfig(_Strict):
     kubernetes: KubernetesConfig = KubernetesConfig()
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow logging of a finished local run")
 
-    @field_validator("normalization", mode="before")
+    @field_validator(*SHORTHANDS, mode="before")
     @classmethod
-    def _normalization(cls, value: Any) -> Any:
-        """`normalization: minmax` is short for `normalization: {method: minmax}`."""
-        return {"method": value} if isinstance(value, str) else value
+    def _shorthand(cls, value: Any, info: ValidationInfo) -> Any:
+        """`normalization: minmax` is short for `normalization: {method: minmax}` (SHORTHANDS)."""
+        return value if isinstance(value, dict) else {SHORTHANDS[info.field_name]: value}
 
     @field_validator("classes")
     @classmethod
@@ -650,11 +655,6 @@ class ExperimentConfig(_Strict):
     def _loss(cls, value: str) -> str:
         parse_loss(value)
         return value
-
-    @field_validator("export", mode="before")
-    @classmethod
-    def _export(cls, value: Any) -> Any:
-        return {"formats": value} if isinstance(value, list) else value
 
     @model_validator(mode="after")
     def _network(self) -> "ExperimentConfig":
@@ -866,3 +866,18 @@ def load_config(path: str | os.PathLike[str], overrides: list[str] | tuple[str, 
             break
         apply_override(raw, assignment)
     return validate_config(raw, str(path))
+
+
+def config_schema() -> dict[str, Any]:
+    """The JSON Schema of an experiment YAML (`segflow schema`), for editors' completion and inline
+    errors. It checks structure, types, ranges and names of keys; the cross-key rules (a loss
+    expression, an augmentation's parameters, a backbone that fits the architecture) are the
+    validator's, so `segflow validate` remains the full check."""
+    schema = ExperimentConfig.model_json_schema()
+    definitions = schema["$defs"]
+    for section, key in SHORTHANDS.items():
+        full = schema["properties"][section]
+        reference = full.get("$ref") or next(option["$ref"] for option in full.get("anyOf", full.get("allOf", [])) if "$ref" in option)
+        short = definitions[reference.rsplit("/", 1)[-1]]["properties"][key]
+        schema["properties"][section] = {"anyOf": [{"$ref": reference}, short], "description": full.get("description", f"{section} section, or its {key} alone")}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "segflow experiment config", **schema}

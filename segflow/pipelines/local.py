@@ -20,11 +20,7 @@ import warnings
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, TextIO
 
-from segflow.components.evaluator.core import (
-    is_blessed,
-    read_metrics,
-    read_test_metrics,
-)
+from segflow.components.evaluator.core import read_metrics, read_test_metrics
 from segflow.components.example_validator.core import read_anomalies
 from segflow.components.exporter.core import read_exports
 from segflow.components.pusher.core import PUSH_FILE
@@ -40,7 +36,7 @@ from segflow.data.examples import (
     read_fingerprint,
 )
 from segflow.evaluate.analyze import SUMMARY_FILE
-from segflow.evaluate.evaluation import METRICS_FILE, read_blessing
+from segflow.evaluate.evaluation import METRICS_FILE, is_blessed, read_blessing
 from segflow.evaluate.tracking import log_to_mlflow, track_run
 from segflow.export.exporters import EXPORTS_FILE
 from segflow.utils import storage
