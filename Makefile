@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install demo test test-extended test-slow test-containers test-mediapipe golden clean
+.PHONY: install demo test test-extended test-slow test-containers test-mediapipe docs golden clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -58,10 +58,16 @@ test-mediapipe: install $(MEDIAPIPE_VENV)/.installed-stamp
 	$(BIN)/pytest -m mediapipe -rs -s tests/test_mediapipe.py; status=$$?; \
 	echo "test-mediapipe: $$(( $$(date +%s) - start )) s"; exit $$status
 
+## docs: the documentation site (mkdocs.yml, docs/) into site/, with --strict (a broken link or a page missing from
+## the nav fails); the reference pages for the CLI, the config keys and the Python API are generated from the code first
+docs: install
+	$(BIN)/python -m segflow.reference docs/reference
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 ## golden: rewrite tests/golden/pipeline.yaml, pipeline-kfold.yaml and pipeline-cluster.yaml after an intended change of the compiled pipeline,
-## and configs/segflow.schema.json after a change of the config models
+## configs/segflow.schema.json after a change of the config models, docs/reference/*.md after one of the CLI or the API
 golden: install
-	SEGFLOW_UPDATE_GOLDEN=1 $(BIN)/pytest tests/test_pipeline.py tests/test_cluster.py tests/test_config.py -k "golden or schema"
+	SEGFLOW_UPDATE_GOLDEN=1 $(BIN)/pytest tests/test_pipeline.py tests/test_cluster.py tests/test_config.py tests/test_reference.py -k "golden or schema or reference_pages"
 
 clean:
-	rm -rf $(VENV) $(MEDIAPIPE_VENV) runs data model-registry
+	rm -rf $(VENV) $(MEDIAPIPE_VENV) runs data model-registry site

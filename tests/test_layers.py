@@ -1,6 +1,6 @@
 """The architecture as a test: import-linter's contracts in pyproject.toml ([tool.importlinter]).
 
-The layers (cli > api > pipelines > components > cluster > train > evaluate > export > config >
+The layers (reference > cli > api > pipelines > components > cluster > train > evaluate > export > config >
 model > data > utils > console) may import downwards only, and no sibling modules or packages
 import each other in a cycle. A change that breaks either fails here with the offending imports.
 """
