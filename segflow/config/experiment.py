@@ -42,16 +42,20 @@ DEFAULT_EVAL_SPLIT = 0.2
 class SplitFolders(_Strict):
     """The image and mask folders of one named split (a dataset's official eval or test set)."""
 
-    images: str
-    masks: str
+    images: str = Field(description="the split's image folder (local path or gs:// / s3:// URI)")
+    masks: str = Field(description="the split's mask folder; each mask has the file stem of its image")
 
 
 class DatasetConfig(_Strict):
     """Where the data is (local paths or gs:// / s3:// URIs) and how it is split: a hash split
     of `images`/`masks` (eval_split), named `eval`/`test` folders, or k folds."""
 
-    images: str
-    masks: str
+    images: str = Field(
+        description="folder of the images (PNG, JPEG, TIFF or BMP; 8 or 16 bit; 1, 3 or 4 channels), a local path or a gs:// / s3:// URI; subfolders are not read"
+    )
+    masks: str = Field(
+        description="folder of the masks, one per image with the same file stem (the extension may differ); values are class ids, or those of mask_values"
+    )
     eval_split: float | None = Field(
         None, gt=0.0, lt=1.0, description=f"exact share of examples (or groups) in the eval split; null: {DEFAULT_EVAL_SPLIT} unless eval folders or folds are given"
     )
@@ -272,7 +276,7 @@ class StageConfig(_Strict):
     """One training stage; several stages continue from each other's weights. A key left
     null takes the top-level value (optimizer, schedule, callbacks, loss, model.freeze_encoder)."""
 
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(10, ge=1, description="training epochs of the stage (early_stopping may end it sooner)")
     learning_rate: float = Field(1e-3, gt=0.0, description="the stage's rate: the schedule's peak")
     freeze_encoder: bool | None = Field(None, description="this stage's encoder freezing; null: model.freeze_encoder")
     optimizer: OptimizerConfig | None = None
@@ -303,7 +307,13 @@ class ModelConfig(_Strict):
         None, ge=1, le=6, description="encoder levels (down-samplings; total stride 2**depth); null: the backbone's own (simple: 4, others: 5)"
     )
     base_filters: int = Field(32, ge=4, le=256, description="filters of the first level; doubled per level")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="dropout rate at one place of the decoder (unet, linknet: the coarsest features; fpn: the summed heads; pspnet: after "
+        "pyramid pooling; deeplabv3plus: after ASPP), against overfitting; 0: off",
+    )
     encoder_weights: str | None = Field(
         None, min_length=1, description="imagenet (from the Keras cache, never downloaded), a weights file, or null: random initialisation"
     )
@@ -320,7 +330,11 @@ class BeamConfig(_Strict):
     PNG encoding and GZIP release the GIL, and benchmarks/example_gen_modes.py measured
     threads faster than processes (whose workers take seconds to start) on 2 cores."""
 
-    running_mode: Literal["multi_processing", "multi_threading", "in_memory"] = "multi_threading"
+    running_mode: Literal["multi_processing", "multi_threading", "in_memory"] = Field(
+        "multi_threading",
+        description="DirectRunner only: multi_threading (num_workers threads), multi_processing (num_workers processes, each seconds "
+        "to start) or in_memory (one worker)",
+    )
     num_workers: int = Field(0, ge=0, description="0 means one worker per available core")
     runner: Literal["DirectRunner", "DataflowRunner", "FlinkRunner", "SparkRunner"] = Field(
         "DirectRunner", description="DirectRunner runs inside the step's process (pod); the others submit the step's Beam job to that service"
@@ -341,7 +355,9 @@ class BeamConfig(_Strict):
 class ValidationConfig(_Strict):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
 
-    on_anomaly: Literal["warn", "fail"] = "warn"
+    on_anomaly: Literal["warn", "fail"] = Field(
+        "warn", description="what a data anomaly of the ExampleValidator does: warn records and prints it, fail stops the run before training"
+    )
     max_class_shift: float = Field(0.15, gt=0.0, le=1.0, description="L-infinity distance of class frequencies")
     # `schema` in YAML; named schema_path here because pydantic models own a `schema` attribute.
     schema_path: str | None = Field(None, alias="schema", description="schema.pbtxt (or a SchemaGen output folder) of an earlier run to validate against")
@@ -425,7 +441,11 @@ class EvaluationConfig(_Strict):
 
 
 class PushConfig(_Strict):
-    registry: str = "model-registry"
+    registry: str = Field(
+        "model-registry",
+        description="where a blessed model is pushed, as <registry>/<name>/<version>/ (a path or a gs:// / s3:// URI); its latest version is "
+        "the evaluator's baseline; on Kubeflow the pipeline parameter registry overrides it",
+    )
 
 
 class ExportConfig(_Strict):
@@ -487,21 +507,32 @@ class TrainerConfig(_Strict):
 
 
 class Toleration(_Strict):
-    key: str
-    operator: Literal["Equal", "Exists"] = "Equal"
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    key: str = Field(description="the key of the node taint tolerated, e.g. nvidia.com/gpu")
+    operator: Literal["Equal", "Exists"] = Field("Equal", description="Equal: the taint's value must be `value`; Exists: any value of the key")
+    value: str | None = Field(None, description="the taint's value, for operator Equal")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="the taint effect tolerated; null: every effect"
+    )
 
 
 class NodePool(_Strict):
     """Where a step's pods are scheduled."""
 
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="node labels the pods' nodes must have (Kubernetes nodeSelector), e.g. {cloud.google.com/gke-accelerator: nvidia-tesla-t4}"
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, description="node taints the pods tolerate (Kubernetes tolerations), e.g. a GPU pool's nvidia.com/gpu taint"
+    )
     accelerator_type: str | None = Field(
         None, description="the accelerator resource requested, e.g. nvidia.com/gpu (default when accelerator_count > 0); pick the GPU model with node_selector"
     )
-    accelerator_count: int = Field(0, ge=0)
+    accelerator_count: int = Field(
+        0,
+        ge=0,
+        description="accelerators (accelerator_type) each pod gets as a limit; in trainer_pool, more than 0 also runs the trainer in "
+        "gpu_image (when set); 0: none",
+    )
 
     @model_validator(mode="after")
     def _accelerators(self) -> "NodePool":
@@ -513,18 +544,18 @@ class NodePool(_Strict):
 class Resources(_Strict):
     """Kubernetes requests and limits (quantities as Kubernetes writes them: '2', '500m', '8Gi')."""
 
-    cpu: str | None = None
-    memory: str | None = None
-    cpu_limit: str | None = None
-    memory_limit: str | None = None
+    cpu: str | None = Field(None, description="CPU request, e.g. '500m' or '4'; null: the default entry's, else none")
+    memory: str | None = Field(None, description="memory request, e.g. '2Gi'; null: the default entry's, else none")
+    cpu_limit: str | None = Field(None, description="CPU limit; null: the default entry's, else none")
+    memory_limit: str | None = Field(None, description="memory limit, e.g. '32Gi'; null: the default entry's, else none")
 
 
 class SecretEnv(_Strict):
     """An environment variable of every step, taken from a Kubernetes Secret (never a literal)."""
 
-    secret: str
-    key: str
-    env: str
+    secret: str = Field(description="name of the Kubernetes Secret")
+    key: str = Field(description="the key in the Secret whose value the variable gets")
+    env: str = Field(description="name of the environment variable")
 
 
 class KubernetesConfig(_Strict):
@@ -532,16 +563,26 @@ class KubernetesConfig(_Strict):
 
     image: str = Field("ghcr.io/segflow/segflow:0.1.0", description="registry/name:tag of the segflow image every step runs in")
     gpu_image: str | None = Field(None, description="image of the trainer when it has accelerators (the GPU build); default: image")
-    namespace: str = "segflow"
-    service_account: str = "segflow-launcher"
+    namespace: str = Field(
+        "segflow", description="namespace in which the multi-worker launcher (trainer.workers > 1) creates its Job or TFJob, pods and Service"
+    )
+    service_account: str = Field(
+        "segflow-launcher",
+        description="service account of the runs segflow submit and schedule create (--service-account overrides it; '': KFP's default); "
+        "k8s/ gives segflow-launcher the Role the multi-worker launcher needs",
+    )
     pipeline_root: str | None = Field(None, description="gs://, s3:// or minio:// URI, or a PVC path, for KFP artifacts")
     pvc: str | None = Field(None, description="a PersistentVolumeClaim mounted at pvc_mount_path in every step")
     pvc_mount_path: str = Field("/mnt/segflow", pattern=r"^/", description="where the PVC is mounted (an absolute path)")
     trainer_pool: NodePool = Field(default_factory=NodePool, description="where the trainer step runs (the GPU node pool)")
     data_pool: NodePool = Field(default_factory=NodePool, description="where every other step runs (a CPU node pool)")
     resources: dict[str, Resources] = Field(default_factory=dict, description="per component name, or 'default'")
-    retries: int = Field(0, ge=0, le=10)
-    caching: bool = True
+    retries: int = Field(
+        0, ge=0, le=10, description="times a failed step is retried (also the backoffLimit of the multi-worker Job or TFJob); 0: none"
+    )
+    caching: bool = Field(
+        True, description="KFP's cache: a step whose inputs did not change is not re-run (dataset_fingerprint and the evaluator are never cached)"
+    )
     secrets: list[SecretEnv] = Field(default_factory=list)
 
 
@@ -560,15 +601,35 @@ SHORTHANDS = {"export": "formats", "normalization": "method"}
 
 
 class ExperimentConfig(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="the experiment's name (letters, digits, _ . -): names the run folder runs/<name>-<timestamp>, the model in push.registry, "
+        "the Kubeflow pipeline and experiment, and the MLflow experiment",
+    )
     dataset: DatasetConfig
-    classes: int | list[str] = 2
+    classes: int | list[str] = Field(
+        2,
+        description="class names in label-id order, or their count (named by their ids); 1 (or one name): a binary mask, trained as "
+        "foreground with one sigmoid channel, background added",
+    )
     ignore_index: int | None = Field(None, ge=0, le=255, description="label value skipped by losses and metrics")
-    mask_values: list[int] | None = None
-    shape: list[int] = Field(default_factory=lambda: [256, 256, 3], min_length=3, max_length=3)
-    architecture: str = "unet"
-    backbone: str = "simple"
-    model: ModelConfig = ModelConfig()
+    mask_values: list[int] | None = Field(
+        None,
+        description="raw mask values of the class labels in id order, e.g. [0, 255]; null: masks hold the class ids; a mask with another "
+        "value (not ignore_index) is quarantined",
+    )
+    shape: list[int] = Field(
+        default_factory=lambda: [256, 256, 3],
+        min_length=3,
+        max_length=3,
+        description="model input [height, width, channels]: height and width at least 16 and multiples of the network's total stride; "
+        "channels 1 or 3 (images are converted: grey repeated to 3, colour to luma for 1, alpha dropped)",
+    )
+    architecture: str = Field("unet", description="the decoder: a row of `segflow list architectures`")
+    backbone: str = Field("simple", description="the encoder: a row of `segflow list backbones`")
+    model: ModelConfig = Field(
+        ModelConfig(), description="the network: encoder depth, filters, dropout, pretrained encoder weights, encoder freezing, pixel shuffle"
+    )
     normalization: NormalizationConfig = Field(
         default_factory=NormalizationConfig, description="a method name (standard, minmax, max, none) or the whole section"
     )
@@ -577,23 +638,37 @@ class ExperimentConfig(_Strict):
         default_factory=dict,
         description="{Name: {parameters}} applied in order, or a list of one-key mappings with Compose/OneOf/SomeOf groups (segflow.data.augment)",
     )
-    loss: str = "crossentropy"
+    loss: str = Field(
+        "crossentropy",
+        description="the training loss: a weighted sum of registered losses with optional parameters, e.g. crossentropy+0.5*dice "
+        "(`segflow list losses`)",
+    )
     class_weights: Literal["auto"] | list[float] | None = Field(
         None, description="per-class loss weights by label id, or auto: median-frequency weights from the train split"
     )
-    batch: int = Field(8, ge=1)
+    batch: int = Field(
+        8, ge=1, description="training examples per step and replica (global batch: batch x replicas); halved when a stage runs out of memory"
+    )
     stages: list[StageConfig] = Field(default_factory=lambda: [StageConfig()], min_length=1)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="every stage's optimizer unless the stage has its own")
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, description="every stage's learning-rate schedule unless the stage has its own")
     callbacks: CallbacksConfig = Field(default_factory=CallbacksConfig, description="every stage's callbacks unless the stage has its own")
     export: ExportConfig = ExportConfig()
     qat: QatConfig | None = Field(None, description="quantization-aware training after the stages; needed by the tflite_int8_qat export")
-    seed: int = 0
+    seed: int = Field(
+        0, description="random seed of training: weight initialisation, shuffling, augmentation and crop draws (the splits come from file-name hashes)"
+    )
     deterministic: bool = Field(False, description="TensorFlow op determinism: identical runs give identical metrics (slower)")
     beam: BeamConfig = BeamConfig()
-    validation: ValidationConfig = ValidationConfig()
-    evaluation: EvaluationConfig = EvaluationConfig()
-    push: PushConfig = PushConfig()
+    validation: ValidationConfig = Field(
+        ValidationConfig(), description="the ExampleValidator's data checks (class balance, an earlier run's schema or statistics) and what an anomaly does"
+    )
+    evaluation: EvaluationConfig = Field(
+        EvaluationConfig(),
+        description="the Evaluator: metrics, slices, test-time augmentation and the thresholds that bless a model (only a blessed model "
+        "is exported and pushed)",
+    )
+    push: PushConfig = Field(PushConfig(), description="where the Pusher publishes a blessed model")
     trainer: TrainerConfig = TrainerConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow logging of a finished local run")
