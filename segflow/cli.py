@@ -343,13 +343,8 @@ def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ui-host", metavar="URL", help="the Kubeflow Pipelines UI, for printed links (default: --host)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from segflow.pipelines.lr_find import SweepSettings
-    from segflow.utils.registry import REGISTRIES
-
-    parser = argparse.ArgumentParser(prog="segflow", description="Image-segmentation training pipeline (TFX-style components on KFP and Beam).")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def _add_local_run_commands(commands: argparse._SubParsersAction) -> None:
+    """run and validate: the DAG on this machine."""
     for kind, command, summary in (
         ("train", "run", "run the whole DAG locally (kfp.local)"),
         ("validate", "validate", "ExampleGen, statistics, schema and data validation only"),
@@ -372,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
         local_run.set_defaults(handler=lambda args, kind=kind: _run(args, kind))
 
+
+def _add_kubeflow_commands(commands: argparse._SubParsersAction) -> None:
+    """compile, submit, schedule, runs: the DAG on Kubeflow Pipelines."""
     compile_ = commands.add_parser("compile", help="write the KFP v2 pipeline YAML for Kubeflow")
     _add_config_arguments(compile_)
     compile_.add_argument("--output", "-o", required=True, help="YAML file to write")
@@ -415,6 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--json", action="store_true")
     runs.set_defaults(handler=_runs)
 
+
+def _add_predict_command(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser("predict", help="segment images of any size with a trained model (tiles with overlap, blended)")
     predict.add_argument(
         "model", help="a SavedModel folder, a run folder (its served model), an exports folder or pushed version (its saved_model), or a .tflite or .onnx file"
@@ -442,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch", type=int, metavar="N", help="tiles per model call (default 4)")
     predict.set_defaults(handler=_predict)
 
+
+def _add_experiment_tools(commands: argparse._SubParsersAction) -> None:
+    """preview and lr-find: look at what the trainer will see before a run."""
+    from segflow.pipelines.lr_find import SweepSettings
+
     preview = commands.add_parser("preview", help="a PNG grid of augmented train images and masks, as the trainer sees them, and the resolved policy")
     _add_config_arguments(preview)
     preview.add_argument("-n", "--count", type=int, default=8, metavar="N", help="cells in the grid (default 8)")
@@ -458,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     lr_find.add_argument("--max-rate", type=float, default=SweepSettings.max_rate, help=f"last rate (default {SweepSettings.max_rate:g})")
     lr_find.set_defaults(handler=_lr_find)
 
+
+def _add_result_commands(commands: argparse._SubParsersAction) -> None:
+    """benchmark and report: look at what a run made."""
     bench = commands.add_parser("benchmark", help="size, latency per image at 1..N threads and mean IoU of each built export")
     bench.add_argument("path", metavar="RUN_DIR|EXPORTS_DIR", help="a run folder, its exporter/exports folder, or a pushed version")
     bench.add_argument("--max-threads", type=int, metavar="N", help="measure at 1..N threads (default: 1 and all cores)")
@@ -474,6 +482,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--worst", type=int, metavar="K", help="eval images with the lowest per-image mean IoU to show (default 6; 0: none)")
     report.add_argument("--samples", type=int, metavar="N", help="eval images to show with the served model's prediction (default 4; 0: none)")
     report.set_defaults(handler=_html_report)
+
+
+def _add_utility_commands(commands: argparse._SubParsersAction) -> None:
+    """demo-data, schema, list, analyze."""
+    from segflow.utils.registry import REGISTRIES
 
     demo = commands.add_parser("demo-data", help="write the built-in synthetic dataset")
     demo.add_argument("directory")
@@ -497,6 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--csv", metavar="FILE", help="also write one row per run as CSV")
     analyze.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with per-class IoU and training-curve plots")
     analyze.set_defaults(handler=_analyze)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="segflow", description="Image-segmentation training pipeline (TFX-style components on KFP and Beam).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add_commands in (_add_local_run_commands, _add_kubeflow_commands, _add_predict_command, _add_experiment_tools, _add_result_commands, _add_utility_commands):
+        add_commands(commands)
     return parser
 
 

@@ -18,6 +18,7 @@ from segflow.components.exporter import core as exporter
 from segflow.data.examples import SegmentationExample
 from segflow.utils.registry import EXPORT_FORMATS
 from segflow.export.serving import SERVING_SUBDIR, ServingSpec
+from segflow.export.exporters import BENCHMARK_FILE
 
 FAST = bench.BenchmarkSettings(threads=(1, 2), runs=2, warmup=0)
 
@@ -61,7 +62,7 @@ def test_markdown_has_a_row_and_the_columns_per_format(built: tuple[dict, Path])
 
 def test_exporter_stores_the_table_in_the_run(built: tuple[dict, Path]) -> None:
     results, out = built
-    stored = json.loads((out / exporter.BENCHMARK_FILE).read_text())
+    stored = json.loads((out / BENCHMARK_FILE).read_text())
     assert list(stored["formats"]) == _present(results) and stored["runs"] == exporter.BENCHMARK_SETTINGS.runs
     assert "| tflite_int8 |" in (out / exporter.BENCHMARK_MARKDOWN).read_text()
     for name in _present(results):

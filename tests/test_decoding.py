@@ -251,7 +251,7 @@ def test_example_gen_expands_pages_and_checks_page_counts(tmp_path: Path) -> Non
         )
 
     expand = config("expand")
-    table = label_lookup(expand)
+    table = label_lookup(expand.num_labels, expand.mask_values, expand.ignore_index)
     results = process_pair(("a", str(tmp_path / "a.tif"), str(tmp_path / "a_mask.tif")), expand, table)
     assert isinstance(results, list) and [kind for kind, _ in results] == ["example"] * 3
     examples = [deserialize(record) for _, record in results]

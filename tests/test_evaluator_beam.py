@@ -16,6 +16,7 @@ from segflow.config.experiment import EvaluationConfig
 from segflow.utils.beam_runners import pipeline_options
 from segflow.data.examples import SegmentationExample, serialize, shard_name, split_dir, write_shard
 from segflow.model.metrics import boundary_counts, boundary_report
+from segflow.evaluate.evaluation import is_blessed
 
 IGNORE = 255
 CLASSES = ("background", "cell", "membrane")
@@ -352,7 +353,7 @@ def test_evaluator_core_writes_summary_metrics_slices_tfma_files_and_blessing(ev
     overall = evaluated["slices"]["eval"][0]["metrics"]
     assert report["mean_iou"] == pytest.approx(overall["mean_iou"]) and report["examples"] == 6
     assert report["confusion_matrix"] == overall["confusion_matrix"] and set(report["per_class_iou"]) == set(CLASSES)
-    assert evaluator.is_blessed(tmp_path / "blessing")
+    assert is_blessed(tmp_path / "blessing")
     slices = evaluator.read_slices(tmp_path / "metrics")
     assert set(slices) == {"eval", "test"} and slices["eval"][0]["slice"] == "Overall"
     assert {entry["slice"] for entry in slices["eval"]} >= {"source:beta", "scanner:y", "object_size:none"}
@@ -362,7 +363,7 @@ def test_evaluator_core_writes_summary_metrics_slices_tfma_files_and_blessing(ev
     assert (tmp_path / "metrics" / "Split-test" / "per_image.jsonl").exists()
     raw["evaluation"] = {"min_mean_iou": 0.9, "slicing_specs": [{}, {"feature_keys": ["source"]}]}
     evaluator.run(validate_config(raw), examples, tmp_path / "model", tmp_path / "metrics", tmp_path / "blessing")
-    assert (tmp_path / "blessing" / "NOT_BLESSED").exists() and not evaluator.is_blessed(tmp_path / "blessing")
+    assert (tmp_path / "blessing" / "NOT_BLESSED").exists() and not is_blessed(tmp_path / "blessing")
     failure = tfma.load_validation_result(str(tmp_path / "metrics" / "Split-eval")).metric_validations_per_slice[0].failures[0]
     assert failure.metric_key.name == "mean_iou" and failure.metric_threshold.value_threshold.lower_bound.value == pytest.approx(0.9)
     assert [entry["slice"] for entry in evaluator.read_slices(tmp_path / "metrics")["eval"]] == ["Overall", "source:alpha", "source:beta", "source:gamma"]

@@ -25,6 +25,7 @@ from segflow.utils.io import read_json, write_json
 from segflow.utils.registry import EXPORT_FORMATS
 from segflow.export.serving import SERVING_SUBDIR, SPEC_FILE, ServingSpec, serving_mask_predictor
 from tests.conftest import tiny_raw_config
+from segflow.export.exporters import EXPORTS_FILE
 
 ONNX_OPSET = 15  # not the default, so the test sees the setting reach the file
 
@@ -157,7 +158,7 @@ def test_saved_model_export_is_weights_plus_signatures(trained: dict, tiny_data:
     the export stays within 1.2x the float32 weights and every signature still works."""
     import tf_keras as keras
 
-    from segflow.components.trainer.core import build_network
+    from segflow.train.network import build_network
     from segflow.components.transform.core import transform_layer
     from segflow.export.serving import SegmentationServer, saved_model_predictor
 
@@ -278,7 +279,7 @@ def test_pusher_pushes_nothing_when_no_export_passed(trained: dict, tmp_path: Pa
     exports = tmp_path / "exports"
     exports.mkdir()
     (exports / "model_fp32.tflite").write_bytes(b"x")
-    write_json(exports / exporter.EXPORTS_FILE, {"tflite_fp32": {"file": "model_fp32.tflite", "status": "failed", "reason": "too far below"}})
+    write_json(exports / EXPORTS_FILE, {"tflite_fp32": {"file": "model_fp32.tflite", "status": "failed", "reason": "too far below"}})
     config = _registry_config(trained["config"], tmp_path / "registry")
     record = pusher.run(config, exports, _blessing(tmp_path / "blessing", True), tmp_path / "push")
     assert record == {"pushed": False, "reason": "no export passed the parity gate", "withheld": {"tflite_fp32": "failed: too far below"}}

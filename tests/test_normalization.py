@@ -15,6 +15,7 @@ from segflow.config.experiment import validate_config
 from segflow.utils.errors import ConfigError
 from segflow.data.examples import split_files
 from tests.conftest import tiny_raw_config
+from segflow.data.preprocessing import RAW_FEATURE, TRANSFORMED_FEATURE
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def _transformed(tiny_data: Path, root: Path, tmp_path: Path, normalization: Any
     records = [record.numpy() for record in tf.data.TFRecordDataset(split_files(root / "examples", "train"), compression_type="GZIP")]
     raw = np.stack([transform.scaled_model_pixels(record, config.shape, pixels) for record in records])
     layer = transform.transform_layer(tmp_path / "transform")
-    out = layer({transform.RAW_FEATURE: tf.constant(raw)})[transform.TRANSFORMED_FEATURE].numpy()
+    out = layer({RAW_FEATURE: tf.constant(raw)})[TRANSFORMED_FEATURE].numpy()
     return raw, out, read_json(tmp_path / "transform" / transform.NORMALIZATION_FILE)
 
 

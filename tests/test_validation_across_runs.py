@@ -19,6 +19,8 @@ from segflow.data.demo_data import CLASS_NAMES
 from segflow.data.examples import SegmentationExample, serialize
 from segflow.utils.io import encode_png
 from tests.conftest import tiny_raw_config
+from segflow.data.examples import read_statistics
+from segflow.data.preprocessing import effective_value_max
 
 DRIFT_CODES = {"BIT_DEPTH_CHANGED", "DYNAMIC_RANGE_CHANGED", "IMAGE_SIZE_CHANGED", "CLASS_DRIFT", "OUT_OF_DOMAIN", "MIXED_BIT_DEPTH"}
 
@@ -56,9 +58,9 @@ def _codes(anomalies: list[dict[str, str]]) -> set[str]:
 
 
 def test_value_max_is_the_train_maximum_rounded_up_to_a_bit_range() -> None:
-    assert [schema_gen.effective_value_max(value) for value in (0, 200, 255)] == [255, 255, 255]  # 8-bit (also in 16-bit files)
-    assert [schema_gen.effective_value_max(value) for value in (256, 1023, 3000, 4095)] == [511, 1023, 4095, 4095]  # 12-bit camera: 4095
-    assert schema_gen.effective_value_max(65535) == 65535
+    assert [effective_value_max(value) for value in (0, 200, 255)] == [255, 255, 255]  # 8-bit (also in 16-bit files)
+    assert [effective_value_max(value) for value in (256, 1023, 3000, 4095)] == [511, 1023, 4095, 4095]  # 12-bit camera: 4095
+    assert effective_value_max(65535) == 65535
 
 
 def test_schema_records_the_pixel_value_domain_and_readers_get_the_scale(tmp_path: Path, config: ExperimentConfig) -> None:
@@ -145,10 +147,10 @@ def test_given_schema_and_baseline_errors_name_the_file(tmp_path: Path, config: 
     with pytest.raises(ValueError, match=r"two.pbtxt: the schema is for 2 classes but the config has 4"):
         schema_gen.run(with_schema(tmp_path / "two.pbtxt"), tmp_path, tmp_path / "schema")
     with pytest.raises(FileNotFoundError, match=r"old/statistics.json: no such statistics file"):
-        statistics_gen.read_statistics(tmp_path / "old" / "statistics.json")
+        read_statistics(tmp_path / "old" / "statistics.json")
     (tmp_path / "notes.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match=r"notes.json: not a segflow statistics file"):
-        statistics_gen.read_statistics(tmp_path / "notes.json")
+        read_statistics(tmp_path / "notes.json")
 
 
 def test_statistics_record_the_raw_value_range_per_channel(config: ExperimentConfig) -> None:
@@ -207,7 +209,7 @@ def test_a_16_bit_version_is_caught_only_against_the_earlier_run(first_run: Path
     # the schema of the first run was used, not inferred again: its value scale stays 8-bit
     assert schema_gen.read_schema(tmp_path / "second" / "schema") == schema_gen.read_schema(first_run / "schema")
     assert schema_gen.read_value_max(first_run / "schema") == 255
-    first, second = statistics_gen.read_statistics(first_run / "statistics"), statistics_gen.read_statistics(tmp_path / "second" / "statistics")
+    first, second = read_statistics(first_run / "statistics"), read_statistics(tmp_path / "second" / "statistics")
     assert second["train"]["max_pixel_value"] == first["train"]["max_pixel_value"] * 257
     assert len(second["train"]["channel_raw_max"]) == 3
     # the old path, a schema inferred from the same run and no baseline, sees nothing wrong

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from segflow.utils import storage
 from segflow.utils.io import IMAGE_SUFFIXES
-
-if TYPE_CHECKING:
-    from segflow.config.experiment import ExperimentConfig
 
 
 def _listing(folder: str | os.PathLike[str], skipped: list[dict[str, Any]]) -> dict[str, list[str]]:
@@ -74,13 +71,14 @@ def pair_files(
     return pairs, quarantined, skipped
 
 
-def label_lookup(config: ExperimentConfig) -> np.ndarray:
-    """Raw mask value -> class id (uint8), 65536 entries; -1 marks values that are not allowed."""
+def label_lookup(num_labels: int, mask_values: Sequence[int] | None, ignore_index: int | None) -> np.ndarray:
+    """Raw mask value -> class id (uint8), 65536 entries; -1 marks values that are not allowed.
+    Without `mask_values` the raw values are the class ids 0..num_labels-1."""
     table = np.full(65536, -1, np.int32)
-    if config.mask_values is None:
-        table[: config.num_labels] = np.arange(config.num_labels)
+    if mask_values is None:
+        table[:num_labels] = np.arange(num_labels)
     else:
-        table[np.array(config.mask_values)] = np.arange(config.num_labels)
-    if config.ignore_index is not None:
-        table[config.ignore_index] = config.ignore_index
+        table[np.array(mask_values)] = np.arange(num_labels)
+    if ignore_index is not None:
+        table[ignore_index] = ignore_index
     return table

@@ -378,23 +378,10 @@ def run_pipeline(
     per_image.jsonl. Returns each split's slices as JSON records, the overall slice first.
     `baseline` (its loader and location; the configs made with baseline=True) scores every
     image too; each slice record then also has the baseline's `baseline_metrics`."""
-    loaders = {CANDIDATE: loader, BASELINE: baseline[0]} if baseline is not None else {"": loader}
-    locations = {CANDIDATE: model_location, BASELINE: baseline[1]} if baseline is not None else {"": model_location}
-    from tensorflow_model_analysis.evaluators.metrics_plots_and_validations_evaluator import (
-        MetricsPlotsAndValidationsEvaluator,
-    )
-    from tensorflow_model_analysis.extractors.slice_key_extractor import (
-        SliceKeyExtractor,
-    )
-    from tensorflow_model_analysis.slicer import slicer_lib
-    from tensorflow_model_analysis.writers.eval_config_writer import EvalConfigWriter
-    from tensorflow_model_analysis.writers.metrics_plots_and_validations_writer import (
-        MetricsPlotsAndValidationsWriter,
-        load_and_deserialize_metrics,
-    )
-
     from segflow.data.examples import COUNTS_FILE, read_counts
 
+    loaders = {CANDIDATE: loader, BASELINE: baseline[0]} if baseline is not None else {"": loader}
+    locations = {CANDIDATE: model_location, BASELINE: baseline[1]} if baseline is not None else {"": model_location}
     out = Path(out_dir)
     # The bars' totals: ExampleGen's counts (an Examples folder without them: unknown).
     counts = read_counts(examples_dir) if (Path(examples_dir) / COUNTS_FILE).exists() else {}
@@ -402,41 +389,57 @@ def run_pipeline(
     counters = [Progress(f"evaluator: {split} split", sizes[split], "images") for split in splits]  # the console's bars; the DoFns count
     with beam.Pipeline(options=options) as pipeline:
         for split, config in splits.items():
-            folder = out / f"Split-{split}"
-            folder.mkdir(parents=True, exist_ok=True)
-            extracts = (
-                pipeline
-                | f"Files{split}" >> beam.Create(split_files(examples_dir, split))
-                | f"Read{split}" >> beam.io.ReadAllFromTFRecord(compression_type=beam.io.filesystem.CompressionTypes.GZIP)
-                | f"Batch{split}" >> beam.BatchElements(min_batch_size=1, max_batch_size=batch)
-                | f"Predict{split}" >> beam.ParDo(PredictAndScoreFn(loaders, settings, split))
-            )
-            (
-                extracts
-                | f"ImageJson{split}" >> beam.Map(lambda extract: json.dumps(_jsonable(extract[IMAGE_KEY]), allow_nan=False))
-                | f"WriteImages{split}" >> beam.io.WriteToText(str(folder / PER_IMAGE_FILE), shard_name_template="")
-            )
-            evaluation = (
-                extracts
-                | f"SliceKeys{split}" >> SliceKeyExtractor(eval_config=config, materialize=False).ptransform
-                | f"Evaluate{split}" >> MetricsPlotsAndValidationsEvaluator(config).ptransform
-            )
-            paths = {"metrics": str(folder / METRICS_PREFIX), "validations": str(folder / VALIDATIONS_PREFIX)}
-            _ = evaluation | f"Write{split}" >> MetricsPlotsAndValidationsWriter(paths, config).ptransform
-            location = f"{os.fspath(examples_dir)}/Split-{split}"
-            _ = evaluation | f"Config{split}" >> EvalConfigWriter(str(folder), config, data_location=location, data_file_format="tfrecords_gzip", model_locations=locations).ptransform
+            _evaluate_split(pipeline, examples_dir, split, config, PredictAndScoreFn(loaders, settings, split), batch, out / f"Split-{split}", locations)
     for counter, size in zip(counters, sizes.values()):
         counter.end(done=size)
-    entries = {}
-    for split in splits:
-        records = []
-        for record in load_and_deserialize_metrics(str(out / f"Split-{split}")):
-            slice_key = slicer_lib.deserialize_slice_key(record.slice_key)
-            key = {name: value.decode() if isinstance(value, bytes) else value for name, value in slice_key}
-            candidate = next(iter(loaders))
-            entry = {"split": split, "slice": slicer_lib.stringify_slice_key(slice_key), "slice_key": key, "metrics": report_from_proto(record, settings.class_names, candidate)}
-            if baseline is not None:
-                entry["baseline_metrics"] = report_from_proto(record, settings.class_names, BASELINE)
-            records.append(entry)
-        entries[split] = sorted(records, key=lambda entry: (len(entry["slice_key"]), entry["slice"]))
-    return entries
+    return {split: _read_slices(out / f"Split-{split}", split, settings, next(iter(loaders)), baseline is not None) for split in splits}
+
+
+def _evaluate_split(
+    pipeline: Any, examples_dir: str | os.PathLike[str], split: str, config: Any, predict: beam.DoFn, batch: int, folder: Path, locations: dict[str, str]
+) -> None:
+    """Add one split's branch to the pipeline: read, predict and score, write per-image JSON
+    lines and TFMA's metrics, validations and eval_config into `folder`."""
+    from tensorflow_model_analysis.evaluators.metrics_plots_and_validations_evaluator import MetricsPlotsAndValidationsEvaluator
+    from tensorflow_model_analysis.extractors.slice_key_extractor import SliceKeyExtractor
+    from tensorflow_model_analysis.writers.eval_config_writer import EvalConfigWriter
+    from tensorflow_model_analysis.writers.metrics_plots_and_validations_writer import MetricsPlotsAndValidationsWriter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    extracts = (
+        pipeline
+        | f"Files{split}" >> beam.Create(split_files(examples_dir, split))
+        | f"Read{split}" >> beam.io.ReadAllFromTFRecord(compression_type=beam.io.filesystem.CompressionTypes.GZIP)
+        | f"Batch{split}" >> beam.BatchElements(min_batch_size=1, max_batch_size=batch)
+        | f"Predict{split}" >> beam.ParDo(predict)
+    )
+    (
+        extracts
+        | f"ImageJson{split}" >> beam.Map(lambda extract: json.dumps(_jsonable(extract[IMAGE_KEY]), allow_nan=False))
+        | f"WriteImages{split}" >> beam.io.WriteToText(str(folder / PER_IMAGE_FILE), shard_name_template="")
+    )
+    evaluation = (
+        extracts
+        | f"SliceKeys{split}" >> SliceKeyExtractor(eval_config=config, materialize=False).ptransform
+        | f"Evaluate{split}" >> MetricsPlotsAndValidationsEvaluator(config).ptransform
+    )
+    paths = {"metrics": str(folder / METRICS_PREFIX), "validations": str(folder / VALIDATIONS_PREFIX)}
+    _ = evaluation | f"Write{split}" >> MetricsPlotsAndValidationsWriter(paths, config).ptransform
+    location = f"{os.fspath(examples_dir)}/Split-{split}"
+    _ = evaluation | f"Config{split}" >> EvalConfigWriter(str(folder), config, data_location=location, data_file_format="tfrecords_gzip", model_locations=locations).ptransform
+
+
+def _read_slices(folder: Path, split: str, settings: EvalSettings, candidate: str, with_baseline: bool) -> list[dict[str, Any]]:
+    """A split's TFMA metrics as JSON records, one per slice, the overall slice first."""
+    from tensorflow_model_analysis.slicer import slicer_lib
+    from tensorflow_model_analysis.writers.metrics_plots_and_validations_writer import load_and_deserialize_metrics
+
+    records = []
+    for record in load_and_deserialize_metrics(str(folder)):
+        slice_key = slicer_lib.deserialize_slice_key(record.slice_key)
+        key = {name: value.decode() if isinstance(value, bytes) else value for name, value in slice_key}
+        entry = {"split": split, "slice": slicer_lib.stringify_slice_key(slice_key), "slice_key": key, "metrics": report_from_proto(record, settings.class_names, candidate)}
+        if with_baseline:
+            entry["baseline_metrics"] = report_from_proto(record, settings.class_names, BASELINE)
+        records.append(entry)
+    return sorted(records, key=lambda entry: (len(entry["slice_key"]), entry["slice"]))

@@ -6,7 +6,7 @@ get no gradient. `LabelSpec.class_weights` (config `class_weights`) weights pixe
 per pixel by its true class (a weighted mean, as PyTorch's `CrossEntropyLoss(weight=)`)
 and region losses (Dice, Jaccard, Lovász-Softmax) per class in their mean over classes.
 `crossentropy+0.5*dice` or `focal(gamma=1)+lovasz` builds a weighted sum with parameters
-(see segflow.config.experiment.parse_loss); a loss's parameters are its keyword-only arguments.
+(see parse_loss below); a loss's parameters are its keyword-only arguments.
 """
 from __future__ import annotations
 

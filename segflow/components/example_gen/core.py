@@ -134,7 +134,7 @@ class DecodeCheckSerialize:
         from apache_beam import pvalue
 
         if self.table is None:
-            self.table = label_lookup(self.config)
+            self.table = label_lookup(self.config.num_labels, self.config.mask_values, self.config.ignore_index)
         if self.counter is None:
             self.counter = Progress(DECODE_STEP, unit="pairs")
         shard, (pair, fold) = item
