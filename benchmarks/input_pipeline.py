@@ -37,7 +37,7 @@ import tf_keras as keras
 from PIL import Image
 
 from segflow.data.augment import build_policy
-from segflow.components.trainer import core as trainer
+from segflow.train import input_pipeline as trainer
 from segflow.components.transform import core as transform
 from segflow.config.experiment import ExperimentConfig, load_config
 from segflow.data.examples import split_files
@@ -100,7 +100,7 @@ def variants(config: ExperimentConfig, examples: Path, transform_dir: Path, step
     with mock.patch.object(trainer, "build_tf_policy", return_value=None):
         segflow_numpy = trainer.make_dataset(config, examples, "train", layer, pixels, epochs=epochs)
     decoded = tf.data.TFRecordDataset(split_files(examples, "train"), compression_type="GZIP").repeat()
-    decode_only = decoded.map(lambda record: trainer._decode(record, config.shape, pixels)[:2], num_parallel_calls=tf.data.AUTOTUNE).batch(BATCH).prefetch(tf.data.AUTOTUNE)
+    decode_only = decoded.map(lambda record: trainer.decode_example(record, config.shape, pixels)[:2], num_parallel_calls=tf.data.AUTOTUNE).batch(BATCH).prefetch(tf.data.AUTOTUNE)
     sequence = CamVidSequence(names, config)
 
     def baseline() -> Iterator[object]:

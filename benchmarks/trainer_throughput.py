@@ -32,11 +32,12 @@ from segflow.components.example_gen import core as example_gen
 from segflow.data.examples import read_counts
 from segflow.components.schema_gen import core as schema_gen
 from segflow.components.statistics_gen import core as statistics_gen
-from segflow.components.trainer import core as trainer
 from segflow.components.transform import core as transform
 from segflow.config.experiment import ExperimentConfig, load_config
 from segflow.model.losses import LabelSpec, resolve_class_weights
 from segflow.data.preprocessing import PixelSpec
+from segflow.train.input_pipeline import make_dataset
+from segflow.train.network import build_network, compile_network
 
 
 def prepare(config: ExperimentConfig, root: Path) -> tuple[Path, Path]:
@@ -53,13 +54,13 @@ def prepare(config: ExperimentConfig, root: Path) -> tuple[Path, Path]:
 def measure(config: ExperimentConfig, examples: Path, transform_dir: Path, rounds: int, warmup: int) -> dict[str, object]:
     keras.utils.set_random_seed(config.seed)
     labels = LabelSpec(config.num_labels, config.sigmoid_head, config.ignore_index, resolve_class_weights(config.class_weights, examples, config.class_names))
-    network = trainer.build_network(config)
-    trainer._compile(network, config, labels, keras.optimizers.Adam(1e-4), jit_compile=config.trainer.jit_compile)
+    network = build_network(config)
+    compile_network(network, config, labels, keras.optimizers.Adam(1e-4), jit_compile=config.trainer.jit_compile)
     train_examples = read_counts(examples)["train_examples"]
     steps = math.ceil(train_examples / config.batch)
     # One stream object for every round, as the trainer keeps one per stage: its RAM cache
     # fills in the warm-up and serves every later epoch.
-    stream = trainer.make_dataset(config, examples, "train", transform.transform_layer(transform_dir), PixelSpec.load(transform_dir), epochs=(0, 1))
+    stream = make_dataset(config, examples, "train", transform.transform_layer(transform_dir), PixelSpec.load(transform_dir), epochs=(0, 1))
     images, masks = (tf.constant(np.concatenate(part)) for part in zip(*((x.numpy(), y.numpy()) for x, y in stream)))
 
     def pipeline() -> None:

@@ -204,7 +204,7 @@ def _run_trainer(config: Any, prepared: dict[str, Path], out: Path) -> dict[str,
 
 
 def test_two_local_workers_train_identical_weights_and_only_the_chief_writes(prepared: dict[str, Path], tmp_path: Path) -> None:
-    from segflow.components.trainer.core import WORKERS_FILE
+    from segflow.train.multiworker import WORKERS_FILE
 
     config = validate_config(tiny_raw_config(prepared["data"], batch=2, stages=[{"epochs": 2, "learning_rate": 0.01}], trainer={"workers": 2}))
     final = _run_trainer(config, prepared, tmp_path)
@@ -227,7 +227,8 @@ def test_a_killed_worker_fails_clearly_and_leaves_nothing_behind(
 ) -> None:
     """Worker 1 kills itself after epoch 2 of 3: the launcher names it, stops the chief and
     cleans up; `backup/` stays, and the rerun resumes from it instead of starting over."""
-    from segflow.components.trainer.core import BACKUP_FOLDER, KILL_WORKER_ENV
+    from segflow.components.trainer.core import BACKUP_FOLDER
+    from segflow.train.multiworker import KILL_WORKER_ENV
 
     config = validate_config(tiny_raw_config(prepared["data"], batch=2, stages=[{"epochs": 3, "learning_rate": 0.01}], trainer={"workers": 2}))
     monkeypatch.setenv(KILL_WORKER_ENV, "1:2")
@@ -312,7 +313,7 @@ def test_two_worker_pods_of_an_indexed_job_train_through_the_shared_volume(prepa
     pods train under MultiWorkerMirroredStrategy, the chief's model comes back through the
     staging folder on the PVC into the step's outputs, and the staging folder, the Job, the
     Service and the pods are gone afterwards."""
-    from segflow.components.trainer.core import WORKERS_FILE
+    from segflow.train.multiworker import WORKERS_FILE
     from tests.k8s_fake import FakeKubernetes
 
     pvc = tmp_path / "pvc"

@@ -18,6 +18,7 @@ from segflow.data.examples import iter_split
 from segflow.utils.io import read_json
 from segflow.data.preprocessing import PixelSpec
 from segflow.export.serving import SERVING_SUBDIR, ServingSpec, predict_image, saved_model_predictor
+from segflow.evaluate.evaluation import is_blessed
 
 
 def test_transform_standardises_train_pixels(trained: dict) -> None:
@@ -62,7 +63,7 @@ def test_evaluator_metrics_and_blessing(trained: dict, tmp_path: Path) -> None:
     config: ExperimentConfig = trained["config"]
     report = evaluator.run(config, trained["examples"], trained["model"], tmp_path / "metrics", tmp_path / "blessing")
     assert 0.0 <= report["mean_iou"] <= 1.0 and set(report["per_class_iou"]) == set(config.class_names)
-    assert evaluator.is_blessed(tmp_path / "blessing")  # threshold 0.0
+    assert is_blessed(tmp_path / "blessing")  # threshold 0.0
     strict = config.model_copy(update={"evaluation": config.evaluation.model_copy(update={"min_mean_iou": 1.0})})
     evaluator.run(strict, trained["examples"], trained["model"], tmp_path / "metrics2", tmp_path / "blessing2")
     assert (tmp_path / "blessing2" / "NOT_BLESSED").exists()
@@ -115,7 +116,7 @@ def test_sigmoid_head_on_16bit_grayscale_with_minmax(tmp_path: Path) -> None:
 
 
 def test_cache_budget_estimate() -> None:
-    from segflow.components.trainer.core import CACHE_BUDGET_BYTES, cache_bytes
+    from segflow.train.input_pipeline import CACHE_BUDGET_BYTES, cache_bytes
 
     assert cache_bytes(10, [32, 32, 3]) == 10 * 32 * 32 * 13
     assert cache_bytes(367, [192, 256, 3]) < CACHE_BUDGET_BYTES < cache_bytes(2975, [512, 1024, 3])

@@ -120,10 +120,10 @@ def test_stages_override_and_callbacks_act(tiny_data: Path, tmp_path: Path, monk
     Stage 2: initial weights from a file, its own loss, cosine schedule, SWA over its epochs, and
     early stopping that no epoch can satisfy (min_delta 2 on a mean IoU), so it stops after
     1 + patience epochs, not 4."""
-    from segflow.components.trainer import core
+    from segflow.train import network, stages
 
     used: dict[str, list[Any]] = {"losses": [], "optimizers": []}
-    build_loss, make_optimizer = core.build_loss, core.build_optimizer
+    build_loss, make_optimizer = network.build_loss, stages.build_optimizer
 
     def spy_loss(expression: str, labels: Any) -> Callable:
         used["losses"].append(expression)
@@ -133,8 +133,8 @@ def test_stages_override_and_callbacks_act(tiny_data: Path, tmp_path: Path, monk
         used["optimizers"].append(settings.name)
         return make_optimizer(settings, rate)
 
-    monkeypatch.setattr(core, "build_loss", spy_loss)
-    monkeypatch.setattr(core, "build_optimizer", spy_optimizer)
+    monkeypatch.setattr(network, "build_loss", spy_loss)
+    monkeypatch.setattr(stages, "build_optimizer", spy_optimizer)
     config = validate_config(
         tiny_raw_config(
             tiny_data,
@@ -189,7 +189,8 @@ def test_two_workers_agree_with_every_stage_feature(tiny_data: Path, tmp_path: P
     """Lookahead(RAdam) with a cyclical schedule and plateau reductions, the best checkpoint
     restored, live predictions, then SWA (BatchNorm pass) from an initial weights file, under
     MultiWorkerMirroredStrategy: the workers end with identical weights."""
-    from segflow.components.trainer.core import WORKERS_FILE, build_network
+    from segflow.train.multiworker import WORKERS_FILE
+    from segflow.train.network import build_network
 
     stages = [
         {"epochs": 2, "learning_rate": 0.01, "optimizer": {"name": "radam", "lookahead": {"sync_period": 3}},

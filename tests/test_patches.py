@@ -130,7 +130,7 @@ def test_a_model_trained_on_crops_serves_whole_images_in_tiles(tmp_path: Path, c
     image size, and the exports' path (`predict_image` over `fixed_size`) gives the same
     masks; the evaluator scores the whole images."""
     from segflow.components.evaluator import core as evaluator
-    from segflow.components.trainer.core import make_dataset
+    from segflow.train.input_pipeline import make_dataset
     from segflow.components.transform.core import transform_layer
     from segflow.data.demo_data import write_demo_dataset
     from segflow.data.preprocessing import PixelSpec
@@ -175,7 +175,8 @@ def _hard_crops_do_not_depend_on_when_the_maps_come(config: ExperimentConfig, ex
     before the stream was read or while it waited for them."""
     import threading
 
-    from segflow.components.trainer.core import _error_maps, make_dataset
+    from segflow.train.hard_negatives import train_error_maps as _error_maps
+    from segflow.train.input_pipeline import make_dataset
 
     streams = []
     for delay in (0.0, 0.5):

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from segflow.data.examples import read_counts
-from segflow.components.trainer.core import BACKUP_FOLDER, KILL_WORKER_ENV
+from segflow.components.trainer.core import BACKUP_FOLDER
+from segflow.train.multiworker import KILL_WORKER_ENV
 from segflow.evaluate.analyze import HISTORY_FILE
 from segflow.utils.io import read_json
 from tests.conftest import tiny_raw_config

@@ -20,6 +20,7 @@ from segflow.data.demo_data import write_demo_dataset
 from segflow.export.serving import SERVING_SUBDIR
 from segflow.data.examples import assign_folds, group_key, iter_split, present_splits
 from tests.conftest import tiny_raw_config
+from segflow.data.examples import read_counts
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,7 @@ def test_fold_view_holds_out_exactly_one_fold(tiny_data: Path, tmp_path: Path) -
         held_out = {example.filename for example in iter_split(view, "eval")}
         assert held_out == {name for name, value in folds.items() if value == fold}
         assert train == set(folds) - held_out
-        assert example_gen.read_counts(view)["eval_examples"] == counts["fold_examples"][fold]
+        assert read_counts(view)["eval_examples"] == counts["fold_examples"][fold]
     with pytest.raises(ValueError, match="fold 3 outside 0..2"):
         example_gen.write_fold_view(tmp_path / "examples", 3, tmp_path / "view-3")
 

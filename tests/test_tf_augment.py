@@ -195,7 +195,7 @@ def test_example_seed_depends_on_seed_epoch_and_file() -> None:
 
 def test_trainer_stream_on_the_tf_path_is_deterministic(make_config: Any, tmp_path: Path) -> None:
     from segflow.components.example_gen import core as example_gen
-    from segflow.components.trainer import core as trainer
+    from segflow.train import input_pipeline as trainer
     from segflow.data.preprocessing import RAW_FEATURE, TRANSFORMED_FEATURE
     from segflow.data.preprocessing import PixelSpec
 

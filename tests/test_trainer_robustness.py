@@ -17,7 +17,10 @@ import tensorflow as tf
 import tf_keras as keras
 
 from segflow.components.trainer import core as trainer
-from segflow.components.trainer.core import BACKUP_FOLDER, LAST_GOOD_FILE, TRAINING_FILE
+from segflow.components.trainer.core import BACKUP_FOLDER, TRAINING_FILE
+from segflow.train import stages
+from segflow.train.network import build_network
+from segflow.train.robustness import LAST_GOOD_FILE, BatchTooLarge, TrainingDiverged
 from segflow.evaluate.analyze import HISTORY_FILE
 from segflow.config.experiment import ExperimentConfig, validate_config
 from segflow.utils.io import read_json
@@ -67,7 +70,7 @@ class _OutOfMemory(keras.callbacks.Callback):
 
 def _inject(monkeypatch: pytest.MonkeyPatch, make: Callable[[], keras.callbacks.Callback]) -> None:
     """A fresh fault callback in every fit attempt, where the trainer adds its fault callbacks."""
-    monkeypatch.setattr(trainer, "_fault_callbacks", lambda plan: [make()])
+    monkeypatch.setattr(stages, "fault_callbacks", lambda plan: [make()])
 
 
 def test_out_of_memory_halves_the_batch_and_retries_the_stage_from_its_backup(
@@ -92,7 +95,7 @@ def test_out_of_memory_at_batch_one_fails_clearly_and_keeps_the_backup(
 ) -> None:
     config = make_config(batch=4, stages=[{"epochs": 2, "learning_rate": 0.003}])
     _inject(monkeypatch, lambda: _OutOfMemory(from_epoch=1, max_steps=10**6))
-    with pytest.raises(trainer.BatchTooLarge, match="stage 1 runs out of memory even at batch 1"):
+    with pytest.raises(BatchTooLarge, match="stage 1 runs out of memory even at batch 1"):
         _train(config, data, tmp_path)
     assert any((tmp_path / BACKUP_FOLDER / "stage-1").iterdir())  # epoch 1, to resume from
     assert not (tmp_path / "model").exists()
@@ -100,10 +103,10 @@ def test_out_of_memory_at_batch_one_fails_clearly_and_keeps_the_backup(
 
 def test_a_diverging_stage_stops_with_its_stage_and_epoch_and_keeps_the_last_good_weights(make_config: Any, data: Path, tmp_path: Path) -> None:
     config = make_config(stages=[{"epochs": 1, "learning_rate": 0.003}, {"epochs": 2, "learning_rate": 1e30}])
-    with pytest.raises(trainer.TrainingDiverged, match=r"stage 2, epoch 2 \(batch \d+\): loss (nan|inf)"):
+    with pytest.raises(TrainingDiverged, match=r"stage 2, epoch 2 \(batch \d+\): loss (nan|inf)"):
         _train(config, data, tmp_path)
     backup = tmp_path / BACKUP_FOLDER
-    stage_one, last_good = trainer.build_network(config), trainer.build_network(config)
+    stage_one, last_good = build_network(config), build_network(config)
     stage_one.load_weights(str(backup / "stage-1.weights.h5"))
     last_good.load_weights(str(backup / LAST_GOOD_FILE))
     for kept, expected in zip(last_good.get_weights(), stage_one.get_weights()):
@@ -124,8 +127,8 @@ def test_speed_switches_train_and_serve_float32(
 
     config = make_config(trainer=switches)
     networks: list[keras.Model] = []
-    build = trainer._build_trained_network
-    monkeypatch.setattr(trainer, "_build_trained_network", lambda *args: networks.append(build(*args)) or networks[-1])
+    build = trainer.build_trained_network
+    monkeypatch.setattr(trainer, "build_trained_network", lambda *args: networks.append(build(*args)) or networks[-1])
     final = _train(config, data, tmp_path)
     assert np.isfinite(final["loss"])
     trained = networks[0]  # what fit ran: the policy's compute dtype inside, float32 logits out

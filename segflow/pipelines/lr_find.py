@@ -75,8 +75,8 @@ def find_learning_rate(config: ExperimentConfig, output: str | os.PathLike[str],
     from segflow.components.example_gen import core as example_gen
     from segflow.components.schema_gen import core as schema_gen
     from segflow.components.statistics_gen import core as statistics_gen
-    from segflow.components.trainer.core import sweep_learning_rate
     from segflow.components.transform import core as transform
+    from segflow.train.lr_sweep import sweep_learning_rate
     from segflow.utils.io import write_json
 
     if settings.steps < 3 or not 0 < settings.min_rate < settings.max_rate:
@@ -87,7 +87,7 @@ def find_learning_rate(config: ExperimentConfig, output: str | os.PathLike[str],
     schema_gen.run(config, root / "statistics", root / "schema")
     transform.run(config, root / "examples", root / "schema", root / "transform")
     rates = np.geomspace(settings.min_rate, settings.max_rate, settings.steps)
-    losses = sweep_learning_rate(config, root / "examples", root / "transform", rates, settings.divergence)
+    losses = sweep_learning_rate(config, root / "examples", root / "transform", rates, settings.divergence, transform.transform_layer)
     smoothed = smooth(losses, 1.0 - 1.0 / max(1.0, settings.window * settings.steps))
     suggested = suggest(rates, smoothed)
     _plot(root / PLOT_FILE, rates, losses, smoothed, suggested)
