@@ -41,21 +41,21 @@ test-containers: install
 	if command -v podman >/dev/null || command -v docker >/dev/null; then \
 	  containers/build.sh $(CONTAINER_BUILD_FLAGS) || exit 1; \
 	else echo "test-containers: neither podman nor docker is installed; the image is not built"; fi; \
-	$(BIN)/pytest -m containers -rs tests/test_containers.py; status=$$?; \
+	$(BIN)/pytest -m containers -rs tests/cluster/test_containers.py; status=$$?; \
 	echo "test-containers: $$(( $$(date +%s) - start )) s"; exit $$status
 
 ## test-mediapipe: MediaPipe Tasks' ImageSegmenter (in its own environment, .venv-mediapipe: MediaPipe needs
 ## absl-py 2, the training stack pins 1.x) runs the tflite_fp32 and tflite_int8 exports as they are and agrees with
 ## `segflow predict`; prints its duration
-$(MEDIAPIPE_VENV)/.installed-stamp: tests/requirements-mediapipe.txt
+$(MEDIAPIPE_VENV)/.installed-stamp: tests/export/requirements-mediapipe.txt
 	$(PYTHON) -m venv $(MEDIAPIPE_VENV)
 	$(MEDIAPIPE_VENV)/bin/pip install --quiet --upgrade pip==25.3
-	$(MEDIAPIPE_VENV)/bin/pip install --quiet -r tests/requirements-mediapipe.txt
+	$(MEDIAPIPE_VENV)/bin/pip install --quiet -r tests/export/requirements-mediapipe.txt
 	touch $@
 
 test-mediapipe: install $(MEDIAPIPE_VENV)/.installed-stamp
 	@start=$$(date +%s); \
-	$(BIN)/pytest -m mediapipe -rs -s tests/test_mediapipe.py; status=$$?; \
+	$(BIN)/pytest -m mediapipe -rs -s tests/export/test_mediapipe.py; status=$$?; \
 	echo "test-mediapipe: $$(( $$(date +%s) - start )) s"; exit $$status
 
 ## docs: the documentation site (mkdocs.yml, docs/) into site/, with --strict (a broken link or a page missing from
@@ -67,7 +67,7 @@ docs: install
 ## golden: rewrite tests/golden/pipeline.yaml, pipeline-kfold.yaml and pipeline-cluster.yaml after an intended change of the compiled pipeline,
 ## configs/segflow.schema.json after a change of the config models, docs/reference/*.md after one of the CLI or the API
 golden: install
-	SEGFLOW_UPDATE_GOLDEN=1 $(BIN)/pytest tests/test_pipeline.py tests/test_cluster.py tests/test_config.py tests/test_reference.py -k "golden or schema or reference_pages"
+	SEGFLOW_UPDATE_GOLDEN=1 $(BIN)/pytest tests/pipelines/test_pipeline.py tests/cluster/test_cluster.py tests/config/test_config.py tests/test_reference.py -k "golden or schema or reference_pages"
 
 clean:
 	rm -rf $(VENV) $(MEDIAPIPE_VENV) runs data model-registry site

@@ -19,7 +19,7 @@ containerized run (`_kfp_runs_containers_with`): it starts the container without
 streams its logs, waits for the real exit status and then removes the container itself. So a
 task's status is never guessed, and nothing depends on how the engine reports a missing
 container. The rest of kfp.local (task handler, volume mounts, executor input/output) is used
-as it is; kfp is pinned (constraints.txt) and tests/test_containers.py checks the replaced
+as it is; kfp is pinned (constraints.txt) and tests/cluster/test_containers.py checks the replaced
 function's call signature.
 
 Resource limits: through its API, rootful podman gives a container RLIMIT_NOFILE 1048576 and a

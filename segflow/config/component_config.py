@@ -3,7 +3,7 @@
 KFP's cache key of a task is its component and its inputs. Given the whole config, every
 task's key changed with any key (a new epoch count re-ran ExampleGen); given only the
 keys its core reads, a task re-runs when, and only when, something it depends on changed.
-`COMPONENT_KEYS` is that table, the one place it is written down; tests/test_component_config.py
+`COMPONENT_KEYS` is that table, the one place it is written down; tests/config/test_component_config.py
 checks it against the `config.<key>` reads of every core.py.
 
 Locations are not in any slice: the dataset folders and the model registry are pipeline

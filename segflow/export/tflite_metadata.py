@@ -7,7 +7,7 @@ metadata writer for image segmenters lays them out.
 Written here with the `flatbuffers` package rather than with MediaPipe's writer: MediaPipe
 needs absl-py 2 (the training stack pins 1.x), and its writer does not even import in the
 current wheels (mediapipe 0.10.3x and 1.x import a `mediapipe.tasks.cc` extension that the
-wheels no longer ship). tests/mediapipe_segment.py runs MediaPipe itself on the result.
+wheels no longer ship). tests/export/mediapipe_segment.py runs MediaPipe itself on the result.
 
 The model takes raw pixel counts (scaling and the TFT normalisation are inside it), and
 MediaPipe feeds 8-bit pixels p as (p - mean) / std to a float input and as p to a uint8

@@ -2,7 +2,7 @@
 architecture on a built-in encoder gets a fake-quantized copy that starts from the trained
 weights, fine-tunes, converts to full-integer TFLite and runs in LiteRT; configs that
 cannot work fail at validation. The trainer + exporter round trip of `tflite_int8_qat` is
-in tests/test_exporters.py (the session's trained model has `qat`)."""
+in tests/export/test_exporters.py (the session's trained model has `qat`)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,6 +1,6 @@
 """tracking.json: what produced a run (config hash, data fingerprint, source and versions)
 beside its metrics and artifact paths. Fast: a run folder's inputs are written directly;
-a real run's tracking.json is checked in tests/test_analyze.py."""
+a real run's tracking.json is checked in tests/evaluate/test_analyze.py."""
 from __future__ import annotations
 
 import hashlib

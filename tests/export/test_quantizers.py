@@ -21,7 +21,7 @@ from segflow.utils.registry import EXPORT_FORMATS
 from segflow.export.serving import SERVING_SUBDIR, ServingSpec
 from segflow.export.tflite_metadata import read_labels
 from tests.conftest import tiny_raw_config
-from tests.test_exporters import _check_sidecar
+from tests.export.test_exporters import _check_sidecar
 
 FORMATS = ["tflite_dynamic", "tflite_int8"]
 QUANTIZERS = ["converter", "ai_edge_quantizer"]

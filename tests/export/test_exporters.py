@@ -349,7 +349,7 @@ def test_the_run_report_shows_skipped_and_failed_exports(capsys: pytest.CaptureF
     assert "FAILED: mean IoU 0.70 is 0.05 below" in out and "tensorrt_fp16   skipped: TensorRT is not installed" in out
 
 
-# --- TFLite metadata for MediaPipe Tasks (tests/test_mediapipe.py runs MediaPipe itself) ---
+# --- TFLite metadata for MediaPipe Tasks (tests/export/test_mediapipe.py runs MediaPipe itself) ---
 
 
 def test_tflite_exports_carry_mediapipe_segmenter_metadata(all_exports: tuple[dict, Path], trained: dict) -> None:

@@ -183,7 +183,7 @@ def _tensorboard_values(folder: Path) -> dict[str, list[tuple[int, str]]]:
     return found
 
 
-# 40-70 s: two worker processes; tests/test_distribution.py keeps two-worker training in the default suite.
+# 40-70 s: two worker processes; tests/train/test_distribution.py keeps two-worker training in the default suite.
 @pytest.mark.slow
 def test_two_workers_agree_with_every_stage_feature(tiny_data: Path, tmp_path: Path) -> None:
     """Lookahead(RAdam) with a cyclical schedule and plateau reductions, the best checkpoint

@@ -1,5 +1,5 @@
 """The launcher's Kubernetes backends (Indexed Job + headless Service, Kubeflow TFJob) through
-the official `kubernetes` client, against a local fake of the API over HTTP (tests/k8s_fake.py)
+the official `kubernetes` client, against a local fake of the API over HTTP (tests/cluster/k8s_fake.py)
 whose kubelet runs each pod's command as a local process.
 
 Checked: the objects created, TF_CONFIG in every pod, the chief's log streamed, results in
@@ -25,9 +25,9 @@ from segflow.cluster.k8s_launcher import launch_on_kubernetes
 from segflow.cluster.launcher import launch
 from segflow.cluster.workers import LaunchRequest, WorkerFailed, worker_scratch
 from tests.conftest import tiny_raw_config
-from tests.k8s_fake import FakeKubernetes
+from tests.cluster.k8s_fake import FakeKubernetes
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def report_tf_config(fail_worker: int = -1, code: int = 3, sleep: float = 0.0) -> dict[str, Any]:

@@ -131,7 +131,7 @@ def test_demo_config_runs_are_reproducible(tmp_path: Path) -> None:
     from segflow.cli import main
     from segflow.data.demo_data import write_demo_dataset
 
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     data = write_demo_dataset(tmp_path / "data")
     raw = yaml.safe_load((repo / "configs" / "demo.yaml").read_text())
     raw["dataset"].update(images=str(data / "images"), masks=str(data / "masks"))

@@ -17,8 +17,8 @@ from segflow.config.component_config import COMPONENT_KEYS, COMPONENT_LOCATIONS,
 from segflow.components.dataset_fingerprint import core as fingerprint_core
 from segflow.config.experiment import ExperimentConfig, validate_config
 
-COMPONENTS_DIR = Path(__file__).resolve().parents[1] / "segflow" / "components"
-TRAIN_DIR = Path(__file__).resolve().parents[1] / "segflow" / "train"
+COMPONENTS_DIR = Path(__file__).resolve().parents[2] / "segflow" / "components"
+TRAIN_DIR = Path(__file__).resolve().parents[2] / "segflow" / "train"
 # Library modules a core is orchestration over: their config reads are the core's, and the config
 # they hand each other stays inside what the guard reads (a module missing here shows up as the
 # whole config going outside). The trainer's pieces moved out of its core.py into these.
@@ -215,7 +215,7 @@ def core_source(component: str) -> str:
 
 def test_the_trainers_slice_has_what_the_multi_worker_launcher_reads() -> None:
     """The trainer step hands its config to segflow/cluster/k8s_objects.py, which builds the worker pods."""
-    source = (Path(__file__).resolve().parents[1] / "segflow" / "cluster" / "k8s_objects.py").read_text()
+    source = (Path(__file__).resolve().parents[2] / "segflow" / "cluster" / "k8s_objects.py").read_text()
     reads, _ = config_reads(source)
     assert {"name", "trainer.workers", "kubernetes.namespace", "kubernetes.pvc"} <= reads
     assert not [key for key in reads if not _covered(key, COMPONENT_KEYS["trainer"])]

@@ -21,7 +21,7 @@ import pytest
 from segflow.cluster import containers
 from segflow.cluster.kfp_base import BASE_IMAGE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = sorted((ROOT / "containers").glob("Dockerfile*"))
 CPU_DOCKERFILE = ROOT / "containers" / "Dockerfile"
 GPU_DOCKERFILE = ROOT / "containers" / "Dockerfile.gpu"

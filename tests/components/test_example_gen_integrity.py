@@ -20,7 +20,7 @@ from segflow.config.experiment import ExperimentConfig, load_config, validate_co
 from segflow.data.examples import SPLITS, assign_splits, deserialize, group_key, iter_split, read_fingerprint, split_dir
 from tests.conftest import require_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _sizes(splits: dict[str, str]) -> Counter[str]:

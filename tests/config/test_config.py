@@ -15,7 +15,7 @@ from segflow.config.experiment import apply_override, config_schema, load_config
 from segflow.model.losses import parse_loss
 from segflow.utils.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def minimal(**extra: object) -> dict:

@@ -26,7 +26,7 @@ def test_duplicate_names_are_errors() -> None:
 @pytest.mark.parametrize("architecture", ARCHITECTURES.names())
 @pytest.mark.parametrize(("channels", "outputs"), [(1, 1), (3, 5)])
 def test_architectures_produce_logits_at_input_size(architecture: str, channels: int, outputs: int) -> None:
-    """Non-square input on the simple encoder; every backbone is looped in tests/test_architectures.py."""
+    """Non-square input on the simple encoder; every backbone is looped in tests/model/test_architectures.py."""
     model = build_model(architecture, ModelSpec(shape=(32, 48, channels), output_channels=outputs, depth=2, base_filters=4, backbone="simple"))
     logits = model(np.random.default_rng(0).random((2, 32, 48, channels), np.float32))
     assert logits.shape == (2, 32, 48, outputs)
@@ -86,7 +86,7 @@ def test_weighted_loss_sum() -> None:
 @pytest.mark.parametrize("name", AUGMENTATIONS.names())
 @pytest.mark.parametrize("channels", [1, 3])
 def test_augmentations_keep_shapes_and_labels(name: str, channels: int, tmp_path: Path) -> None:
-    from tests.test_augmentation import entry_params  # required parameters (crop sizes, a background folder)
+    from tests.data.test_augmentation import entry_params  # required parameters (crop sizes, a background folder)
 
     rng = np.random.default_rng(2)
     image = rng.random((32, 32, channels), np.float32)

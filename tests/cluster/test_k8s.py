@@ -4,7 +4,7 @@ Rendering needs `kubectl kustomize` (Debian: `apt-get install kubernetes-client`
 with kustomize v2.0) or a `kustomize` binary; SEGFLOW_KUBECTL may name the kubectl to use.
 Without one the rendering tests skip and say why. Every object is checked against the
 Kubernetes OpenAPI schema of KUBERNETES_VERSION (kubernetes-validate, strict: unknown fields
-are errors), a TFJob against the training operator's CRD schema in tests/data/tfjob-crd.yaml.
+are errors), a TFJob against the training operator's CRD schema in tests/fixtures/tfjob-crd.yaml.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import yaml
 from segflow.cluster import k8s_objects
 from segflow.config.experiment import ExperimentConfig, validate_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 OVERLAYS = ["cpu-only", "gpu-node-pool"]
 KUBERNETES_VERSION = "1.32"
@@ -166,7 +166,7 @@ def _strict(schema: Any) -> Any:
 
 @functools.cache
 def _tfjob_validator() -> jsonschema.Validator:
-    crd = yaml.safe_load((ROOT / "tests" / "data" / "tfjob-crd.yaml").read_text())
+    crd = yaml.safe_load((ROOT / "tests" / "fixtures" / "tfjob-crd.yaml").read_text())
     assert crd["kind"] == "CustomResourceDefinition" and crd["spec"]["group"] == "kubeflow.org"
     (version,) = [version for version in crd["spec"]["versions"] if version["name"] == "v1"]
     schema = _strict(version["schema"]["openAPIV3Schema"])

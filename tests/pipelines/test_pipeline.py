@@ -15,14 +15,14 @@ from segflow.config.experiment import load_config
 from segflow.utils.io import encode_png
 from segflow.pipelines.pipeline import compile_pipeline
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]
 GOLDEN = HERE / "golden" / "pipeline.yaml"
 GOLDEN_KFOLD = HERE / "golden" / "pipeline-kfold.yaml"
 
 
 def test_compiled_pipeline_matches_golden(tmp_path: Path) -> None:
     """Any change to the compiled DAG is deliberate: `make golden` rewrites the file."""
-    compiled = compile_pipeline(load_config(HERE / "data" / "golden.yaml"), tmp_path / "pipeline.yaml")
+    compiled = compile_pipeline(load_config(HERE / "fixtures" / "golden.yaml"), tmp_path / "pipeline.yaml")
     if os.environ.get("SEGFLOW_UPDATE_GOLDEN"):
         GOLDEN.write_text(compiled.read_text())
     assert compiled.read_text() == GOLDEN.read_text(), "compiled pipeline changed; run `make golden` if intended"
@@ -32,7 +32,7 @@ def test_compiled_kfold_pipeline_matches_golden(tmp_path: Path) -> None:
     """A k-fold config with a test folder: a ParallelFor of trainer and evaluator over the
     trained folds, their outputs collected by cross_validation; no exporter or pusher."""
     overrides = ["dataset.folds=5", "dataset.folds_to_train=[0, 1, 3]", "dataset.eval_split=null", "dataset.test={images: /data/test/images, masks: /data/test/masks}"]
-    compiled = compile_pipeline(load_config(HERE / "data" / "golden.yaml", overrides), tmp_path / "pipeline.yaml")
+    compiled = compile_pipeline(load_config(HERE / "fixtures" / "golden.yaml", overrides), tmp_path / "pipeline.yaml")
     if os.environ.get("SEGFLOW_UPDATE_GOLDEN"):
         GOLDEN_KFOLD.write_text(compiled.read_text())
     assert compiled.read_text() == GOLDEN_KFOLD.read_text(), "compiled pipeline changed; run `make golden` if intended"
@@ -48,7 +48,7 @@ def test_compiled_yaml_loads_with_kfp_loader(tmp_path: Path) -> None:
     from kfp import components
 
     path = tmp_path / "pipeline.yaml"
-    assert main(["compile", str(HERE / "data" / "golden.yaml"), "-o", str(path)]) == 0
+    assert main(["compile", str(HERE / "fixtures" / "golden.yaml"), "-o", str(path)]) == 0
     loaded = components.load_component_from_file(str(path))
     assert loaded.name == "segflow-golden"
     spec = yaml.safe_load(path.read_text())
@@ -68,7 +68,7 @@ def test_compiled_yaml_loads_with_kfp_loader(tmp_path: Path) -> None:
 
 
 def _compiled(tmp_path: Path, *overrides: str, kind: str = "train") -> dict:
-    path = compile_pipeline(load_config(HERE / "data" / "golden.yaml", list(overrides)), tmp_path / f"{len(overrides)}-{kind}.yaml", kind=kind)
+    path = compile_pipeline(load_config(HERE / "fixtures" / "golden.yaml", list(overrides)), tmp_path / f"{len(overrides)}-{kind}.yaml", kind=kind)
     return yaml.safe_load(path.read_text())
 
 
@@ -146,7 +146,7 @@ def test_compile_rejects_relative_locations_or_resolves_them(tmp_path: Path, mon
 def test_compile_sets_the_default_pipeline_root(kind: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--pipeline-root becomes defaultPipelineRoot; a relative one is an error naming it;
     without it the YAML has no root (the golden test checks the rest is unchanged)."""
-    config = str(HERE / "data" / "golden.yaml")
+    config = str(HERE / "fixtures" / "golden.yaml")
     for root in ("gs://segflow-golden/pipeline-root", "/mnt/pipeline-root"):
         path = tmp_path / f"{kind}.yaml"
         assert main(["compile", config, "-o", str(path), "--pipeline", kind, "--pipeline-root", root]) == 0
@@ -161,7 +161,7 @@ def test_compile_sets_the_default_pipeline_root(kind: str, tmp_path: Path, capsy
 
 def test_validate_pipeline_compiles_without_training(tmp_path: Path) -> None:
     path = tmp_path / "validate.yaml"
-    assert main(["compile", str(HERE / "data" / "golden.yaml"), "-o", str(path), "--pipeline", "validate"]) == 0
+    assert main(["compile", str(HERE / "fixtures" / "golden.yaml"), "-o", str(path), "--pipeline", "validate"]) == 0
     assert "trainer" not in yaml.safe_load(path.read_text())["root"]["dag"]["tasks"]
 
 
@@ -292,6 +292,6 @@ def test_summary_component_list_matches_the_dag(kind: str, tmp_path: Path) -> No
     """summary.json lists components from COMPONENTS; it must name every task of the DAG."""
     from segflow.pipelines.local import COMPONENTS
 
-    path = compile_pipeline(load_config(HERE / "data" / "golden.yaml"), tmp_path / "p.yaml", kind=kind)
+    path = compile_pipeline(load_config(HERE / "fixtures" / "golden.yaml"), tmp_path / "p.yaml", kind=kind)
     tasks = _dag_tasks(yaml.safe_load(path.read_text()))
     assert sorted(COMPONENTS[kind]) == sorted(task.replace("-", "_") for task in tasks)

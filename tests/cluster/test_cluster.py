@@ -19,9 +19,9 @@ from segflow.config.experiment import load_config
 from segflow.utils.errors import ConfigError
 from segflow.pipelines.pipeline import compile_pipeline
 
-HERE = Path(__file__).resolve().parent
-GOLDEN_CONFIG = HERE / "data" / "golden.yaml"
-CLUSTER_CONFIG = HERE / "data" / "golden-cluster.yaml"
+HERE = Path(__file__).resolve().parents[1]
+GOLDEN_CONFIG = HERE / "fixtures" / "golden.yaml"
+CLUSTER_CONFIG = HERE / "fixtures" / "golden-cluster.yaml"
 CLUSTER_GOLDEN = HERE / "golden" / "pipeline-cluster.yaml"
 DATA_TASKS = ("dataset-fingerprint", "example-gen", "statistics-gen", "schema-gen", "example-validator", "transform", "evaluator", "exporter", "pusher")
 

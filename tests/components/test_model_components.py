@@ -1,5 +1,5 @@
 """Transform, Trainer and Evaluator on the session's tiny trained model (the Exporter's
-round trips and the Pusher are in tests/test_exporters.py)."""
+round trips and the Pusher are in tests/export/test_exporters.py)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -25,7 +25,7 @@ from tests.conftest import tiny_raw_config, train_cores
 
 pytestmark = pytest.mark.mediapipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MEDIAPIPE_PYTHON = ROOT / ".venv-mediapipe" / "bin" / "python"
 RUNNER = Path(__file__).resolve().parent / "mediapipe_segment.py"
 FORMATS = ["tflite_fp32", "tflite_int8"]

@@ -1,9 +1,9 @@
 """Runs MediaPipe Tasks' Python ImageSegmenter on a TFLite model as an app would: the model
 file and its metadata only, no segflow code. It runs in its own environment (.venv-mediapipe,
 `make test-mediapipe`: MediaPipe needs absl-py 2, the training stack pins 1.x), so it imports
-nothing from segflow; tests/test_mediapipe.py calls it through a subprocess.
+nothing from segflow; tests/export/test_mediapipe.py calls it through a subprocess.
 
-Usage: python tests/mediapipe_segment.py MODEL.tflite OUT_DIR IMAGE...
+Usage: python tests/export/mediapipe_segment.py MODEL.tflite OUT_DIR IMAGE...
 Writes OUT_DIR/<image stem>.npy (the category mask, uint8 [H,W]) per image and prints one
 JSON line: {"labels": [...], "masks": {image: npy path}}.
 """

@@ -34,7 +34,7 @@ from segflow.cluster.launcher import backend_name, launch
 from segflow.cluster.workers import SCRATCH_ENV, LaunchRequest, WorkerFailed
 from tests.conftest import tiny_raw_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cluster(workers: int, index: int = 0, chief: bool = False) -> dict[str, Any]:
@@ -309,12 +309,12 @@ def test_segflow_run_with_two_workers_is_blessed(tiny_data: Path, tmp_path: Path
 
 
 def test_two_worker_pods_of_an_indexed_job_train_through_the_shared_volume(prepared: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """trainer.launcher indexed_job against the fake Kubernetes API (tests/k8s_fake.py): two
+    """trainer.launcher indexed_job against the fake Kubernetes API (tests/cluster/k8s_fake.py): two
     pods train under MultiWorkerMirroredStrategy, the chief's model comes back through the
     staging folder on the PVC into the step's outputs, and the staging folder, the Job, the
     Service and the pods are gone afterwards."""
     from segflow.train.multiworker import WORKERS_FILE
-    from tests.k8s_fake import FakeKubernetes
+    from tests.cluster.k8s_fake import FakeKubernetes
 
     pvc = tmp_path / "pvc"
     pvc.mkdir()

@@ -11,7 +11,7 @@ import pytest
 from segflow.cli import main
 from tests.conftest import require_dataset
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
 
