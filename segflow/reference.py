@@ -128,7 +128,7 @@ def config_rows(model: type[BaseModel] = ExperimentConfig, prefix: str = "") -> 
         sections = [nested for nested, _ in _models_in(field.annotation)]
         description = field.description or (inspect.cleandoc(sections[0].__doc__ or "").split("\n\n")[0] if len(sections) == 1 else "")
         if not prefix and key in SHORTHANDS:
-            description += f" (may be written as its `{SHORTHANDS[key]}` alone)"
+            description += f" (may be written as its `{SHORTHANDS[key][0]}` alone)"
         yield path, _type_name(field.annotation), _default(field), description
         for nested, step in _models_in(field.annotation):
             yield from config_rows(nested, f"{path}{step}.")

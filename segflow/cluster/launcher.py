@@ -152,49 +152,8 @@ def launch_local(request: LaunchRequest) -> list[dict[str, Any]]:
     root = Path(tempfile.mkdtemp(prefix=f".launch-{request.name}-", dir=request.workdir))
     workers: list[_Worker] = []
     try:
-        hosts = [f"localhost:{port}" for port in free_ports(request.workers)]
-        command = worker_command(request)
-        log(f"{request.name}: launching {request.workers} local workers ({', '.join(hosts)}); worker 0 is the chief")
-        for index in range(request.workers):
-            scratch = root / f"worker-{index}"
-            scratch.mkdir()
-            env = {
-                **os.environ,
-                **request.env,
-                "TF_CONFIG": json.dumps(tf_config({"worker": hosts}, index)),
-                INDEX_ENV: str(index),
-                SCRATCH_ENV: str(scratch),
-                PARENT_ENV: str(os.getpid()),
-                "PYTHONUNBUFFERED": "1",
-            }
-            workers.append(_Worker(index, command, env, scratch, stream=index == 0))
-        deadline = time.monotonic() + request.timeout_seconds
-        while True:
-            failed = [worker for worker in workers if worker.process.poll() not in (None, 0)]
-            if failed:
-                # The first to fail is the cause; the others then fail in their collectives.
-                # Seen in the same poll: a killed worker before one that exited with an error.
-                first = min(failed, key=lambda worker: (worker.process.returncode >= 0, worker.index))
-                for worker in workers:
-                    if worker is not first:
-                        worker.stop()
-                first.reader.join(timeout=5)
-                raise WorkerFailed(
-                    f"{request.name}: worker {first.index} of {request.workers} (pid {first.process.pid}) {first.describe_exit()}; "
-                    f"the other workers were stopped. Last lines of worker {first.index}:\n{first.last_lines()}"
-                )
-            if all(worker.process.poll() == 0 for worker in workers):
-                break
-            if time.monotonic() > deadline:
-                running = [str(worker.index) for worker in workers if worker.process.poll() is None]
-                chief = workers[0]
-                for worker in workers:
-                    worker.stop()
-                raise WorkerFailed(
-                    f"{request.name}: timed out after {request.timeout_seconds:g} s (trainer.timeout_seconds) with worker(s) "
-                    f"{', '.join(running)} still running; all workers were stopped. Last lines of worker 0:\n{chief.last_lines()}"
-                )
-            time.sleep(0.2)
+        _start_workers(request, root, workers)
+        _wait_for(workers, request)
         for worker in workers:
             worker.reader.join(timeout=5)
         results = read_results(root, request.workers)
@@ -204,6 +163,57 @@ def launch_local(request: LaunchRequest) -> list[dict[str, Any]]:
         for worker in workers:
             worker.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _start_workers(request: LaunchRequest, root: Path, workers: list[_Worker]) -> None:
+    """Start the workers into `workers` (filled as they start, so the caller stops every one)."""
+    hosts = [f"localhost:{port}" for port in free_ports(request.workers)]
+    command = worker_command(request)
+    log(f"{request.name}: launching {request.workers} local workers ({', '.join(hosts)}); worker 0 is the chief")
+    for index in range(request.workers):
+        scratch = root / f"worker-{index}"
+        scratch.mkdir()
+        env = {
+            **os.environ,
+            **request.env,
+            "TF_CONFIG": json.dumps(tf_config({"worker": hosts}, index)),
+            INDEX_ENV: str(index),
+            SCRATCH_ENV: str(scratch),
+            PARENT_ENV: str(os.getpid()),
+            "PYTHONUNBUFFERED": "1",
+        }
+        workers.append(_Worker(index, command, env, scratch, stream=index == 0))
+
+
+def _wait_for(workers: list[_Worker], request: LaunchRequest) -> None:
+    """Return when every worker exited 0; raise WorkerFailed when one fails or time runs out."""
+    deadline = time.monotonic() + request.timeout_seconds
+    while True:
+        failed = [worker for worker in workers if worker.process.poll() not in (None, 0)]
+        if failed:
+            # The first to fail is the cause; the others then fail in their collectives.
+            # Seen in the same poll: a killed worker before one that exited with an error.
+            first = min(failed, key=lambda worker: (worker.process.returncode >= 0, worker.index))
+            for worker in workers:
+                if worker is not first:
+                    worker.stop()
+            first.reader.join(timeout=5)
+            raise WorkerFailed(
+                f"{request.name}: worker {first.index} of {request.workers} (pid {first.process.pid}) {first.describe_exit()}; "
+                f"the other workers were stopped. Last lines of worker {first.index}:\n{first.last_lines()}"
+            )
+        if all(worker.process.poll() == 0 for worker in workers):
+            return
+        if time.monotonic() > deadline:
+            running = [str(worker.index) for worker in workers if worker.process.poll() is None]
+            chief = workers[0]
+            for worker in workers:
+                worker.stop()
+            raise WorkerFailed(
+                f"{request.name}: timed out after {request.timeout_seconds:g} s (trainer.timeout_seconds) with worker(s) "
+                f"{', '.join(running)} still running; all workers were stopped. Last lines of worker 0:\n{chief.last_lines()}"
+            )
+        time.sleep(0.2)
 
 
 def _launch_indexed_job(request: LaunchRequest) -> list[dict[str, Any]]:

@@ -595,9 +595,9 @@ class TrackingConfig(_Strict):
     experiment: str | None = Field(None, description="MLflow experiment name; null: the config's name")
 
 
-# Sections that may be written as the value of their main key: `export: [a, b]` is short for
-# `export: {formats: [a, b]}`. The config's validator and its JSON Schema both read this table.
-SHORTHANDS = {"export": "formats", "normalization": "method"}
+# Sections that may be written as the value of their main key (of that value's type): `export: [a, b]`
+# is short for `export: {formats: [a, b]}`. The config's validator and its JSON Schema both read this table.
+SHORTHANDS: dict[str, tuple[str, type]] = {"export": ("formats", list), "normalization": ("method", str)}
 
 
 class ExperimentConfig(_Strict):
@@ -677,7 +677,8 @@ class ExperimentConfig(_Strict):
     @classmethod
     def _shorthand(cls, value: Any, info: ValidationInfo) -> Any:
         """`normalization: minmax` is short for `normalization: {method: minmax}` (SHORTHANDS)."""
-        return value if isinstance(value, dict) else {SHORTHANDS[info.field_name]: value}
+        key, short_type = SHORTHANDS[info.field_name]
+        return {key: value} if isinstance(value, short_type) else value
 
     @field_validator("classes")
     @classmethod
@@ -950,7 +951,7 @@ def config_schema() -> dict[str, Any]:
     validator's, so `segflow validate` remains the full check."""
     schema = ExperimentConfig.model_json_schema()
     definitions = schema["$defs"]
-    for section, key in SHORTHANDS.items():
+    for section, (key, _) in SHORTHANDS.items():
         full = schema["properties"][section]
         reference = full.get("$ref") or next(option["$ref"] for option in full.get("anyOf", full.get("allOf", [])) if "$ref" in option)
         short = definitions[reference.rsplit("/", 1)[-1]]["properties"][key]

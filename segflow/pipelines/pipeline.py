@@ -55,6 +55,8 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
     pipeline's default root for its artifacts (None: the cluster's default). Every task runs
     the config's image; `cluster` also compiles the `kubernetes` section's node pools,
     resources, retries, Secret env vars and PVC into the pipeline (segflow.cluster.kfp_base)."""
+    # One piece on purpose (about 75 lines): the @dsl.pipeline functions close over `step`, `slices`
+    # and `defaults`, and KFP reads their own signatures as the pipeline's parameters.
     check_kubernetes(config)
     slices = {name: config_slice(config, name) for name in COMPONENT_KEYS}
     defaults = location_arguments(config, PARAMETERS[kind])

@@ -187,6 +187,7 @@ def test_pusher_versions_and_uncommitted_folders(where: str, request: pytest.Fix
     from segflow.evaluate.evaluation import BLESSED
     from segflow.export.exporters import EXPORTS_FILE
     from segflow.components.pusher import core as pusher
+    from segflow.export import model_registry
     from segflow.utils.io import write_json
 
     registry = storage.join(request.getfixturevalue("s3_root"), "registry") if where == "s3" else str(tmp_path / "registry")
@@ -205,27 +206,27 @@ def test_pusher_versions_and_uncommitted_folders(where: str, request: pytest.Fix
     blessing = tmp_path / "blessing"
     blessing.mkdir()
     (blessing / BLESSED).write_text("")
-    assert pusher.read_versions(registry, "tiny") == [] and pusher.next_version(registry, "tiny") == 1
+    assert model_registry.read_versions(registry, "tiny") == [] and model_registry.next_version(registry, "tiny") == 1
 
     first = pusher.run(config, exports, blessing, tmp_path / "push1")
     second = pusher.run(config, exports, blessing, tmp_path / "push2")
     assert (first["version"], second["version"]) == (1, 2)
     assert second["destination"] == storage.join(registry, "tiny", "2")
     assert json.loads((tmp_path / "push2" / pusher.PUSH_FILE).read_text()) == second
-    assert pusher.read_versions(registry, "tiny") == [1, 2]
+    assert model_registry.read_versions(registry, "tiny") == [1, 2]
     with storage.localized(second["destination"]) as version:
         published = _tree(Path(version))
-    commit = json.loads(published.pop(pusher.COMMIT_FILE))
-    published.pop(pusher.CLAIM_FILE, None)  # object stores: the claim of the version number
+    commit = json.loads(published.pop(model_registry.COMMIT_FILE))
+    published.pop(model_registry.CLAIM_FILE, None)  # object stores: the claim of the version number
     assert published == _tree(exports)
     assert (commit["name"], commit["version"], commit["files"]) == ("tiny", 2, ["exports.json", "model_int8.tflite", "model_int8.tflite.json", "saved_model.json", "saved_model/saved_model.pb"])
 
     # A push that stopped half-way: part of the payload, no commit marker.
     storage.write_bytes(storage.join(registry, "tiny", "3", "model_int8.tflite"), b"partial")
-    assert pusher.read_versions(registry, "tiny") == [1, 2]
+    assert model_registry.read_versions(registry, "tiny") == [1, 2]
     third = pusher.run(config, exports, blessing, tmp_path / "push3")
     assert third["version"] == 4  # the interrupted number is skipped, never reused
-    assert pusher.read_versions(registry, "tiny") == [1, 2, 4]
+    assert model_registry.read_versions(registry, "tiny") == [1, 2, 4]
 
 
 def test_segflow_validate_on_a_dataset_in_s3(s3_root: str, tmp_path: Path) -> None:

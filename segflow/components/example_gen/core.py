@@ -200,8 +200,6 @@ def assign(config: ExperimentConfig) -> tuple[Assigned, dict[str, int], list[dic
 
 def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str]) -> dict[str, int]:
     """Write the Examples artifact to `examples_dir`; return the counts for summary.json."""
-    import apache_beam as beam
-
     assigned, folds, unpaired, skipped = assign(config)
     skipped = _sorted_entries(skipped)
     log(f"example_gen: {len(assigned)} image/mask pairs, {len(unpaired)} unpairable files, {len(skipped)} skipped entries")
@@ -210,27 +208,7 @@ def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str]) -> dict[
     with atomic_dir(examples_dir) as out:
         scratch = out / BEAM_SCRATCH  # inside the artifact, so that every worker of any runner can reach it
         counter = Progress(DECODE_STEP, len(keyed), "pairs")  # the workers count; their last counts may come unreported
-        with beam.Pipeline(options=beam_options(config.beam, scratch / "tmp")) as pipeline:
-            processed = (
-                pipeline
-                | "Pairs" >> beam.Create(keyed, reshuffle=True)
-                | "DecodeCheckSerialize" >> beam.FlatMap(DecodeCheckSerialize(config)).with_outputs(QUARANTINE, PAGES, main="examples")
-            )
-            (
-                processed.examples
-                | "ByShard" >> beam.GroupByKey()
-                | "WriteShards" >> beam.Map(write_split_shard, examples_dir=str(out), shard_counts=shard_counts)
-            )
-            (
-                processed[QUARANTINE]
-                | "QuarantineJson" >> beam.Map(lambda entry: json.dumps(entry, sort_keys=True))
-                | "WriteQuarantine" >> beam.io.WriteToText(str(scratch / QUARANTINE), shard_name_template="")
-            )
-            (
-                processed[PAGES]
-                | "ExtraPages" >> beam.CombineGlobally(sum)
-                | "WritePages" >> beam.io.WriteToText(str(scratch / PAGES), shard_name_template="")
-            )
+        _decode_and_write(config, keyed, shard_counts, out, scratch)
         counter.end(done=len(keyed))
         for split, count in shard_counts.items():  # a shard whose pairs were all quarantined is written empty
             for index in range(count):
@@ -254,6 +232,39 @@ def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str]) -> dict[
         (out / SKIPPED_FILE).write_text("".join(json.dumps(entry) + "\n" for entry in skipped))
         write_json(out / COUNTS_FILE, counts)
         fingerprint = write_fingerprint(out)
+    _log_written(counts, shard_counts, skipped, entries, fingerprint["sha256"])
+    return counts
+
+
+def _decode_and_write(config: ExperimentConfig, keyed: list[Any], shard_counts: dict[str, int], out: Path, scratch: Path) -> None:
+    """The Beam pipeline: decode, check and serialize every pair, write each split's shards,
+    and leave the quarantine entries and the extra pages' count in `scratch`."""
+    import apache_beam as beam
+
+    with beam.Pipeline(options=beam_options(config.beam, scratch / "tmp")) as pipeline:
+        processed = (
+            pipeline
+            | "Pairs" >> beam.Create(keyed, reshuffle=True)
+            | "DecodeCheckSerialize" >> beam.FlatMap(DecodeCheckSerialize(config)).with_outputs(QUARANTINE, PAGES, main="examples")
+        )
+        (
+            processed.examples
+            | "ByShard" >> beam.GroupByKey()
+            | "WriteShards" >> beam.Map(write_split_shard, examples_dir=str(out), shard_counts=shard_counts)
+        )
+        (
+            processed[QUARANTINE]
+            | "QuarantineJson" >> beam.Map(lambda entry: json.dumps(entry, sort_keys=True))
+            | "WriteQuarantine" >> beam.io.WriteToText(str(scratch / QUARANTINE), shard_name_template="")
+        )
+        (
+            processed[PAGES]
+            | "ExtraPages" >> beam.CombineGlobally(sum)
+            | "WritePages" >> beam.io.WriteToText(str(scratch / PAGES), shard_name_template="")
+        )
+
+
+def _log_written(counts: dict[str, Any], shard_counts: dict[str, int], skipped: list[dict[str, Any]], entries: list[dict[str, Any]], sha256: str) -> None:
     for entry in skipped:
         log(f"example_gen: skipped {entry['file']}: {entry['reason']}")
     for entry in entries:
@@ -261,11 +272,7 @@ def run(config: ExperimentConfig, examples_dir: str | os.PathLike[str]) -> dict[
     written_splits = " + ".join(f"{counts[f'{split}_examples']} {split}" for split in shard_counts)
     shards = " + ".join(str(count) for count in shard_counts.values())
     by_fold = f" (folds {counts['fold_examples']})" if "fold_examples" in counts else ""
-    log(
-        f"example_gen: wrote {written_splits} examples{by_fold} in {shards} shards (sha256 {fingerprint['sha256'][:12]}), "
-        f"quarantined {counts['quarantined']}"
-    )
-    return counts
+    log(f"example_gen: wrote {written_splits} examples{by_fold} in {shards} shards (sha256 {sha256[:12]}), quarantined {counts['quarantined']}")
 
 
 def _sorted_entries(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -13,12 +13,13 @@ import heapq
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from segflow.config.experiment import ExperimentConfig
+from segflow.config.experiment import ExperimentConfig, ExportConfig
 from segflow.data.examples import SegmentationExample, iter_split
 from segflow.data.preprocessing import model_pixels_numpy
 from segflow.evaluate.evaluation import evaluate, predict_split
@@ -134,70 +135,110 @@ def run(
     settings = config.export
     serving = Path(model_dir) / SERVING_SUBDIR
     spec = ServingSpec.load(serving)
-    samples: list[np.ndarray] | None = None
-    calibration: dict[str, Any] = {}
-    results: dict[str, Any] = {}
     served_predictor = serving_mask_predictor(serving)
     reference_mean_iou = evaluate(served_predictor, examples_dir, "eval", spec, step="exporter: float served model")["mean_iou"]
-    served = predict_split(served_predictor, examples_dir, "eval", step="exporter: reference masks")
+    parity = _Parity(examples_dir, spec, predict_split(served_predictor, examples_dir, "eval", step="exporter: reference masks"), reference_mean_iou, settings.max_drop)
+    calibration = _Calibration(examples_dir, settings.calibration_examples, spec)
     source = {"name": config.name, "model": os.fspath(model_dir), "examples": os.fspath(examples_dir)}
     log(f"exporter: float served model: eval mean IoU {reference_mean_iou:.4f}; exports more than {settings.max_drop} below it fail the parity gate")
+    results: dict[str, Any] = {}
     with atomic_dir(exports_dir) as out:
         for name in settings.formats:
             export: ExportFormat = EXPORT_FORMATS.get(name)
-            row: dict[str, Any] = {"quantization": export.quantization, "runtime": export.runtime}
-            quantizer = quantizer_of(export, settings.quantizer)
-            if quantizer is not None:
-                row["quantizer"] = quantizer
-            if quantizer == "ai_edge_quantizer":
-                row["quantizer_report"] = quantizer_report_name(export.file_name)
-            if export.name == QAT_FORMAT and config.qat is not None:
-                row["quantization_aware_training"] = config.qat.model_dump()
+            row = _describe(export, config)
             reason = export.unavailable()
             if reason is not None:
                 results[name] = {"status": "skipped", "reason": reason, **row}
                 log(f"exporter: {name}: skipped: {reason}")
                 continue
-            started = time.perf_counter()
-            options = ExportOptions(onnx_opset=settings.onnx_opset, quantizer=settings.quantizer)
-            if export.needs_representative_data:
-                if samples is None:
-                    chosen, calibration = calibration_examples(examples_dir, settings.calibration_examples, spec.ignore_index, spec.class_names)
-                    samples = [model_pixels_numpy(example.image, spec.shape) for example in chosen]
-                    log(f"exporter: calibration: {len(samples)} train images, every class present in train included" if not calibration["classes_missing"]
-                        else f"exporter: calibration: {len(samples)} train images miss {calibration['classes_missing']} (export.calibration_examples too small)")
-                options = ExportOptions(representative=_as_generator(samples), onnx_opset=settings.onnx_opset, quantizer=settings.quantizer)
-                row["calibration_examples"] = len(samples)
-                row["calibration"] = calibration
-            target = out / export.file_name
-            try:
-                export.build(serving, target, options)
-            except ExportError:
-                raise
-            except Exception as error:  # a converter's own exception: say which export and file
-                raise ExportError(f"exporter: building {name} into {target} failed: {type(error).__name__}: {error}") from error
-            report = evaluate(export.load(target, spec), examples_dir, "eval", spec, reference=served, step=f"exporter: {name} parity")
-            write_json(out / sidecar_name(export.file_name), sidecar(export, target, spec, source, row.get("calibration"), settings.quantizer))
-            results[name] = {
-                "path": str(Path(exports_dir) / export.file_name),
-                "file": export.file_name,
-                "sidecar": sidecar_name(export.file_name),
-                "bytes": _size(target),
-                **row,
-                "mean_iou": report["mean_iou"],
-                "per_class_iou": report["per_class_iou"],
-                "agreement_with_serving": report["agreement"],
-                **parity_gate(report["mean_iou"], reference_mean_iou, settings.max_drop),
-                "seconds": round(time.perf_counter() - started, 2),
-            }
-            verdict = results[name]["reason"] if results[name]["status"] == "failed" else "parity gate passed"
-            log(
-                f"exporter: {name}: {results[name]['bytes'] / 1e6:.2f} MB, eval mean IoU {report['mean_iou']:.4f}, "
-                f"agrees with serving_default on {report['agreement']:.2%} of pixels; {verdict}"
-            )
+            results[name] = _build_and_check(export, serving, out, Path(exports_dir), row, settings, calibration, parity, source)
         _store_benchmark(out, results, spec)
         write_json(out / EXPORTS_FILE, results)
     return results
+
+
+def _describe(export: ExportFormat, config: ExperimentConfig) -> dict[str, Any]:
+    """What an export is, before it is built: its quantization, runtime and quantizer."""
+    row: dict[str, Any] = {"quantization": export.quantization, "runtime": export.runtime}
+    quantizer = quantizer_of(export, config.export.quantizer)
+    if quantizer is not None:
+        row["quantizer"] = quantizer
+    if quantizer == "ai_edge_quantizer":
+        row["quantizer_report"] = quantizer_report_name(export.file_name)
+    if export.name == QAT_FORMAT and config.qat is not None:
+        row["quantization_aware_training"] = config.qat.model_dump()
+    return row
+
+
+@dataclass
+class _Calibration:
+    """The train images int8 converters calibrate on: drawn once, when the first export needs them."""
+
+    examples_dir: str | os.PathLike[str]
+    count: int
+    spec: ServingSpec
+    samples: list[np.ndarray] | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def draw(self) -> list[np.ndarray]:
+        if self.samples is None:
+            chosen, self.record = calibration_examples(self.examples_dir, self.count, self.spec.ignore_index, self.spec.class_names)
+            self.samples = [model_pixels_numpy(example.image, self.spec.shape) for example in chosen]
+            log(f"exporter: calibration: {len(self.samples)} train images, every class present in train included" if not self.record["classes_missing"]
+                else f"exporter: calibration: {len(self.samples)} train images miss {self.record['classes_missing']} (export.calibration_examples too small)")
+        return self.samples
+
+
+@dataclass(frozen=True)
+class _Parity:
+    """What every export is held against: the float served model's masks and eval mean IoU."""
+
+    examples_dir: str | os.PathLike[str]
+    spec: ServingSpec
+    served: Any
+    reference_mean_iou: float
+    max_drop: float
+
+
+def _build_and_check(
+    export: ExportFormat, serving: Path, out: Path, exports_dir: Path, row: dict[str, Any], settings: ExportConfig,
+    calibration: _Calibration, parity: _Parity, source: dict[str, str],
+) -> dict[str, Any]:
+    """Build one export into `out`, score it on the eval split against the served model and
+    write its sidecar; its row of exports.json, with the parity gate's verdict."""
+    started = time.perf_counter()
+    options = ExportOptions(onnx_opset=settings.onnx_opset, quantizer=settings.quantizer)
+    if export.needs_representative_data:
+        samples = calibration.draw()
+        options = ExportOptions(representative=_as_generator(samples), onnx_opset=settings.onnx_opset, quantizer=settings.quantizer)
+        row = {**row, "calibration_examples": len(samples), "calibration": calibration.record}
+    target = out / export.file_name
+    try:
+        export.build(serving, target, options)
+    except ExportError:
+        raise
+    except Exception as error:  # a converter's own exception: say which export and file
+        raise ExportError(f"exporter: building {export.name} into {target} failed: {type(error).__name__}: {error}") from error
+    report = evaluate(export.load(target, parity.spec), parity.examples_dir, "eval", parity.spec, reference=parity.served, step=f"exporter: {export.name} parity")
+    write_json(out / sidecar_name(export.file_name), sidecar(export, target, parity.spec, source, row.get("calibration"), settings.quantizer))
+    result = {
+        "path": str(exports_dir / export.file_name),
+        "file": export.file_name,
+        "sidecar": sidecar_name(export.file_name),
+        "bytes": _size(target),
+        **row,
+        "mean_iou": report["mean_iou"],
+        "per_class_iou": report["per_class_iou"],
+        "agreement_with_serving": report["agreement"],
+        **parity_gate(report["mean_iou"], parity.reference_mean_iou, parity.max_drop),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    verdict = result["reason"] if result["status"] == "failed" else "parity gate passed"
+    log(
+        f"exporter: {export.name}: {result['bytes'] / 1e6:.2f} MB, eval mean IoU {report['mean_iou']:.4f}, "
+        f"agrees with serving_default on {report['agreement']:.2%} of pixels; {verdict}"
+    )
+    return result
 
 
 def _store_benchmark(out: Path, results: dict[str, Any], spec: ServingSpec) -> None:
