@@ -151,7 +151,7 @@ class NormalizationConfig(_Strict):
 
 
 class HardNegativesConfig(_Strict):
-    """Crops centred where the model is wrong (segflow.data.hard_negatives)."""
+    """Crops centred where the model is wrong (segflow.data.error_maps)."""
 
     share: float = Field(0.3, gt=0.0, le=1.0, description="share of the training crops centred on a pixel the model got wrong at the last refresh")
     refresh_every: int = Field(5, ge=1, description="epochs between two predictions of the train images (their error maps)")

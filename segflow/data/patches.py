@@ -59,7 +59,7 @@ def unlabelled_pixels(mask: tf.Tensor, ignore_index: int | None) -> tf.Tensor:
 
 class CropPlan(NamedTuple):
     """How a crop's centre is chosen: on a pixel the model last got wrong with probability
-    `hard_share` (segflow.data.hard_negatives), else on a labelled pixel with probability
+    `hard_share` (segflow.data.error_maps), else on a labelled pixel with probability
     `positive_share`, else on a background pixel (`negatives_centred`) or anywhere."""
 
     positive_share: float

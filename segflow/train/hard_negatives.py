@@ -1,7 +1,7 @@
 """The trainer's side of hard negatives (`patches.hard_negatives`), moved out of the trainer core:
 the train split's error maps, which the training stream's crops read
 (segflow.train.input_pipeline), and the callback that refreshes them from the network's
-predictions as it trains. The maps and the refresh themselves are segflow.data.hard_negatives.
+predictions as it trains. The maps and the refresh themselves are segflow.data.error_maps.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import tensorflow as tf
 import tf_keras as keras
 
 from segflow.config.experiment import ExperimentConfig
-from segflow.data.hard_negatives import ErrorMaps, RefreshErrorMaps
+from segflow.data.error_maps import ErrorMaps, RefreshErrorMaps
 from segflow.data.preprocessing import PixelSpec
 from segflow.train.input_pipeline import decode_example, split_records
 from segflow.utils.runtime import log

@@ -20,7 +20,7 @@ import tensorflow as tf
 from segflow.config.experiment import ExperimentConfig
 from segflow.data.augment import apply_policy, build_policy, example_seed
 from segflow.data.examples import split_files
-from segflow.data.hard_negatives import ErrorMaps
+from segflow.data.error_maps import ErrorMaps
 from segflow.data.patches import crop_plan, grid_tiles, model_mask, sample_crop
 from segflow.data.preprocessing import PixelSpec, model_pixels, scale_pixels
 from segflow.data.tf_augment import build_tf_policy, example_seed_tensor
@@ -131,7 +131,7 @@ def make_dataset(
     by element (policy DATA), so each worker keeps its replicas' part of every batch;
     `drop_remainder` drops a short last batch (per epoch), which would leave a replica empty;
     `negatives` is the stage's crop balance (segflow.data.patches.crop_plan); `error_maps` are
-    the hard negatives' (segflow.data.hard_negatives), read as the crops are drawn."""
+    the hard negatives' (segflow.data.error_maps), read as the crops are drawn."""
     from segflow.data.examples import read_counts
     from segflow.data.preprocessing import RAW_FEATURE, TRANSFORMED_FEATURE
 

@@ -19,7 +19,7 @@ from typing import Any
 import tf_keras as keras
 
 from segflow.config.experiment import CallbacksConfig, ExperimentConfig, OptimizerConfig, ScheduleConfig, StageConfig
-from segflow.data.hard_negatives import ErrorMaps
+from segflow.data.error_maps import ErrorMaps
 from segflow.data.preprocessing import PixelSpec
 from segflow.evaluate.analyze import HISTORY_FILE
 from segflow.model.losses import LabelSpec

@@ -191,7 +191,7 @@ def _hard_crops_do_not_depend_on_when_the_maps_come(config: ExperimentConfig, ex
 
 
 def test_error_maps_give_each_image_its_wrong_pixels() -> None:
-    from segflow.data.hard_negatives import ErrorMaps, draw_positions, wrong_pixels
+    from segflow.data.error_maps import ErrorMaps, draw_positions, wrong_pixels
 
     mask = tf.constant([[0, 1, 9], [1, 1, 0]], tf.uint8)
     probabilities = tf.one_hot([[1, 1, 0], [1, 0, 0]], 2)  # wrong at (0,0) and (1,1); (0,2) is ignore_index

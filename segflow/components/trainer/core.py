@@ -53,7 +53,7 @@ from segflow.train.hard_negatives import train_error_maps
 from segflow.train.input_pipeline import batching
 from segflow.train.multiworker import agreed_final, weights_digest
 from segflow.train.network import build_network, build_trained_network, compile_network
-from segflow.train.qat import fine_tune_qat
+from segflow.train.qat_fine_tune import fine_tune_qat
 from segflow.train.robustness import Batching
 from segflow.train.stages import TENSORBOARD_FOLDER, StageRun, completed_epochs, last_epoch, train_stages
 from segflow.utils.io import atomic_dir, write_json
