@@ -193,6 +193,7 @@ def _write_config(tiny_data: Path, tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.extended  # a DAG run through the CLI beyond the default suite's one full run
 def test_kfp_local_validate_run(tiny_data: Path, tmp_path: Path) -> None:
     config = _write_config(tiny_data, tmp_path)
     assert main(["validate", str(config), "-o", str(tmp_path / "run")]) == 0
@@ -241,6 +242,7 @@ def test_kfp_local_full_run_writes_the_summary_contract(tiny_data: Path, tmp_pat
     assert main(["run", str(config), "-o", str(run)]) == 2
 
 
+@pytest.mark.extended  # a DAG run through the CLI beyond the default suite's one full run
 def test_failed_component_gives_failed_summary_and_exit_code(tiny_data: Path, tmp_path: Path) -> None:
     """validation.on_anomaly 'fail' with a class that never occurs: the validator fails, the
     run stops there, and summary.json says which component failed and why."""

@@ -229,6 +229,7 @@ def test_pusher_versions_and_uncommitted_folders(where: str, request: pytest.Fix
     assert model_registry.read_versions(registry, "tiny") == [1, 2, 4]
 
 
+@pytest.mark.extended  # a DAG run through the CLI beyond the default suite's one full run
 def test_segflow_validate_on_a_dataset_in_s3(s3_root: str, tmp_path: Path) -> None:
     """Through the CLI and kfp.local: the URIs reach the components unchanged (no pathlib on
     the way) and the components' subprocesses find the server through the AWS_* variables."""
@@ -283,6 +284,7 @@ def test_relocate_summary_names_the_uploaded_files(tmp_path: Path) -> None:
     assert relocate_summary({"status": "failed"}, local, run) == {"status": "failed"}
 
 
+@pytest.mark.extended  # a DAG run through the CLI beyond the default suite's one full run
 def test_segflow_validate_uploads_its_run_folder_to_s3(
     s3_root: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
