@@ -25,7 +25,7 @@ TRAIN_DIR = Path(__file__).resolve().parents[2] / "segflow" / "train"
 CORE_MODULES = {
     "trainer": tuple(
         TRAIN_DIR / f"{name}.py"
-        for name in ("input_pipeline", "hard_negatives", "network", "stages", "robustness", "progress", "qat", "multiworker", "lr_sweep")
+        for name in ("input_pipeline", "hard_negatives", "network", "stages", "robustness", "progress", "qat_fine_tune", "multiworker", "lr_sweep")
     ),
 }
 # Methods a core may call on the config. `to_json` hands the whole config to a child process
