@@ -26,7 +26,7 @@ from segflow.utils.storage import absolute
 # component -> the config keys its core reads ("beam" is the whole section, "dataset.eval_split" one key).
 COMPONENT_KEYS: dict[str, tuple[str, ...]] = {
     # dataset.group_by and dataset.multipage shape the examples: listed before ExampleGen reads them.
-    "example_gen": ("dataset.eval_split", "dataset.group_by", "dataset.multipage", "dataset.folds", "classes", "mask_values", "ignore_index", "beam"),
+    "example_gen": ("dataset.eval_split", "dataset.group_by", "dataset.multipage", "dataset.folds", "dataset.assignment", "classes", "mask_values", "ignore_index", "beam"),
     "statistics_gen": ("classes", "ignore_index", "shape", "beam"),
     "schema_gen": ("classes", "validation.schema"),
     "example_validator": ("classes", "validation"),

@@ -57,7 +57,7 @@ class DatasetConfig(_Strict):
         description="folder of the masks, one per image with the same file stem (the extension may differ); values are class ids, or those of mask_values"
     )
     eval_split: float | None = Field(
-        None, gt=0.0, lt=1.0, description=f"exact share of examples (or groups) in the eval split; null: {DEFAULT_EVAL_SPLIT} unless eval folders or folds are given"
+        None, gt=0.0, lt=1.0, description=f"share of examples (or groups) in the eval split (exact, or on average with assignment: stable); null: {DEFAULT_EVAL_SPLIT} unless eval folders or folds are given"
     )
     group_by: str | None = Field(
         None, description="regex on the file stem; files whose match is equal stay in one split (video sequence, patient, slide)"
@@ -73,6 +73,13 @@ class DatasetConfig(_Strict):
         None, ge=2, le=20, description="k-fold cross-validation over images/masks: one trainer per fold, fold ids from a hash of the file name (group)"
     )
     folds_to_train: list[int] | None = Field(None, min_length=1, description="train only these folds (ids from 0); null: all")
+    assignment: Literal["exact", "stable"] = Field(
+        "exact",
+        description="how the hash split and folds are drawn: exact (the eval share and fold sizes exact over the files present; "
+        "adding files can move others) or stable (each file's split and fold from its own name alone: it never moves as data "
+        "grows, so a model is never scored on a file it trained on; shares exact only on average). exact suits a fixed dataset, "
+        "stable one that grows between runs",
+    )
 
     @model_validator(mode="after")
     def _split_choice(self) -> "DatasetConfig":

@@ -41,10 +41,26 @@ def group_key(stem: str, group_by: str | None) -> str:
     return match.group(1) if match.re.groups else match.group(0)
 
 
-def assign_splits(stems: list[str], eval_split: float, group_by: str | None = None) -> dict[str, str]:
+def _groups(stems: list[str], group_by: str | None) -> dict[str, list[str]]:
+    groups: dict[str, list[str]] = {}
+    for stem in stems:
+        groups.setdefault(group_key(stem, group_by), []).append(stem)
+    return groups
+
+
+def _bucket(key: str) -> int:
+    """A group's fixed place among 2**64, from the sha256 of its key alone."""
+    return int(_digest(key)[:16], 16)
+
+
+def assign_splits(stems: list[str], eval_split: float, group_by: str | None = None, stable: bool = False) -> dict[str, str]:
     """The one place a split is decided: stem -> 'train' | 'eval'.
 
-    Groups (see `group_key`; without `group_by` every stem is its own group) are ranked by
+    `stable` (dataset.assignment: stable): a group is in eval when its bucket (`_bucket`) falls
+    in the first `eval_split` of the 2**64 buckets, so a file keeps its split whatever files
+    are added or removed, and the eval share is exact only on average.
+
+    Otherwise (exact): groups (see `group_key`; without `group_by` every stem is its own group) are ranked by
     the sha256 of their key and walked in that order; a group goes to eval when it brings the
     eval count closer to round(n * eval_split), kept within 1..n-1. Without `group_by` that
     makes the eval share exact. Each split gets at least one group: if the walk leaves a split
@@ -53,11 +69,11 @@ def assign_splits(stems: list[str], eval_split: float, group_by: str | None = No
     n = len(stems)
     if n < 2:
         raise ValueError(f"cannot split {n} example(s) into train and eval (eval_split {eval_split}): at least 2 are needed")
-    groups: dict[str, list[str]] = {}
-    for stem in stems:
-        groups.setdefault(group_key(stem, group_by), []).append(stem)
+    groups = _groups(stems, group_by)
     if len(groups) < 2:
         raise ValueError(f"dataset.group_by {group_by!r} puts all {n} examples in one group {next(iter(groups))!r}: train and eval need 2 groups at least")
+    if stable:
+        return _stable_splits(groups, eval_split)
     target = min(max(round(n * eval_split), 1), n - 1)
     order = sorted(groups, key=_digest)
     chosen: list[str] = []
@@ -74,16 +90,34 @@ def assign_splits(stems: list[str], eval_split: float, group_by: str | None = No
     return {stem: "eval" if key in eval_keys else "train" for key, members in groups.items() for stem in members}
 
 
-def assign_folds(stems: list[str], folds: int, group_by: str | None = None) -> dict[str, int]:
-    """stem -> fold id in 0..folds-1. Groups are ranked by the sha256 of their key (so a
+def _stable_splits(groups: dict[str, list[str]], eval_split: float) -> dict[str, str]:
+    threshold = int(eval_split * 2**64)
+    splits = {stem: "eval" if _bucket(key) < threshold else "train" for key, members in groups.items() for stem in members}
+    for split in SPLITS:
+        if split not in splits.values():
+            raise ValueError(
+                f"dataset.assignment stable put all {len(groups)} group(s) in {'eval' if split == 'train' else 'train'} (eval_split {eval_split}): "
+                "too few files for a split by hash alone; use dataset.assignment: exact for a dataset this small"
+            )
+    return splits
+
+
+def assign_folds(stems: list[str], folds: int, group_by: str | None = None, stable: bool = False) -> dict[str, int]:
+    """stem -> fold id in 0..folds-1. `stable`: a group's fold is its bucket modulo `folds`, so
+    adding or removing files never moves another file's fold (fold sizes equal only on average).
+    Otherwise groups are ranked by the sha256 of their key (so a
     file's fold depends on its name, not on the experiment) and each goes, largest first,
     to the fold with the fewest examples so far (lowest id on ties): the folds differ in
     size by at most the largest group. Every fold gets at least one group."""
-    groups: dict[str, list[str]] = {}
-    for stem in stems:
-        groups.setdefault(group_key(stem, group_by), []).append(stem)
+    groups = _groups(stems, group_by)
     if len(groups) < folds:
         raise ValueError(f"cannot split {len(stems)} example(s) in {len(groups)} group(s) into {folds} folds: every fold needs a group")
+    if stable:
+        by_bucket = {stem: _bucket(key) % folds for key, members in groups.items() for stem in members}
+        empty = sorted(set(range(folds)) - set(by_bucket.values()))
+        if empty:
+            raise ValueError(f"dataset.assignment stable left fold(s) {empty} of {folds} empty with {len(groups)} group(s); use dataset.assignment: exact for a dataset this small")
+        return by_bucket
     sizes = [0] * folds
     assigned: dict[str, int] = {}
     for key in sorted(groups, key=lambda key: (-len(groups[key]), _digest(key))):

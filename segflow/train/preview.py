@@ -42,7 +42,7 @@ def _examples(config: ExperimentConfig, count: int) -> list[tuple[str, np.ndarra
     if not pairs:
         raise ConfigError(f"no image/mask pairs in {config.dataset.images} and {config.dataset.masks}")
     hash_split = len(pairs) > 1 and config.dataset.eval is None and config.dataset.folds is None  # else every pair of images/masks trains
-    splits = assign_splits([stem for stem, _, _ in pairs], config.dataset.eval_share, config.dataset.group_by) if hash_split else {}
+    splits = assign_splits([stem for stem, _, _ in pairs], config.dataset.eval_share, config.dataset.group_by, config.dataset.assignment == "stable") if hash_split else {}
     table = label_lookup(config.num_labels, config.mask_values, config.ignore_index)
     found = []
     for stem, image_path, mask_path in pairs:

@@ -18,7 +18,7 @@ from segflow.config.experiment import validate_config
 from segflow.utils.errors import ConfigError
 from segflow.data.demo_data import write_demo_dataset
 from segflow.export.serving import SERVING_SUBDIR
-from segflow.data.examples import assign_folds, group_key, iter_split, present_splits
+from segflow.data.examples import assign_folds, assign_splits, group_key, iter_split, present_splits
 from tests.conftest import tiny_raw_config
 from segflow.data.examples import read_counts
 
@@ -45,6 +45,62 @@ def test_folds_are_balanced_deterministic_and_keep_groups_whole(folds: int) -> N
         assert len({assigned[stem] for stem in stems if stem.startswith(group + "_")}) == 1
     plain = Counter(assign_folds([f"{index:03d}" for index in range(30)], folds).values())
     assert max(plain.values()) - min(plain.values()) <= 1  # without groups the folds differ by one example at most
+
+
+GROWN = 0.3  # a night's new data: 30% more files
+
+
+def _grown(stems: list[str]) -> list[str]:
+    """The stems plus 30% new ones interleaved by name, and one old file removed."""
+    new = [f"new_{stem}" for stem in stems[: int(len(stems) * GROWN)]]
+    return sorted(stems[1:] + new)
+
+
+@pytest.mark.parametrize("group_by", [None, r"^(seq\d+)_"])
+def test_stable_assignment_never_moves_a_file_as_data_grows(group_by: str | None) -> None:
+    """dataset.assignment stable: adding 30% new files (and removing one) moves no existing
+    file's split or fold; with group_by every group still stays whole."""
+    stems = [f"seq{index % 23}_{index:04d}" for index in range(200)]
+    grown = _grown(stems)
+    before, after = assign_splits(stems, 0.2, group_by, stable=True), assign_splits(grown, 0.2, group_by, stable=True)
+    assert all(after[stem] == before[stem] for stem in after if stem in before)
+    for folds in (3, 5):
+        before_folds, after_folds = assign_folds(stems, folds, group_by, stable=True), assign_folds(grown, folds, group_by, stable=True)
+        assert all(after_folds[stem] == before_folds[stem] for stem in after_folds if stem in before_folds)
+        if group_by:
+            by_group: dict[str, set[int]] = {}
+            for stem, fold in after_folds.items():
+                by_group.setdefault(group_key(stem, group_by), set()).add(fold)
+            assert all(len(found) == 1 for found in by_group.values())
+
+
+def test_exact_assignment_moves_files_as_data_grows_which_stable_exists_for() -> None:
+    """Why `stable` exists: the exact share re-ranks the cutoff when files arrive, so some
+    existing files change split (a file moving from train to eval would be scored by a model
+    that trained on it)."""
+    stems = [f"img_{index:04d}" for index in range(48)]
+    before, after = assign_splits(stems, 0.2), assign_splits(_grown(stems), 0.2)
+    assert any(after[stem] != before[stem] for stem in after if stem in before)
+
+
+def test_stable_shares_are_right_on_average_and_too_few_files_is_a_clear_error() -> None:
+    stems = [f"img_{index:05d}" for index in range(4000)]
+    share = Counter(assign_splits(stems, 0.2, stable=True).values())["eval"] / len(stems)
+    assert 0.18 < share < 0.22
+    sizes = Counter(assign_folds(stems, 5, stable=True).values())
+    assert sorted(sizes) == [0, 1, 2, 3, 4] and all(700 < size < 900 for size in sizes.values())
+    with pytest.raises(ValueError, match="use dataset.assignment: exact"):
+        assign_splits(["a", "b"], 0.01, stable=True)
+    with pytest.raises(ValueError, match=r"left fold\(s\) \[0\] of 3 empty"):
+        assign_folds(["a", "b", "c"], 3, stable=True)  # their buckets modulo 3 are 1, 1, 2
+    assert sorted(set(assign_folds(["p", "q", "r"], 3, stable=True).values())) == [0, 1, 2]
+
+
+def test_assignment_is_a_config_key_with_exact_as_default(tiny_data: Path) -> None:
+    assert validate_config(_raw(tiny_data)).dataset.assignment == "exact"
+    assert validate_config(_raw(tiny_data, assignment="stable")).dataset.assignment == "stable"
+    with pytest.raises(ConfigError, match="dataset.assignment"):
+        validate_config(_raw(tiny_data, assignment="growing"))
 
 
 def test_folds_need_a_group_per_fold() -> None:

@@ -1,7 +1,8 @@
 """ExampleGen: folders of images and masks -> Split-train/Split-eval(/Split-test) TFRecords + quarantine.
 
 Pairs images and masks by file stem, decides every pair's split once before Beam (`assign`:
-the dataset's named eval/test folders, or `segflow.data.examples.assign_splits`: exact eval share,
+the dataset's named eval/test folders, or `segflow.data.examples.assign_splits`: exact eval share or, with
+`dataset.assignment: stable`, a split from each file's name alone,
 optional `dataset.group_by`; with `dataset.folds` every train example carries its fold id
 from `segflow.data.examples.assign_folds`, and there is no eval split), decodes
 and checks each pair in an Apache Beam pipeline (DirectRunner, one worker per core) and
@@ -181,12 +182,12 @@ def assign(config: ExperimentConfig) -> tuple[Assigned, dict[str, int], list[dic
     named = {split: folders for split, folders in (("eval", config.dataset.eval), ("test", config.dataset.test)) if folders is not None}
     try:
         if config.dataset.folds is not None:
-            folds = assign_folds([stem for stem, _, _ in pairs], config.dataset.folds, config.dataset.group_by)
+            folds = assign_folds([stem for stem, _, _ in pairs], config.dataset.folds, config.dataset.group_by, config.dataset.assignment == "stable")
             assigned: Assigned = [("train", pair) for pair in pairs]
         elif "eval" in named:
             assigned = [("train", pair) for pair in pairs]
         else:
-            splits = assign_splits([stem for stem, _, _ in pairs], config.dataset.eval_share, config.dataset.group_by)
+            splits = assign_splits([stem for stem, _, _ in pairs], config.dataset.eval_share, config.dataset.group_by, config.dataset.assignment == "stable")
             assigned = [(splits[pair[0]], pair) for pair in pairs]
     except ValueError as error:
         raise NoUsableExamplesError(f"no usable examples to split in {config.dataset.images} / {config.dataset.masks}: {error}") from None
