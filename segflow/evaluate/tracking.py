@@ -24,7 +24,7 @@ from typing import Any
 import segflow
 from segflow.config.experiment import ExperimentConfig
 from segflow.data.examples import FINGERPRINT_FILE, read_fingerprint
-from segflow.evaluate.analyze import ARTIFACT_FILES
+from segflow.evaluate.analyze import ARTIFACT_FILES, SUMMARY_FILE
 from segflow.utils.io import read_json, write_json
 from segflow.utils.runtime import log
 
@@ -156,7 +156,7 @@ def _log_run(uri: str, experiment: str, name: str, output: Path, config: Experim
         metrics = [Metric(key, value, now, step) for key, value, step in history_metrics(output)]
         metrics += [Metric(key, value, now, 0) for key, value in final_metrics(summary).items()]
         client.log_batch(run_id, metrics=metrics, params=[Param(key, value) for key, value in mlflow_params(config).items()], tags=[RunTag("segflow.status", summary["status"])])
-        client.log_dict(run_id, summary, "summary.json")
+        client.log_dict(run_id, summary, SUMMARY_FILE)
         for relative in (TRACKING_FILE, ARTIFACT_FILES["config"], REPORT_FILE):
             if (output / relative).is_file():
                 client.log_artifact(run_id, str(output / relative))

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 
 from segflow.components.evaluator.core import (
+    TEST_METRICS_FILE,
     eval_settings,
     read_metrics,
     read_test_metrics,
@@ -39,15 +40,13 @@ from segflow.evaluate.beam_evaluation import (
     eval_config,
     run_pipeline,
 )
+from segflow.evaluate.evaluation import METRICS_FILE, SLICES_FILE
 from segflow.export.serving import SERVING_SUBDIR, ServingSpec
 from segflow.model.metrics import matrix_report
 from segflow.utils.io import atomic_dir, read_json, write_json
 from segflow.utils.runtime import beam_options, log
 
-METRICS_FILE = "metrics.json"
 FOLDS_FILE = "folds.json"
-TEST_METRICS_FILE = "test_metrics.json"
-SLICES_FILE = "slices.json"
 
 
 class EnsembleLoader:
