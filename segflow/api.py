@@ -4,7 +4,7 @@
 
     config = sf.load_config("configs/demo.yaml", overrides=["stages.0.epochs=1"])
     summary = sf.run(config, "runs/notebook")            # the whole DAG, as `segflow run`
-    model = sf.pushed_model("model-registry", "demo")    # the latest pushed version
+    model = sf.pushed_model("model-registry", "demo")    # the version that serves (`current`)
     result = sf.predict(model, "data/demo/images", "masks/")
 
 Each function raises instead of printing and exiting: ConfigError for a bad config,
@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from segflow.config.experiment import ExperimentConfig
 from segflow.config.experiment import load_config as _load_config
-from segflow.export.model_registry import read_versions, version_location
+from segflow.export.model_registry import read_aliases, read_versions, version_location
 from segflow.export.predict import PredictError, PredictOptions, list_inputs, load_model, predict_files, resolve_scale
 
 __all__ = ["PredictResult", "load_config", "predict", "pushed_model", "resume", "run"]
@@ -56,13 +56,16 @@ def resume(run_dir: str | os.PathLike[str], *, verbose: bool = False) -> dict[st
 
 
 def pushed_model(registry: str, name: str, version: int | None = None) -> str:
-    """The location of a pushed version of model `name` (the latest committed one by default)."""
+    """The location of a pushed version of model `name` (by default `current`, the one that serves)."""
     versions = read_versions(registry, name)
     if not versions:
         raise PredictError(f"{registry}: no committed version of model {name!r}")
     if version is not None and version not in versions:
         raise PredictError(f"{registry}: model {name!r} has no committed version {version}; it has {', '.join(map(str, versions))}")
-    return version_location(registry, name, versions[-1] if version is None else version)
+    chosen = version if version is not None else read_aliases(registry, name).current
+    if chosen is None:
+        raise PredictError(f"{registry}: no version of model {name!r} is current (segflow registry promote VERSION makes one current); it has {', '.join(map(str, versions))}")
+    return version_location(registry, name, chosen)
 
 
 @dataclass(frozen=True)

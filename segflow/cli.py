@@ -300,6 +300,41 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry(args: argparse.Namespace) -> int:
+    """`segflow registry list|show|promote|rollback`: read a model registry, or move its
+    `current` alias by hand (recorded with who moved it)."""
+    import getpass
+    import socket
+
+    from segflow.export import model_registry as registry
+
+    who = f"{getpass.getuser()}@{socket.gethostname()} (segflow registry {args.action})"
+    try:
+        if args.action == "list":
+            rows = registry.version_rows(args.registry, args.name)
+            if not rows:
+                print(f"segflow: error: no committed version of {args.name!r} in {args.registry}", file=sys.stderr)
+                return 2
+            print(json.dumps(rows, indent=2) if args.json else registry.format_rows(rows), end="\n" if args.json else "")
+        elif args.action == "show":
+            record = {
+                "commit": registry.read_commit(args.registry, args.name, args.version),
+                "lineage": registry.read_lineage(args.registry, args.name, args.version),
+                "location": registry.version_location(args.registry, args.name, args.version),
+            }
+            print(json.dumps(record, indent=2))
+        else:
+            if args.action == "promote":
+                moved = registry.move_current(args.registry, args.name, args.version, expected=registry.ANY_CURRENT, by=who, reason=args.reason or "promoted by hand")
+            else:
+                moved = registry.rollback(args.registry, args.name, by=who, reason=args.reason or "rollback")
+            print(f"{args.name}: current is version {moved.current} (previous: {moved.previous})")
+    except (FileNotFoundError, ValueError) as error:
+        print(f"segflow: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _schema(args: argparse.Namespace) -> int:
     from segflow.config.experiment import config_schema
 
@@ -510,6 +545,25 @@ def _add_utility_commands(commands: argparse._SubParsersAction) -> None:
     analyze.add_argument("--csv", metavar="FILE", help="also write one row per run as CSV")
     analyze.add_argument("--html", metavar="FILE", help="also write a self-contained HTML page with per-class IoU and training-curve plots")
     analyze.set_defaults(handler=_analyze)
+
+    registry = commands.add_parser("registry", help="a model registry's versions, lineage and aliases; promote or roll back what serves")
+    actions = registry.add_subparsers(dest="action", required=True)
+    for action, summary in (
+        ("list", "every committed version: created, blessed, eval mean IoU, parent, alias"),
+        ("show", "one version's commit record and lineage (data, config hash, source, metrics, blessing, run) as JSON"),
+        ("promote", "make VERSION current (the version it replaces becomes previous)"),
+        ("rollback", "make previous current again"),
+    ):
+        parser = actions.add_parser(action, help=summary)
+        if action in ("show", "promote"):
+            parser.add_argument("version", type=int, metavar="VERSION")
+        parser.add_argument("--registry", default="model-registry", help="the registry folder or gs:// / s3:// URI (default: model-registry, push.registry's default)")
+        parser.add_argument("--name", required=True, help="the model's name (the config's `name`)")
+        if action == "list":
+            parser.add_argument("--json", action="store_true", help="the rows as JSON")
+        if action in ("promote", "rollback"):
+            parser.add_argument("--reason", help="recorded with the move")
+        parser.set_defaults(handler=_registry)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,8 +34,9 @@ TASKS = (
 GPU_TASKS = ("trainer",)
 DEFAULT_ACCELERATOR = "nvidia.com/gpu"
 # Never replayed from the cache: the fingerprint looks at the data as it is now, the evaluator's
-# blessing compares with the registry's latest version as it is now.
-UNCACHED = ("dataset_fingerprint", "evaluator")
+# blessing compares with the registry's `current` version as it is now, and a replayed push
+# would publish nothing and move no alias.
+UNCACHED = ("dataset_fingerprint", "evaluator", "pusher")
 
 
 def pool(kubernetes: KubernetesConfig, task: str) -> tuple[str, NodePool]:

@@ -40,7 +40,7 @@ COMPONENT_KEYS: dict[str, tuple[str, ...]] = {
     "evaluator": ("evaluation", "dataset.group_by", "beam", "name"),  # group_by: the `source` slice; name: the baseline in the registry
     "cross_validation": ("evaluation", "dataset.group_by", "dataset.folds", "dataset.folds_to_train", "beam"),
     "exporter": ("export", "qat", "name"),  # qat: recorded with the tflite_int8_qat export; name: the sidecars' source run
-    "pusher": ("name",),
+    "pusher": ("name", "evaluation.change_thresholds"),  # change_thresholds: whether `current` must still be the compared version
 }
 
 # pipeline parameter -> the config key it overrides.
@@ -151,15 +151,16 @@ def resolve_locations(config: ExperimentConfig, base: str | os.PathLike[str] | N
     return _validated(raw)
 
 
-def run_core(name: str, config_slice: str, *paths: str, fold: int = -1, **locations: str) -> Any:
+def run_core(name: str, config_slice: str, *paths: str, fold: int = -1, arguments: dict[str, str] | None = None, **locations: str) -> Any:
     """The body of a KFP wrapper: `segflow.components.<name>.core.run(config, *paths)` with the
     config rebuilt from the task's slice and location parameters, under `runtime.execute`.
     The last path is an output artifact's: its folder, the task's, gets `component.json`.
-    `fold` (a k-fold run's trainers and evaluators; -1: none) is passed on to the core.
-    (Not in segflow.cluster.kfp_base: inside a KFP executor `kfp.dsl` has no `component` decorator.)"""
+    `fold` (a k-fold run's trainers and evaluators; -1: none) and `arguments` (the task's other
+    parameters) are passed on to the core as keywords. (Not in segflow.cluster.kfp_base: inside a KFP executor `kfp.dsl` has no `component` decorator.)"""
     from segflow.utils.runtime import execute
 
     core = importlib.import_module(f"segflow.components.{name}.core")
-    folded = {"fold": fold} if fold >= 0 else {}
+    folded: dict[str, Any] = {"fold": fold} if fold >= 0 else {}
+    folded.update(arguments or {})
     # The config is rebuilt inside `execute`, so that an error in it is in the task's log and record.
     return execute(name, os.path.dirname(paths[-1]), lambda: core.run(config_from_slice(config_slice, **locations), *paths, **folded))

@@ -384,7 +384,7 @@ class SlicingSpec(_Strict):
 
 
 class ChangeThresholds(_Strict):
-    """Blessing thresholds against the baseline (the registry's latest version), on the eval split."""
+    """Blessing thresholds against the baseline (the registry's `current` version, the one that serves), on the eval split."""
 
     max_mean_iou_drop: float | None = Field(
         None, ge=0.0, le=1.0, description="not blessed when eval mean IoU is more than this below the baseline's (null: no change threshold)"
@@ -450,7 +450,7 @@ class EvaluationConfig(_Strict):
 class PushConfig(_Strict):
     registry: str = Field(
         "model-registry",
-        description="where a blessed model is pushed, as <registry>/<name>/<version>/ (a path or a gs:// / s3:// URI); its latest version is "
+        description="where a blessed model is pushed, as <registry>/<name>/<version>/ (a path or a gs:// / s3:// URI); its `current` version is "
         "the evaluator's baseline; on Kubeflow the pipeline parameter registry overrides it",
     )
 
@@ -588,7 +588,7 @@ class KubernetesConfig(_Strict):
         0, ge=0, le=10, description="times a failed step is retried (also the backoffLimit of the multi-worker Job or TFJob); 0: none"
     )
     caching: bool = Field(
-        True, description="KFP's cache: a step whose inputs did not change is not re-run (dataset_fingerprint and the evaluator are never cached)"
+        True, description="KFP's cache: a step whose inputs did not change is not re-run (dataset_fingerprint, the evaluator and the pusher are never cached)"
     )
     secrets: list[SecretEnv] = Field(default_factory=list)
 

@@ -23,7 +23,7 @@ from typing import Any, Iterator, TextIO
 from segflow.components.evaluator.core import read_metrics, read_test_metrics
 from segflow.components.example_validator.core import read_anomalies
 from segflow.components.exporter.core import read_exports
-from segflow.components.pusher.core import PUSH_FILE
+from segflow.components.pusher.core import PUSH_FILE, RUN_FOLDER_ENV
 from segflow.components.trainer.core import TRAINING_FILE
 from segflow.config.component_config import location_arguments, resolve_locations
 from segflow.config.experiment import ExperimentConfig
@@ -192,15 +192,8 @@ def resume_local(output: str | os.PathLike[str], verbose: bool = False) -> dict[
     for stale in (output / ".kfp", *(output / name for name in COMPONENTS["train"])):
         shutil.rmtree(stale, ignore_errors=True)
     (output / SUMMARY_FILE).unlink(missing_ok=True)
-    previous = os.environ.get(RESUME_BACKUP_ENV)
-    os.environ[RESUME_BACKUP_ENV] = str(kept)  # the trainer's subprocess inherits it
-    try:
+    with _environment(RESUME_BACKUP_ENV, str(kept)):  # the trainer's subprocess inherits it
         summary = _execute(config, output, "train", verbose, shown=str(output))
-    finally:
-        if previous is None:
-            os.environ.pop(RESUME_BACKUP_ENV)
-        else:
-            os.environ[RESUME_BACKUP_ENV] = previous
     write_json(output / SUMMARY_FILE, summary)
     return summary
 
@@ -242,7 +235,7 @@ def _execute(config: ExperimentConfig, output: Path, kind: str, verbose: bool, s
         from segflow.cluster.containers import docker_runner
 
         runner = docker_runner(config, image)
-    with _components_stop_with_run(), runner as chosen:
+    with _components_stop_with_run(), _environment(RUN_FOLDER_ENV, shown), runner as chosen:
         local.init(runner=chosen, pipeline_root=str(kfp_root), raise_on_error=False)
         with warnings.catch_warnings(), _console(verbose, output / LOG_FILE):
             # The SubprocessRunner warns that it ignores base_image: intended, it runs this environment.
@@ -254,6 +247,20 @@ def _execute(config: ExperimentConfig, output: Path, kind: str, verbose: bool, s
     if config.tracking.mlflow_uri:
         summary["tracking"]["mlflow"] = log_to_mlflow(output, config, summary, name=PurePosixPath(shown).name)
     return summary
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    """`name=value` in the environment the components' processes inherit, for this block."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
 
 
 def _split_metrics(evaluation: Path) -> dict[str, Any]:

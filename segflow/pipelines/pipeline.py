@@ -64,13 +64,13 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
     def step(component: Any, **arguments: Any) -> dsl.PipelineTask:
         return configure_task(component(**arguments), component.name.replace("-", "_"), config, cluster)
 
-    def data_checks(folders: dict[str, str]) -> tuple[dsl.PipelineTask, dsl.PipelineTask, dsl.PipelineTask, dsl.PipelineTask]:
+    def data_checks(folders: dict[str, str]) -> tuple[dsl.PipelineTask, ...]:
         fingerprint = step(dataset_fingerprint, **folders)
         examples = step(example_gen, config_slice=slices["example_gen"], **folders, dataset_fingerprint=fingerprint.outputs["Output"])
         statistics = step(statistics_gen, config_slice=slices["statistics_gen"], examples=examples.outputs["examples"])
         schema = step(schema_gen, config_slice=slices["schema_gen"], statistics=statistics.outputs["statistics"])
         validation = step(example_validator, config_slice=slices["example_validator"], statistics=statistics.outputs["statistics"], schema=schema.outputs["schema"])
-        return examples, statistics, schema, validation
+        return fingerprint, examples, statistics, schema, validation
 
     if kind == "validate":
 
@@ -98,7 +98,7 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
         registry: str = defaults["registry"],
     ) -> None:
         folders = dict(images=images, masks=masks, eval_images=eval_images, eval_masks=eval_masks, test_images=test_images, test_masks=test_masks)
-        examples, statistics, schema, validation = data_checks(folders)
+        fingerprint, examples, statistics, schema, validation = data_checks(folders)
         page_inputs = {"statistics": statistics.outputs["statistics"], "anomalies": validation.outputs["anomalies"]}  # the evaluator's report page
         graph = step(transform, config_slice=slices["transform"], examples=examples.outputs["examples"], schema=schema.outputs["schema"])
         if config.dataset.folds is not None:
@@ -124,7 +124,11 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
         # A model that is not blessed (value thresholds, or worse than the registry's latest version) is neither exported nor pushed.
         with dsl.If(evaluation.outputs["Output"] == True, name="blessed"):  # noqa: E712  (a KFP condition, not a Python comparison)
             exports = step(exporter, config_slice=slices["exporter"], examples=examples.outputs["examples"], model=model.outputs["model"])
-            step(pusher, config_slice=slices["pusher"], registry=registry, exports=exports.outputs["exports"], blessing=evaluation.outputs["blessing"])
+            step(
+                pusher, config_slice=slices["pusher"], registry=registry, config_hash=config.config_hash(), dataset_fingerprint=fingerprint.outputs["Output"],
+                exports=exports.outputs["exports"], blessing=evaluation.outputs["blessing"], examples=examples.outputs["examples"],
+                evaluation=evaluation.outputs["evaluation"],
+            )
 
     return training_pipeline
 

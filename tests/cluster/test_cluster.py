@@ -75,8 +75,9 @@ def test_cluster_golden_has_resources_retries_caching_secrets_pvc_and_root() -> 
     tasks = {name: task for dag in dags for name, task in dag["tasks"].items() if not task["componentRef"]["name"].startswith("comp-condition")}
     assert {"exporter", "pusher"} <= set(tasks)
     assert all(task["retryPolicy"]["maxRetryCount"] == 2 for task in tasks.values())
-    assert tasks["dataset-fingerprint"]["cachingOptions"] == {} and tasks["evaluator"]["cachingOptions"] == {}
-    assert all(task["cachingOptions"] == {"enableCache": True} for name, task in tasks.items() if name not in ("dataset-fingerprint", "evaluator"))
+    uncached = ("dataset-fingerprint", "evaluator", "pusher")
+    assert all(tasks[name]["cachingOptions"] == {} for name in uncached)
+    assert all(task["cachingOptions"] == {"enableCache": True} for name, task in tasks.items() if name not in uncached)
     for executor in platform.values():
         assert executor["pvcMount"][0]["mountPath"] == "/mnt/segflow" and executor["pvcMount"][0]["constant"] == "segflow-artifacts"
         (secret,) = executor["secretAsEnv"]

@@ -74,9 +74,9 @@ def test_no_change_threshold_on_the_first_run() -> None:
     assert record["blessed"] and [entry["name"] for entry in record["thresholds"]] == ["min_mean_iou"]
 
 
-def test_the_baseline_is_the_latest_committed_version(tmp_path: Path) -> None:
+def test_the_baseline_is_the_current_version(tmp_path: Path) -> None:
     from segflow.components.evaluator.core import find_baseline
-    from segflow.export.model_registry import publish
+    from segflow.export.model_registry import ANY_CURRENT, move_current, publish
 
     registry = str(tmp_path / "registry")
     assert find_baseline(registry, "tiny")["reason"].startswith("no committed version of 'tiny'")
@@ -85,11 +85,15 @@ def test_the_baseline_is_the_latest_committed_version(tmp_path: Path) -> None:
         shutil.rmtree(staged, ignore_errors=True)
         (staged / "saved_model").mkdir(parents=True)
         (staged / "exports.json").write_text(json.dumps(exports))
-        publish(staged, registry, "tiny")
+        version = int(Path(publish(staged, registry, "tiny")).name)
+        assert find_baseline(registry, "tiny")["version"] == version - 1 or version == 1  # published, not yet current
+        move_current(registry, "tiny", version, expected=ANY_CURRENT, by="test", reason="pushed")
         if "saved_model" in exports:
             assert find_baseline(registry, "tiny") == {"version": 1, "location": str(tmp_path / "registry" / "tiny" / "1" / "saved_model")}
     (tmp_path / "registry" / "tiny" / "3").mkdir()  # a push that stopped half-way: no _COMMITTED, ignored
     assert find_baseline(registry, "tiny") == {"version": 2, "location": None, "reason": "version 2 has no saved_model export (the served SavedModel) to evaluate"}
+    move_current(registry, "tiny", 1, expected=2, by="test", reason="rollback")
+    assert find_baseline(registry, "tiny")["version"] == 1  # what serves, not the latest
 
 
 def _worse_run(config: Path, raw: dict[str, Any], run: Path, capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
@@ -116,7 +120,7 @@ def _worse_run(config: Path, raw: dict[str, Any], run: Path, capsys: pytest.Capt
 def test_a_worse_run_than_the_registrys_is_not_exported_or_pushed(trained: dict[str, Any], tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The registry holds the session's trained model (its saved_model export, as the pusher
     publishes it) as version 1; one kfp.local run of a worse model is not exported or pushed."""
-    from segflow.export.model_registry import publish
+    from segflow.export.model_registry import ANY_CURRENT, move_current, publish
     from segflow.export.serving import SERVING_SUBDIR
     from tests.conftest import tiny_raw_config
 
@@ -126,9 +130,10 @@ def test_a_worse_run_than_the_registrys_is_not_exported_or_pushed(trained: dict[
     shutil.copytree(trained["model"] / SERVING_SUBDIR, version / "saved_model")
     (version / "exports.json").write_text(json.dumps({"saved_model": {"file": "saved_model", "status": "passed"}}))
     publish(version, str(registry), "tiny")
+    move_current(str(registry), "tiny", 1, expected=ANY_CURRENT, by="test", reason="the session's model serves")
     raw = tiny_raw_config(tiny_data, push={"registry": str(registry)}, export=["saved_model"], evaluation={"change_thresholds": {"max_mean_iou_drop": 0.01}})
     _worse_run(tmp_path / "tiny.yaml", raw, tmp_path / "run", capsys)
-    assert sorted(path.name for path in (registry / "tiny").iterdir()) == ["1"]
+    assert sorted(path.name for path in (registry / "tiny").iterdir()) == ["1", "_aliases"]
 
 
 @pytest.mark.slow
@@ -164,4 +169,4 @@ def test_a_worse_second_run_is_not_exported_or_pushed(tiny_data: Path, tmp_path:
 
     second = _worse_run(config, raw, tmp_path / "run2", capsys)
     assert second["metrics"]["eval"]["baseline"]["mean_iou"] == pytest.approx(first["metrics"]["eval"]["mean_iou"], abs=1e-6)  # the same model, the same images
-    assert sorted(path.name for path in (registry / "tiny").iterdir()) == ["1"]
+    assert sorted(path.name for path in (registry / "tiny").iterdir()) == ["1", "_aliases"]

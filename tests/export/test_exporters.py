@@ -24,7 +24,7 @@ from segflow.export.exporters import ONNX_NORMALISATION_PROPERTY, ONNX_SPEC_PROP
 from segflow.utils.io import read_json, write_json
 from segflow.utils.registry import EXPORT_FORMATS
 from segflow.export.serving import SERVING_SUBDIR, SPEC_FILE, ServingSpec, serving_mask_predictor
-from tests.conftest import tiny_raw_config
+from tests.conftest import pusher_inputs, tiny_raw_config
 from segflow.export.exporters import EXPORTS_FILE
 
 ONNX_OPSET = 15  # not the default, so the test sees the setting reach the file
@@ -251,12 +251,6 @@ def test_summary_records_failed_and_skipped_exports(gated_exports: tuple[dict, P
     assert trt["status"] == ("skipped" if reason else "passed") and trt.get("reason") == reason
 
 
-def _blessing(root: Path, blessed: bool) -> Path:
-    root.mkdir()
-    (root / ("BLESSED" if blessed else "NOT_BLESSED")).write_text("")
-    return root
-
-
 def _registry_config(config: ExperimentConfig, registry: Path) -> ExperimentConfig:
     return config.model_copy(update={"push": config.push.model_copy(update={"registry": str(registry)})})
 
@@ -264,12 +258,12 @@ def _registry_config(config: ExperimentConfig, registry: Path) -> ExperimentConf
 def test_pusher_pushes_only_exports_that_passed(gated_exports: tuple[dict, Path], trained: dict, tmp_path: Path) -> None:
     results, out = gated_exports
     config = _registry_config(trained["config"], tmp_path / "registry")
-    record = pusher.run(config, out, _blessing(tmp_path / "blessing", True), tmp_path / "push")
+    record = pusher.run(config, out, push_dir=tmp_path / "push", **pusher_inputs(tmp_path / "inputs"))
     assert record["pushed"] and record["exports"] == ["saved_model"]
     assert set(record["withheld"]) == {"tflite_fp32", "tensorrt_fp16"} - ({"tensorrt_fp16"} if results["tensorrt_fp16"]["status"] == "passed" else set())
     assert record["withheld"]["tflite_fp32"].startswith("failed: ")
     version = tmp_path / "registry" / "tiny" / "1"
-    assert sorted(os.listdir(version)) == ["_COMMITTED", "exports.json", "saved_model", "saved_model.json"]
+    assert sorted(os.listdir(version)) == ["_COMMITTED", "exports.json", "lineage.json", "saved_model", "saved_model.json"]
     assert list(read_json(version / "exports.json")) == ["saved_model"]
     assert read_json(version / "_COMMITTED")["source"] == str(out)
     assert read_json(tmp_path / "push" / pusher.PUSH_FILE) == record
@@ -281,7 +275,7 @@ def test_pusher_pushes_nothing_when_no_export_passed(trained: dict, tmp_path: Pa
     (exports / "model_fp32.tflite").write_bytes(b"x")
     write_json(exports / EXPORTS_FILE, {"tflite_fp32": {"file": "model_fp32.tflite", "status": "failed", "reason": "too far below"}})
     config = _registry_config(trained["config"], tmp_path / "registry")
-    record = pusher.run(config, exports, _blessing(tmp_path / "blessing", True), tmp_path / "push")
+    record = pusher.run(config, exports, push_dir=tmp_path / "push", **pusher_inputs(tmp_path / "inputs"))
     assert record == {"pushed": False, "reason": "no export passed the parity gate", "withheld": {"tflite_fp32": "failed: too far below"}}
     assert not (tmp_path / "registry").exists()
 
@@ -289,17 +283,15 @@ def test_pusher_pushes_nothing_when_no_export_passed(trained: dict, tmp_path: Pa
 def test_pusher_versions_never_overwrite(all_exports: tuple[dict, Path], trained: dict, tmp_path: Path) -> None:
     results, out = all_exports
     config = _registry_config(trained["config"], tmp_path / "registry")
-    blessing = _blessing(tmp_path / "blessing", True)
-    first = pusher.run(config, out, blessing, tmp_path / "push1")
-    second = pusher.run(config, out, blessing, tmp_path / "push2")
+    first = pusher.run(config, out, push_dir=tmp_path / "push1", **pusher_inputs(tmp_path / "inputs1"))
+    second = pusher.run(config, out, push_dir=tmp_path / "push2", **pusher_inputs(tmp_path / "inputs2", baseline_version=1))
     assert (first["version"], second["version"]) == (1, 2)
-    assert sorted(os.listdir(tmp_path / "registry" / "tiny")) == ["1", "2"]
+    assert sorted(os.listdir(tmp_path / "registry" / "tiny")) == ["1", "2", "_aliases"]
     passed = sorted(name for name, entry in results.items() if entry["status"] == "passed")
     assert sorted(first["exports"]) == passed
-    assert sorted(os.listdir(tmp_path / "registry" / "tiny" / "1")) == sorted(["_COMMITTED", "exports.json", *(results[name][key] for name in passed for key in ("file", "sidecar"))])
-    (blessing / "BLESSED").rename(blessing / "NOT_BLESSED")
-    assert pusher.run(config, out, blessing, tmp_path / "push3")["pushed"] is False
-    assert sorted(os.listdir(tmp_path / "registry" / "tiny")) == ["1", "2"]
+    assert sorted(os.listdir(tmp_path / "registry" / "tiny" / "1")) == sorted(["_COMMITTED", "exports.json", "lineage.json", *(results[name][key] for name in passed for key in ("file", "sidecar"))])
+    assert pusher.run(config, out, push_dir=tmp_path / "push3", **pusher_inputs(tmp_path / "inputs3", blessed=False))["pushed"] is False
+    assert sorted(os.listdir(tmp_path / "registry" / "tiny")) == ["1", "2", "_aliases"]
 
 
 # --- the export config ---

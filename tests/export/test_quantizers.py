@@ -20,7 +20,7 @@ from segflow.utils.io import read_json
 from segflow.utils.registry import EXPORT_FORMATS
 from segflow.export.serving import SERVING_SUBDIR, ServingSpec
 from segflow.export.tflite_metadata import read_labels
-from tests.conftest import tiny_raw_config
+from tests.conftest import pusher_inputs, tiny_raw_config
 from tests.export.test_exporters import _check_sidecar
 
 FORMATS = ["tflite_dynamic", "tflite_int8"]
@@ -90,9 +90,7 @@ def test_the_pusher_publishes_the_report_with_the_export(quantized: tuple[str, d
     quantizer, results, out = quantized
     config = trained["config"]
     config = config.model_copy(update={"push": config.push.model_copy(update={"registry": str(tmp_path / "registry")})})
-    (tmp_path / "blessing").mkdir()
-    (tmp_path / "blessing" / "BLESSED").write_text("")
-    assert pusher.run(config, out, tmp_path / "blessing", tmp_path / "push")["pushed"]
+    assert pusher.run(config, out, push_dir=tmp_path / "push", **pusher_inputs(tmp_path / "inputs"))["pushed"]
     reports = sorted(entry["quantizer_report"] for entry in results.values() if "quantizer_report" in entry)
     assert len(reports) == (2 if quantizer == "ai_edge_quantizer" else 0)
     version = tmp_path / "registry" / config.name / "1"

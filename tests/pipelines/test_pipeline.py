@@ -61,9 +61,9 @@ def test_compiled_yaml_loads_with_kfp_loader(tmp_path: Path) -> None:
     blessed = spec["components"]["comp-condition-1"]["dag"]["tasks"]
     assert set(blessed) == {"exporter", "pusher"}
     assert tasks["condition-1"]["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--evaluator-Output'] == true"
-    # Never cached: the fingerprint looks at the data as it is now, the blessing at the registry as it is now.
-    assert tasks["dataset-fingerprint"]["cachingOptions"] == {} and tasks["evaluator"]["cachingOptions"] == {}
-    cached = [task for name, task in {**tasks, **blessed}.items() if name not in ("dataset-fingerprint", "evaluator", "condition-1")]
+    # Never cached: the fingerprint looks at the data as it is now, the blessing and the push at the registry as it is now.
+    assert all(task["cachingOptions"] == {} for task in (tasks["dataset-fingerprint"], tasks["evaluator"], blessed["pusher"]))
+    cached = [task for name, task in {**tasks, **blessed}.items() if name not in ("dataset-fingerprint", "evaluator", "condition-1", "pusher")]
     assert all(task["cachingOptions"] == {"enableCache": True} for task in cached)
 
 
@@ -86,7 +86,11 @@ def test_locations_are_pipeline_parameters_with_the_config_as_defaults(tmp_path:
     from segflow.config.component_config import COMPONENT_LOCATIONS
 
     for name, task in _dag_tasks(compiled).items():
-        taken = {key for key, value in task["inputs"].get("parameters", {}).items() if "componentInputParameter" in value}
+        # A pipeline parameter; inside a dsl.If, the condition's channel of it (not of another task's output).
+        taken = {
+            key for key, value in task["inputs"].get("parameters", {}).items()
+            if value.get("componentInputParameter", "").removeprefix("pipelinechannel--") in parameters
+        }
         expected = dataset_parameters if name == "dataset-fingerprint" else set(COMPONENT_LOCATIONS.get(name.replace("-", "_"), ()))
         assert taken == expected, name
     assert "gs://segflow-golden" not in yaml.safe_dump(compiled["root"]["dag"])  # only as the parameters' defaults
@@ -111,11 +115,12 @@ def _cache_inputs(compiled: dict) -> dict:
 
 def test_epochs_change_only_the_trainers_cache_key(tmp_path: Path) -> None:
     """Each task gets only the config keys its core reads: a new epoch count keeps the
-    data components' (and the evaluator's, exporter's, pusher's) cached results."""
+    data components' (and the evaluator's and exporter's) cached results. (The pusher, never
+    cached, records the whole config's hash in the version's lineage.)"""
     before, after = _cache_inputs(_compiled(tmp_path)), _cache_inputs(_compiled(tmp_path, "stages.0.epochs=7"))
-    assert [name for name in before if before[name] != after[name]] == ["trainer"]
+    assert sorted(name for name in before if before[name] != after[name]) == ["pusher", "trainer"]
     exported = _cache_inputs(_compiled(tmp_path, "export=[saved_model]", "evaluation.min_mean_iou=0.5"))
-    assert sorted(name for name in before if before[name] != exported[name]) == ["evaluator", "exporter"]
+    assert sorted(name for name in before if before[name] != exported[name]) == ["evaluator", "exporter", "pusher"]
 
 
 def test_compile_rejects_relative_locations_or_resolves_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -236,6 +241,11 @@ def test_kfp_local_full_run_writes_the_summary_contract(tiny_data: Path, tmp_pat
     for name in ("saved_model", "tflite_int8"):
         assert Path(summary["exports"][name]["path"]).exists() and summary["exports"][name]["bytes"] > 0
     assert summary["push"]["pushed"] and Path(summary["push"]["destination"]).is_dir()
+    assert summary["push"]["current"] is True and summary["push"]["previous"] is None  # the registry's first version serves
+    lineage = json.loads((Path(summary["push"]["destination"]) / "lineage.json").read_text())
+    assert (lineage["config_hash"], lineage["examples_fingerprint"]) == (summary["config_hash"], summary["data_fingerprint"])
+    assert lineage["counts"] == counts and lineage["metrics"]["mean_iou"] == summary["metrics"]["eval"]["mean_iou"]
+    assert len(lineage["dataset_fingerprint"]) == 64 and lineage["run"] == str(run)
     assert load_config(run / "config.yaml").export.formats == ["saved_model", "tflite_int8"]
     assert (run / "trainer" / "model_run" / "history.csv").exists() and not (run / ".kfp").exists()
     # A second run into the same folder is refused rather than mixing artifacts.

@@ -14,7 +14,7 @@ import pytest
 from segflow.utils import storage
 from segflow.config.experiment import validate_config
 from segflow.data.demo_data import write_demo_dataset
-from tests.conftest import tiny_raw_config
+from tests.conftest import pusher_inputs, tiny_raw_config
 
 BUCKET = "segflow-test"
 
@@ -184,7 +184,6 @@ def test_trainer_reads_its_inputs_from_s3(s3_root: str, trained: dict, tmp_path:
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_pusher_versions_and_uncommitted_folders(where: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    from segflow.evaluate.evaluation import BLESSED
     from segflow.export.exporters import EXPORTS_FILE
     from segflow.components.pusher import core as pusher
     from segflow.export import model_registry
@@ -203,13 +202,10 @@ def test_pusher_versions_and_uncommitted_folders(where: str, request: pytest.Fix
         "tflite_int8": {"file": "model_int8.tflite", "sidecar": "model_int8.tflite.json", "status": "passed"},
     }
     write_json(exports / EXPORTS_FILE, passed)  # as the Exporter writes it: the Pusher publishes what passed its gate
-    blessing = tmp_path / "blessing"
-    blessing.mkdir()
-    (blessing / BLESSED).write_text("")
     assert model_registry.read_versions(registry, "tiny") == [] and model_registry.next_version(registry, "tiny") == 1
 
-    first = pusher.run(config, exports, blessing, tmp_path / "push1")
-    second = pusher.run(config, exports, blessing, tmp_path / "push2")
+    first = pusher.run(config, exports, push_dir=tmp_path / "push1", **pusher_inputs(tmp_path / "inputs1"))
+    second = pusher.run(config, exports, push_dir=tmp_path / "push2", **pusher_inputs(tmp_path / "inputs2"))
     assert (first["version"], second["version"]) == (1, 2)
     assert second["destination"] == storage.join(registry, "tiny", "2")
     assert json.loads((tmp_path / "push2" / pusher.PUSH_FILE).read_text()) == second
@@ -217,14 +213,16 @@ def test_pusher_versions_and_uncommitted_folders(where: str, request: pytest.Fix
     with storage.localized(second["destination"]) as version:
         published = _tree(Path(version))
     commit = json.loads(published.pop(model_registry.COMMIT_FILE))
+    lineage = json.loads(published.pop(model_registry.LINEAGE_FILE))
+    assert (lineage["config_hash"], lineage["dataset_fingerprint"], lineage["counts"]) == ("c" * 64, "d" * 64, {"train": 6, "eval": 2})
     published.pop(model_registry.CLAIM_FILE, None)  # object stores: the claim of the version number
     assert published == _tree(exports)
-    assert (commit["name"], commit["version"], commit["files"]) == ("tiny", 2, ["exports.json", "model_int8.tflite", "model_int8.tflite.json", "saved_model.json", "saved_model/saved_model.pb"])
+    assert (commit["name"], commit["version"], commit["files"]) == ("tiny", 2, ["exports.json", "lineage.json", "model_int8.tflite", "model_int8.tflite.json", "saved_model.json", "saved_model/saved_model.pb"])
 
     # A push that stopped half-way: part of the payload, no commit marker.
     storage.write_bytes(storage.join(registry, "tiny", "3", "model_int8.tflite"), b"partial")
     assert model_registry.read_versions(registry, "tiny") == [1, 2]
-    third = pusher.run(config, exports, blessing, tmp_path / "push3")
+    third = pusher.run(config, exports, push_dir=tmp_path / "push3", **pusher_inputs(tmp_path / "inputs3"))
     assert third["version"] == 4  # the interrupted number is skipped, never reused
     assert model_registry.read_versions(registry, "tiny") == [1, 2, 4]
 

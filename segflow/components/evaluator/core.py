@@ -9,7 +9,7 @@ per-image confusion matrices per slice.
 
 The blessing is TFMA's validator on the overall eval slice: value thresholds
 (`evaluation.min_mean_iou`, `evaluation.min_class_iou`) and, against the baseline, the change
-threshold `evaluation.change_thresholds.max_mean_iou_drop`. The baseline is the latest
+threshold `evaluation.change_thresholds.max_mean_iou_drop`. The baseline is the `current`
 committed version of this config's `name` in `push.registry` (pushed versions are blessed by
 construction): its `saved_model` export, which is the served SavedModel (export formats
 without `saved_model` leave no baseline to compare with). Candidate and baseline are scored
@@ -91,15 +91,14 @@ def run(
 
 
 def find_baseline(registry: str, name: str) -> dict[str, Any]:
-    """The registry's latest committed version of `name` as {version, location of its served
-    SavedModel}; location None (and `reason`) when there is nothing to compare with."""
+    """The registry's `current` version of `name` (the one that serves) as {version, location
+    of its served SavedModel}; location None (and `reason`) when there is nothing to compare with."""
     from segflow.export.exporters import EXPORTS_FILE
-    from segflow.export.model_registry import read_versions, version_location
+    from segflow.export.model_registry import read_aliases, version_location
 
-    versions = read_versions(registry, name)
-    if not versions:
+    version = read_aliases(registry, name).current
+    if version is None:
         return {"version": None, "location": None, "reason": f"no committed version of {name!r} in {registry}"}
-    version = versions[-1]
     folder = version_location(registry, name, version)
     exports = json.loads(storage.read_bytes(storage.join(folder, EXPORTS_FILE)))
     if BASELINE_EXPORT not in exports:

@@ -1,12 +1,27 @@
-"""KFP wrapper of Pusher; `registry` (a pipeline parameter) overrides push.registry."""
-from kfp.dsl import Artifact, Input, Output
+"""KFP wrapper of Pusher; `registry` (a pipeline parameter) overrides push.registry.
+`examples` and `evaluation` are read for the version's lineage, `config_hash` and
+`dataset_fingerprint` recorded in it."""
+from kfp.dsl import Artifact, Dataset, Input, Output
 
 from segflow.cluster.kfp_base import component
 
 
 @component
-def pusher(config_slice: str, registry: str, exports: Input[Artifact], blessing: Input[Artifact], pushed: Output[Artifact]) -> None:
-    """Publish blessed exports as a new registry version."""
+def pusher(
+    config_slice: str,
+    registry: str,
+    config_hash: str,
+    dataset_fingerprint: str,
+    exports: Input[Artifact],
+    blessing: Input[Artifact],
+    examples: Input[Dataset],
+    evaluation: Input[Artifact],
+    pushed: Output[Artifact],
+) -> None:
+    """Publish blessed exports as a new registry version with its lineage; make it `current`."""
     from segflow.config.component_config import run_core
 
-    run_core("pusher", config_slice, exports.path, blessing.path, pushed.path, registry=registry)
+    run_core(
+        "pusher", config_slice, exports.path, blessing.path, examples.path, evaluation.path, pushed.path,
+        arguments={"config_hash": config_hash, "dataset_fingerprint": dataset_fingerprint}, registry=registry,
+    )
