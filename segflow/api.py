@@ -37,15 +37,17 @@ def run(
     kind: str = "train",
     verbose: bool = False,
     image: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Run the DAG locally (kind `train`: everything; `validate`: the data components only) and
     return summary.json's content. `output` defaults to runs/<name>-<timestamp>; `image` runs each
-    component in a container of that image."""
+    component in a container of that image; `force` trains even when the data and config are
+    those of the registry's current version (otherwise the run is `skipped`)."""
     from segflow.pipelines.local import default_output, run_local
 
     if not isinstance(config, ExperimentConfig):
         config = load_config(config)
-    return run_local(config, output if output is not None else default_output(config), kind=kind, verbose=verbose, image=image)
+    return run_local(config, output if output is not None else default_output(config), kind=kind, verbose=verbose, image=image, force=force)
 
 
 def resume(run_dir: str | os.PathLike[str], *, verbose: bool = False) -> dict[str, Any]:

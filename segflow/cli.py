@@ -53,14 +53,14 @@ def _run_local(args: argparse.Namespace, kind: str, native: NativeOutput | None)
     output = args.output or default_output(config)
     image = (args.image or DEFAULT_IMAGE) if args.containers else None
     try:
-        summary = api.run(config, output, kind=kind, verbose=args.verbose, image=image)
+        summary = api.run(config, output, kind=kind, verbose=args.verbose, image=image, force=kind == "train" and args.force)
         if native is not None and not is_uri(str(output)):
             native.keep(output)  # only now: a refused --output may be another run's folder
     except ContainerEngineError as error:
         print(f"segflow: error: {error}", file=sys.stderr)
         return 2
     _report(summary, output if is_uri(str(output)) else Path(output).resolve())
-    return 0 if summary["status"] == "succeeded" else 1
+    return 0 if summary["status"] in ("succeeded", "skipped") else 1
 
 
 def _resume(args: argparse.Namespace, native: NativeOutput | None) -> int:
@@ -111,6 +111,8 @@ def _report(summary: dict, output: str | Path) -> None:
         print(f"  export {name:<15} {export['bytes'] / 1e6:8.2f} MB  mean IoU {export['mean_iou']:.4f}{verdict}")
     if summary.get("blessed") is False and "blessing" in summary:
         print(f"status: {summary['status']}, not blessed: {', '.join(summary['blessing']['failed'])}")
+    elif summary["status"] == "skipped":
+        print(f"status: skipped: {summary['reason']} (--force trains anyway)")
     else:
         print(f"status: {summary['status']}")
 
@@ -146,7 +148,7 @@ def _submit(args: argparse.Namespace) -> int:
     config = _load(args)
     _warn_cluster_only(config)
     account = config.kubernetes.service_account if args.service_account is None else args.service_account
-    run = submit(config, _connection(args), args.experiment, args.run_name, args.resolve_paths, args.pipeline_root, account)
+    run = submit(config, _connection(args), args.experiment, args.run_name, args.resolve_paths, args.pipeline_root, account, force=args.force)
     print(f"experiment: {run['experiment']}")
     print(f"run: {run['name']} ({run['run_id']})")
     print(f"url: {run['url'] or '(pass --host or --ui-host to print the run URL)'}")
@@ -400,6 +402,10 @@ def _add_local_run_commands(commands: argparse._SubParsersAction) -> None:
                 "--resume", metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR with its config.yaml: the data components run "
                 "again, the trainer continues from its last finished epoch with its optimizer state"
             )
+            local_run.add_argument(
+                "--force", action="store_true", help="train even when the data and config are those of the registry's current version "
+                "(without it such a run stops after the fingerprint with status skipped, exit code 0)"
+            )
         local_run.set_defaults(handler=lambda args, kind=kind: _run(args, kind))
 
 
@@ -435,6 +441,7 @@ def _add_kubeflow_commands(commands: argparse._SubParsersAction) -> None:
         parser_.add_argument(
             "--service-account", metavar="NAME", help="Kubernetes service account of the run's pods (default kubernetes.service_account; '' for KFP's default)"
         )
+    submit.add_argument("--force", action="store_true", help="train even when the data and config are those of the registry's current version")
     submit.set_defaults(handler=_submit)
     schedule.add_argument("--cron", required=True, help='when to run: "0 3 * * 1" (minute hour day month weekday) or six fields, seconds first')
     schedule.add_argument("--max-concurrency", type=int, default=1, metavar="N", help="runs of this schedule at the same time (default 1)")

@@ -28,15 +28,15 @@ component: Callable[[Callable[..., Any]], Any] = functools.partial(dsl.component
 
 # Every task of the DAG (a pipeline task's name with '_' for '-'); all but the trainer run in the data pool.
 TASKS = (
-    "dataset_fingerprint", "example_gen", "statistics_gen", "schema_gen", "example_validator",
+    "dataset_fingerprint", "retrain_gate", "example_gen", "statistics_gen", "schema_gen", "example_validator",
     "transform", "trainer", "evaluator", "cross_validation", "exporter", "pusher",
 )
 GPU_TASKS = ("trainer",)
 DEFAULT_ACCELERATOR = "nvidia.com/gpu"
-# Never replayed from the cache: the fingerprint looks at the data as it is now, the evaluator's
-# blessing compares with the registry's `current` version as it is now, and a replayed push
-# would publish nothing and move no alias.
-UNCACHED = ("dataset_fingerprint", "evaluator", "pusher")
+# Never replayed from the cache: the fingerprint looks at the data as it is now, the gate and
+# the evaluator's blessing at the registry's `current` version as it is now, and a replayed
+# push would publish nothing and move no alias.
+UNCACHED = ("dataset_fingerprint", "retrain_gate", "evaluator", "pusher")
 
 
 def pool(kubernetes: KubernetesConfig, task: str) -> tuple[str, NodePool]:

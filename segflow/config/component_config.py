@@ -40,6 +40,7 @@ COMPONENT_KEYS: dict[str, tuple[str, ...]] = {
     "evaluator": ("evaluation", "dataset.group_by", "beam", "name"),  # group_by: the `source` slice; name: the baseline in the registry
     "cross_validation": ("evaluation", "dataset.group_by", "dataset.folds", "dataset.folds_to_train", "beam"),
     "exporter": ("export", "qat", "name"),  # qat: recorded with the tflite_int8_qat export; name: the sidecars' source run
+    "retrain_gate": ("name",),  # name: the current version in the registry
     "pusher": ("name", "evaluation.change_thresholds"),  # change_thresholds: whether `current` must still be the compared version
 }
 
@@ -58,7 +59,7 @@ OPTIONAL_PARAMETERS = ("eval_images", "eval_masks", "test_images", "test_masks")
 DATASET_PARAMETERS = ("images", "masks", *OPTIONAL_PARAMETERS)
 
 # component -> the pipeline parameters it receives (and lays over its slice).
-COMPONENT_LOCATIONS = {"example_gen": DATASET_PARAMETERS, "evaluator": ("registry",), "pusher": ("registry",)}
+COMPONENT_LOCATIONS = {"example_gen": DATASET_PARAMETERS, "retrain_gate": ("registry",), "evaluator": ("registry",), "pusher": ("registry",)}
 
 # Every config key that names a file, folder or registry (a path or a URI).
 LOCATIONS = (
@@ -151,7 +152,7 @@ def resolve_locations(config: ExperimentConfig, base: str | os.PathLike[str] | N
     return _validated(raw)
 
 
-def run_core(name: str, config_slice: str, *paths: str, fold: int = -1, arguments: dict[str, str] | None = None, **locations: str) -> Any:
+def run_core(name: str, config_slice: str, *paths: str, fold: int = -1, arguments: dict[str, Any] | None = None, **locations: str) -> Any:
     """The body of a KFP wrapper: `segflow.components.<name>.core.run(config, *paths)` with the
     config rebuilt from the task's slice and location parameters, under `runtime.execute`.
     The last path is an output artifact's: its folder, the task's, gets `component.json`.

@@ -139,9 +139,11 @@ def submit(
     resolve_paths: bool = False,
     pipeline_root: str | None = None,
     service_account: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Compile the training pipeline and create a run of it; returns run_id, name,
-    experiment and url. The compiled spec goes inline with the run (no upload needed)."""
+    experiment and url. The compiled spec goes inline with the run (no upload needed).
+    `force`: the run trains even when nothing changed since the registry's current version."""
     experiment = experiment or config.name
     run_name = run_name or f"segflow-{config.name} {time.strftime('%Y-%m-%d %H:%M:%S')}"
     with _prepared(config, connection, experiment, resolve_paths, pipeline_root) as (client, package, experiment_id), _kfp_prints():
@@ -149,7 +151,7 @@ def submit(
             client.create_run_from_pipeline_package,
             connection,
             pipeline_file=package,
-            arguments=run_parameters(config, resolve_paths),
+            arguments={**run_parameters(config, resolve_paths), **({"force": True} if force else {})},
             run_name=run_name,
             experiment_id=experiment_id,
             service_account=service_account or None,

@@ -24,6 +24,7 @@ from segflow.components.evaluator.core import read_metrics, read_test_metrics
 from segflow.components.example_validator.core import read_anomalies
 from segflow.components.exporter.core import read_exports
 from segflow.components.pusher.core import PUSH_FILE, RUN_FOLDER_ENV
+from segflow.components.retrain_gate.core import DECISION_FILE, read_decision
 from segflow.components.trainer.core import TRAINING_FILE
 from segflow.config.component_config import location_arguments, resolve_locations
 from segflow.config.experiment import ExperimentConfig
@@ -140,9 +141,10 @@ def default_output(config: ExperimentConfig) -> Path:
 
 
 def run_local(
-    config: ExperimentConfig, output: str | os.PathLike[str], kind: str = "train", verbose: bool = False, image: str | None = None
+    config: ExperimentConfig, output: str | os.PathLike[str], kind: str = "train", verbose: bool = False, image: str | None = None, force: bool = False
 ) -> dict[str, Any]:
-    """Execute the DAG with kfp.local and write `summary.json`; returns the summary.
+    """Execute the DAG with kfp.local and write `summary.json`; returns the summary. `force`
+    trains even when nothing changed since the registry's current version (RetrainGate).
 
     Components run in this environment (SubprocessRunner), or with `image` each in a container
     of that image (DockerRunner against Docker or podman; segflow.cluster.containers).
@@ -152,11 +154,11 @@ def run_local(
     ends, `summary.json` last (its artifact paths rewritten to URIs), and removed."""
     location = os.fspath(output)
     if not storage.is_local(location):
-        return _run_to_uri(config, location, kind, verbose, image)
+        return _run_to_uri(config, location, kind, verbose, image, force)
     output = Path(storage.local_path(location)).resolve()
     if output.exists() and any(output.iterdir()):
         raise FileExistsError(f"{output}: run folder exists and is not empty; choose another --output")
-    summary = _execute(config, output, kind, verbose, shown=str(output), image=image)
+    summary = _execute(config, output, kind, verbose, shown=str(output), image=image, force=force)
     write_json(output / SUMMARY_FILE, summary)
     return summary
 
@@ -193,18 +195,19 @@ def resume_local(output: str | os.PathLike[str], verbose: bool = False) -> dict[
         shutil.rmtree(stale, ignore_errors=True)
     (output / SUMMARY_FILE).unlink(missing_ok=True)
     with _environment(RESUME_BACKUP_ENV, str(kept)):  # the trainer's subprocess inherits it
-        summary = _execute(config, output, "train", verbose, shown=str(output))
+        # forced: the interrupted run had passed RetrainGate (or was itself forced)
+        summary = _execute(config, output, "train", verbose, shown=str(output), force=True)
     write_json(output / SUMMARY_FILE, summary)
     return summary
 
 
-def _run_to_uri(config: ExperimentConfig, location: str, kind: str, verbose: bool, image: str | None = None) -> dict[str, Any]:
+def _run_to_uri(config: ExperimentConfig, location: str, kind: str, verbose: bool, image: str | None = None, force: bool = False) -> dict[str, Any]:
     summary_location = storage.join(location, SUMMARY_FILE)
     if storage.exists(summary_location):
         raise FileExistsError(f"{location}: run folder already has a {SUMMARY_FILE}; choose another --output")
     scratch = Path(tempfile.mkdtemp(prefix="segflow-run-"))
     try:
-        summary = relocate_summary(_execute(config, scratch, kind, verbose, shown=location, image=image), scratch, location)
+        summary = relocate_summary(_execute(config, scratch, kind, verbose, shown=location, image=image, force=force), scratch, location)
         log(f"uploading the run folder to {location}")
         storage.upload_folder(scratch, location)
         # Last, and only if no other run wrote one meanwhile: a reader never sees a summary
@@ -216,7 +219,7 @@ def _run_to_uri(config: ExperimentConfig, location: str, kind: str, verbose: boo
     return summary
 
 
-def _execute(config: ExperimentConfig, output: Path, kind: str, verbose: bool, shown: str, image: str | None = None) -> dict[str, Any]:
+def _execute(config: ExperimentConfig, output: Path, kind: str, verbose: bool, shown: str, image: str | None = None, force: bool = False) -> dict[str, Any]:
     """Run the DAG into the local folder `output` (`shown` is what the progress calls it);
     returns the summary, written by the caller."""
     from kfp import local
@@ -240,7 +243,7 @@ def _execute(config: ExperimentConfig, output: Path, kind: str, verbose: bool, s
         with warnings.catch_warnings(), _console(verbose, output / LOG_FILE):
             # The SubprocessRunner warns that it ignores base_image: intended, it runs this environment.
             warnings.filterwarnings("ignore", category=RuntimeWarning, module="kfp.local.subprocess_task_handler")
-            build_pipeline(config, kind)(**location_arguments(config, PARAMETERS[kind]))
+            build_pipeline(config, kind)(**location_arguments(config, PARAMETERS[kind]), **({"force": force} if kind == "train" else {}))
     _collect_task_folders(kfp_root, output, config.dataset.trained_folds())
     summary = build_summary(output, config, kind, time.perf_counter() - started)
     summary["tracking"] = track_run(output, config, summary)
@@ -319,7 +322,8 @@ def _collect_task_folders(kfp_root: Path, output: Path, folds: list[int]) -> Non
 
 COMPONENTS = {
     "train": [
-        "dataset_fingerprint", "example_gen", "statistics_gen", "schema_gen", "example_validator", "transform", "trainer", "evaluator", "exporter", "pusher",
+        "dataset_fingerprint", "retrain_gate", "example_gen", "statistics_gen", "schema_gen", "example_validator", "transform", "trainer", "evaluator",
+        "exporter", "pusher",
     ],
     "validate": ["dataset_fingerprint", "example_gen", "statistics_gen", "schema_gen", "example_validator"],
 }
@@ -328,11 +332,12 @@ BLESSED_ONLY = ("exporter", "pusher")  # run only for a blessed model (dsl.If in
 
 
 def component_folders(config: ExperimentConfig, kind: str) -> list[str]:
-    """The run folder's component folders (relative), in DAG order: a k-fold run has a
-    trainer and evaluator folder per fold, then cross_validation, and no exporter or pusher."""
+    """The run folder's component folders (relative), in DAG order: a k-fold run has no
+    retrain_gate, a trainer and evaluator folder per fold, then cross_validation, and no
+    exporter or pusher."""
     if kind != "train" or config.dataset.folds is None:
         return COMPONENTS[kind]
-    data = COMPONENTS["train"][: COMPONENTS["train"].index("trainer")]
+    data = [name for name in COMPONENTS["train"][: COMPONENTS["train"].index("trainer")] if name != "retrain_gate"]
     folds = config.dataset.trained_folds()
     return data + [f"{task}/fold-{fold}" for task in FOLD_TASKS for fold in folds] + ["cross_validation"]
 
@@ -340,24 +345,34 @@ def component_folders(config: ExperimentConfig, kind: str) -> list[str]:
 def build_summary(output: Path, config: ExperimentConfig, kind: str, seconds: float) -> dict[str, Any]:
     """summary.json. A model that is not blessed is not exported or pushed (the DAG's dsl.If):
     those components are "skipped" and the run still "succeeded", with `blessed` false and
-    the failed thresholds under `blessing`."""
+    the failed thresholds under `blessing`. When RetrainGate found nothing new, everything
+    after it is "skipped" and so is the run, with the gate's one-line `reason`."""
     blessing = read_blessing(output / "evaluator" / "blessing")
+    gate = output / "retrain_gate" / "decision"
+    decision = read_decision(gate) if (gate / DECISION_FILE).exists() else None
+    nothing_new = decision is not None and not decision["train"]
     components = {}
     for name in component_folders(config, kind):
         record = read_record(output / name)
-        if record is None and name in BLESSED_ONLY and blessing is not None and not blessing["blessed"]:
+        if record is None and nothing_new:
+            components[name] = {"status": "skipped", "reason": decision["reason"]}
+        elif record is None and name in BLESSED_ONLY and blessing is not None and not blessing["blessed"]:
             components[name] = {"status": "skipped", "reason": "model not blessed"}
         else:
             components[name] = {"status": "not_run"} if record is None else {key: value for key, value in record.items() if key != "component"}
     succeeded = all(entry["status"] in ("succeeded", "skipped") for entry in components.values())
     summary: dict[str, Any] = {
-        "status": "succeeded" if succeeded else "failed",
+        "status": ("skipped" if nothing_new else "succeeded") if succeeded else "failed",
         "name": config.name,
         "pipeline": kind,
         "seconds": round(seconds, 1),
         "config_hash": config.config_hash(),
         "components": components,
     }
+    if decision is not None:
+        summary["retrain"] = decision
+    if nothing_new:
+        summary["reason"] = decision["reason"]
     examples = output / "example_gen" / "examples"
     if (examples / COUNTS_FILE).exists():
         summary["counts"] = read_counts(examples)

@@ -28,6 +28,7 @@ from segflow.components.example_gen.component import example_gen
 from segflow.components.example_validator.component import example_validator
 from segflow.components.exporter.component import exporter
 from segflow.components.pusher.component import pusher
+from segflow.components.retrain_gate.component import retrain_gate
 from segflow.components.schema_gen.component import schema_gen
 from segflow.components.statistics_gen.component import statistics_gen
 from segflow.components.trainer.component import trainer
@@ -55,7 +56,7 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
     pipeline's default root for its artifacts (None: the cluster's default). Every task runs
     the config's image; `cluster` also compiles the `kubernetes` section's node pools,
     resources, retries, Secret env vars and PVC into the pipeline (segflow.cluster.kfp_base)."""
-    # One piece on purpose (about 75 lines): the @dsl.pipeline functions close over `step`, `slices`
+    # One piece on purpose (about 100 lines): the @dsl.pipeline functions close over `step`, `slices`
     # and `defaults`, and KFP reads their own signatures as the pipeline's parameters.
     check_kubernetes(config)
     slices = {name: config_slice(config, name) for name in COMPONENT_KEYS}
@@ -64,13 +65,12 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
     def step(component: Any, **arguments: Any) -> dsl.PipelineTask:
         return configure_task(component(**arguments), component.name.replace("-", "_"), config, cluster)
 
-    def data_checks(folders: dict[str, str]) -> tuple[dsl.PipelineTask, ...]:
-        fingerprint = step(dataset_fingerprint, **folders)
+    def data_checks(folders: dict[str, str], fingerprint: dsl.PipelineTask) -> tuple[dsl.PipelineTask, ...]:
         examples = step(example_gen, config_slice=slices["example_gen"], **folders, dataset_fingerprint=fingerprint.outputs["Output"])
         statistics = step(statistics_gen, config_slice=slices["statistics_gen"], examples=examples.outputs["examples"])
         schema = step(schema_gen, config_slice=slices["schema_gen"], statistics=statistics.outputs["statistics"])
         validation = step(example_validator, config_slice=slices["example_validator"], statistics=statistics.outputs["statistics"], schema=schema.outputs["schema"])
-        return fingerprint, examples, statistics, schema, validation
+        return examples, statistics, schema, validation
 
     if kind == "validate":
 
@@ -83,22 +83,13 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
             test_images: str = defaults["test_images"],
             test_masks: str = defaults["test_masks"],
         ) -> None:
-            data_checks(dict(images=images, masks=masks, eval_images=eval_images, eval_masks=eval_masks, test_images=test_images, test_masks=test_masks))
+            folders = dict(images=images, masks=masks, eval_images=eval_images, eval_masks=eval_masks, test_images=test_images, test_masks=test_masks)
+            data_checks(folders, step(dataset_fingerprint, **folders))
 
         return validation_pipeline
 
-    @dsl.pipeline(name="segflow", description="segflow: ExampleGen to Pusher for image segmentation", pipeline_root=pipeline_root)
-    def training_pipeline(
-        images: str = defaults["images"],
-        masks: str = defaults["masks"],
-        eval_images: str = defaults["eval_images"],
-        eval_masks: str = defaults["eval_masks"],
-        test_images: str = defaults["test_images"],
-        test_masks: str = defaults["test_masks"],
-        registry: str = defaults["registry"],
-    ) -> None:
-        folders = dict(images=images, masks=masks, eval_images=eval_images, eval_masks=eval_masks, test_images=test_images, test_masks=test_masks)
-        fingerprint, examples, statistics, schema, validation = data_checks(folders)
+    def train_and_push(folders: dict[str, str], fingerprint: dsl.PipelineTask, registry: str) -> None:
+        examples, statistics, schema, validation = data_checks(folders, fingerprint)
         page_inputs = {"statistics": statistics.outputs["statistics"], "anomalies": validation.outputs["anomalies"]}  # the evaluator's report page
         graph = step(transform, config_slice=slices["transform"], examples=examples.outputs["examples"], schema=schema.outputs["schema"])
         if config.dataset.folds is not None:
@@ -121,14 +112,39 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
             evaluator, config_slice=slices["evaluator"], registry=registry, examples=examples.outputs["examples"], model=model.outputs["model"],
             model_run=model.outputs["model_run"], **page_inputs,
         )
-        # A model that is not blessed (value thresholds, or worse than the registry's latest version) is neither exported nor pushed.
+        # A model that is not blessed (value thresholds, or worse than the registry's current version) is neither exported nor pushed.
         with dsl.If(evaluation.outputs["Output"] == True, name="blessed"):  # noqa: E712  (a KFP condition, not a Python comparison)
             exports = step(exporter, config_slice=slices["exporter"], examples=examples.outputs["examples"], model=model.outputs["model"])
             step(
-                pusher, config_slice=slices["pusher"], registry=registry, config_hash=config.config_hash(), dataset_fingerprint=fingerprint.outputs["Output"],
+                pusher, config_slice=slices["pusher"], registry=registry, config_hash=config_hash, dataset_fingerprint=fingerprint.outputs["Output"],
                 exports=exports.outputs["exports"], blessing=evaluation.outputs["blessing"], examples=examples.outputs["examples"],
                 evaluation=evaluation.outputs["evaluation"],
             )
+
+    config_hash = config.config_hash()
+
+    @dsl.pipeline(name="segflow", description="segflow: ExampleGen to Pusher for image segmentation", pipeline_root=pipeline_root)
+    def training_pipeline(
+        images: str = defaults["images"],
+        masks: str = defaults["masks"],
+        eval_images: str = defaults["eval_images"],
+        eval_masks: str = defaults["eval_masks"],
+        test_images: str = defaults["test_images"],
+        test_masks: str = defaults["test_masks"],
+        registry: str = defaults["registry"],
+        force: bool = False,
+    ) -> None:
+        folders = dict(images=images, masks=masks, eval_images=eval_images, eval_masks=eval_masks, test_images=test_images, test_masks=test_masks)
+        fingerprint = step(dataset_fingerprint, **folders)
+        if config.dataset.folds is not None:  # a k-fold run measures; it never pushes, so there is no version to compare with
+            train_and_push(folders, fingerprint, registry)
+            return
+        # Nothing new since the version that serves (same data, same config): skip the rest, unless `force`.
+        gate = step(
+            retrain_gate, config_slice=slices["retrain_gate"], registry=registry, config_hash=config_hash, dataset_fingerprint=fingerprint.outputs["Output"], force=force,
+        )
+        with dsl.If(gate.outputs["Output"] == True, name="something-new"):  # noqa: E712  (a KFP condition)
+            train_and_push(folders, fingerprint, registry)
 
     return training_pipeline
 

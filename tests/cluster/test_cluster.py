@@ -75,7 +75,7 @@ def test_cluster_golden_has_resources_retries_caching_secrets_pvc_and_root() -> 
     tasks = {name: task for dag in dags for name, task in dag["tasks"].items() if not task["componentRef"]["name"].startswith("comp-condition")}
     assert {"exporter", "pusher"} <= set(tasks)
     assert all(task["retryPolicy"]["maxRetryCount"] == 2 for task in tasks.values())
-    uncached = ("dataset-fingerprint", "evaluator", "pusher")
+    uncached = ("dataset-fingerprint", "retrain-gate", "evaluator", "pusher")
     assert all(tasks[name]["cachingOptions"] == {} for name in uncached)
     assert all(task["cachingOptions"] == {"enableCache": True} for name, task in tasks.items() if name not in uncached)
     for executor in platform.values():
@@ -338,18 +338,20 @@ def test_submit_compiles_and_creates_a_run_with_the_pipeline_spec(kubeflow: Fake
     assert run["service_account"] == "segflow-launcher"
     spec, platform = run["pipeline_spec"]["pipeline_spec"], run["pipeline_spec"]["platform_spec"]
     assert spec["pipelineInfo"]["name"] == "segflow-golden-cluster" and spec["defaultPipelineRoot"] == "s3://segflow-golden/pipeline-root"
-    assert '"epochs":3' in spec["root"]["dag"]["tasks"]["trainer"]["inputs"]["parameters"]["config_slice"]["runtimeValue"]["constant"]
+    trained = spec["components"]["comp-condition-1"]["dag"]["tasks"]["trainer"]  # inside the retrain gate's dsl.If
+    assert '"epochs":3' in trained["inputs"]["parameters"]["config_slice"]["runtimeValue"]["constant"]
     trainer = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-trainer"]
     assert trainer["nodeSelector"]["labels"]["cloud.google.com/gke-accelerator"] == "nvidia-tesla-t4"
     assert all(request["authorization"] == "Bearer t0ken" for request in kubeflow.requests)
 
 
 def test_submit_reuses_an_existing_experiment_and_passes_auth_options(kubeflow: FakeKubeflow, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["submit", str(GOLDEN_CONFIG), "--host", kubeflow.url, "--experiment", "existing", "--namespace", "team-a", "--service-account", ""]
+    argv = ["submit", str(GOLDEN_CONFIG), "--host", kubeflow.url, "--experiment", "existing", "--namespace", "team-a", "--service-account", "", "--force"]
     assert main(argv) == 0
     assert kubeflow.posted("/apis/v2beta1/experiments") == []
     (run,) = kubeflow.posted("/apis/v2beta1/runs")
     assert run["experiment_id"] == "exp-existing" and "service_account" not in run
+    assert run["runtime_config"]["parameters"]["force"] is True  # trains even with nothing new
     assert "platform_spec" not in run["pipeline_spec"]  # nothing Kubernetes-specific in the default config
     lookups = [request for request in kubeflow.requests if request["method"] == "GET" and request["path"] == "/apis/v2beta1/experiments"]
     assert lookups and all(request["query"].get("namespace") == ["team-a"] for request in lookups)

@@ -52,18 +52,23 @@ def test_compiled_yaml_loads_with_kfp_loader(tmp_path: Path) -> None:
     loaded = components.load_component_from_file(str(path))
     assert loaded.name == "segflow-golden"
     spec = yaml.safe_load(path.read_text())
-    tasks = spec["root"]["dag"]["tasks"]
-    dag = ["dataset-fingerprint", "example-gen", "statistics-gen", "schema-gen", "example-validator", "transform", "trainer", "evaluator", "condition-1"]
+    root = spec["root"]["dag"]["tasks"]
+    # Nothing new since the registry's current version: everything after the gate is skipped.
+    assert set(root) == {"dataset-fingerprint", "retrain-gate", "condition-1"}
+    assert root["condition-1"]["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--retrain-gate-Output'] == true"
+    assert root["retrain-gate"]["inputs"]["parameters"]["force"] == {"componentInputParameter": "force"}
+    tasks = spec["components"]["comp-condition-1"]["dag"]["tasks"]
+    dag = ["example-gen", "statistics-gen", "schema-gen", "example-validator", "transform", "trainer", "evaluator", "condition-2"]
     assert set(tasks) == set(dag)
     assert "example-validator" in tasks["trainer"]["dependentTasks"]
-    assert "dataset-fingerprint" in tasks["example-gen"]["dependentTasks"]
     # Exporter and pusher run only for a blessed model: inside a dsl.If on the evaluator's output.
-    blessed = spec["components"]["comp-condition-1"]["dag"]["tasks"]
+    blessed = spec["components"]["comp-condition-2"]["dag"]["tasks"]
     assert set(blessed) == {"exporter", "pusher"}
-    assert tasks["condition-1"]["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--evaluator-Output'] == true"
-    # Never cached: the fingerprint looks at the data as it is now, the blessing and the push at the registry as it is now.
-    assert all(task["cachingOptions"] == {} for task in (tasks["dataset-fingerprint"], tasks["evaluator"], blessed["pusher"]))
-    cached = [task for name, task in {**tasks, **blessed}.items() if name not in ("dataset-fingerprint", "evaluator", "condition-1", "pusher")]
+    assert tasks["condition-2"]["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--evaluator-Output'] == true"
+    # Never cached: the fingerprint looks at the data as it is now, the gate, the blessing and the push at the registry as it is now.
+    uncached = (root["dataset-fingerprint"], root["retrain-gate"], tasks["evaluator"], blessed["pusher"])
+    assert all(task["cachingOptions"] == {} for task in uncached)
+    cached = [task for name, task in {**tasks, **blessed}.items() if name not in ("evaluator", "condition-2", "pusher")]
     assert all(task["cachingOptions"] == {"enableCache": True} for task in cached)
 
 
@@ -80,6 +85,7 @@ def test_locations_are_pipeline_parameters_with_the_config_as_defaults(tmp_path:
         "masks": "gs://segflow-golden/masks",
         **{name: "" for name in ("eval_images", "eval_masks", "test_images", "test_masks")},  # no named eval/test folders
         "registry": "gs://segflow-golden/registry",
+        "force": False,
     }
     dataset_parameters = {"images", "masks", "eval_images", "eval_masks", "test_images", "test_masks"}
     assert set(_compiled(tmp_path, kind="validate")["root"]["inputDefinitions"]["parameters"]) == dataset_parameters
@@ -92,6 +98,7 @@ def test_locations_are_pipeline_parameters_with_the_config_as_defaults(tmp_path:
             if value.get("componentInputParameter", "").removeprefix("pipelinechannel--") in parameters
         }
         expected = dataset_parameters if name == "dataset-fingerprint" else set(COMPONENT_LOCATIONS.get(name.replace("-", "_"), ()))
+        expected |= {"force"} if name == "retrain-gate" else set()
         assert taken == expected, name
     assert "gs://segflow-golden" not in yaml.safe_dump(compiled["root"]["dag"])  # only as the parameters' defaults
 
@@ -115,12 +122,13 @@ def _cache_inputs(compiled: dict) -> dict:
 
 def test_epochs_change_only_the_trainers_cache_key(tmp_path: Path) -> None:
     """Each task gets only the config keys its core reads: a new epoch count keeps the
-    data components' (and the evaluator's and exporter's) cached results. (The pusher, never
-    cached, records the whole config's hash in the version's lineage.)"""
+    data components' (and the evaluator's and exporter's) cached results. (The gate and the
+    pusher, never cached, take the whole config's hash: it is compared with and recorded in
+    the version's lineage.)"""
     before, after = _cache_inputs(_compiled(tmp_path)), _cache_inputs(_compiled(tmp_path, "stages.0.epochs=7"))
-    assert sorted(name for name in before if before[name] != after[name]) == ["pusher", "trainer"]
+    assert sorted(name for name in before if before[name] != after[name]) == ["pusher", "retrain-gate", "trainer"]
     exported = _cache_inputs(_compiled(tmp_path, "export=[saved_model]", "evaluation.min_mean_iou=0.5"))
-    assert sorted(name for name in before if before[name] != exported[name]) == ["evaluator", "exporter", "pusher"]
+    assert sorted(name for name in before if before[name] != exported[name]) == ["evaluator", "exporter", "pusher", "retrain-gate"]
 
 
 def test_compile_rejects_relative_locations_or_resolves_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
@@ -140,10 +148,10 @@ def test_compile_rejects_relative_locations_or_resolves_them(tmp_path: Path, mon
     compiled = yaml.safe_load((tmp_path / "p.yaml").read_text())
     defaults = {name: entry["defaultValue"] for name, entry in compiled["root"]["inputDefinitions"]["parameters"].items()}
     assert defaults == {
-        "images": str(tmp_path / "data" / "images"), "masks": "s3://bucket/masks", "registry": str(tmp_path / "model-registry"),
+        "images": str(tmp_path / "data" / "images"), "masks": "s3://bucket/masks", "registry": str(tmp_path / "model-registry"), "force": False,
         **{name: "" for name in ("eval_images", "eval_masks", "test_images", "test_masks")},
     }
-    validator = compiled["root"]["dag"]["tasks"]["example-validator"]["inputs"]["parameters"]
+    validator = compiled["components"]["comp-condition-1"]["dag"]["tasks"]["example-validator"]["inputs"]["parameters"]  # inside the retrain gate's dsl.If
     assert str(tmp_path / "runs" / "old" / "schema") in validator["config_slice"]["runtimeValue"]["constant"]
 
 
@@ -231,7 +239,7 @@ def test_kfp_local_full_run_writes_the_summary_contract(tiny_data: Path, tmp_pat
     assert summary["status"] == "succeeded"
     assert len(summary["config_hash"]) == 64 and len(summary["data_fingerprint"]) == 64
     assert all(entry["status"] == "succeeded" and entry["seconds"] >= 0 for entry in summary["components"].values())
-    assert len(summary["components"]) == 10
+    assert len(summary["components"]) == 11
     counts = summary["counts"]
     assert counts["examples_in"] == counts["examples_written"] + counts["quarantined"] == 20 and counts["quarantined"] == 3
     quarantined = [json.loads(line) for line in Path(summary["quarantine"]).read_text().splitlines()]

@@ -1,0 +1,1 @@
+"""retrain_gate component: core.run (no KFP) and component.py (KFP wrapper)."""

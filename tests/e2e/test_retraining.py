@@ -1,0 +1,80 @@
+"""Scheduled retraining through `segflow run` as a scheduler calls it, night after night on one
+registry: a first version, a quiet night that skips, a worse model that is kept out, new data
+that becomes `current`, and a rollback."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from segflow.cli import main
+from segflow.data.demo_data import write_demo_dataset
+from segflow.export import model_registry as registry
+from tests.conftest import tiny_raw_config
+
+
+def _night(config: Path, run: Path, *overrides: str) -> dict[str, Any]:
+    assert main(["run", str(config), "-o", str(run), *(arg for override in overrides for arg in ("--set", override))]) == 0
+    return dict(json.loads((run / "summary.json").read_text()))
+
+
+@pytest.mark.extended  # four DAG runs through the CLI (three of them train)
+def test_nights_of_retraining_on_one_registry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_demo_dataset(tmp_path / "data", count=16, size=32)
+    store = str(tmp_path / "registry")
+    raw = tiny_raw_config(
+        data, push={"registry": store}, export=["saved_model"], stages=[{"epochs": 2, "learning_rate": 0.01}],
+        evaluation={"change_thresholds": {"max_mean_iou_drop": 0.5}},
+    )
+    raw["dataset"]["assignment"] = "stable"  # the data grows: no file changes split
+    config = tmp_path / "nightly.yaml"
+    config.write_text(yaml.safe_dump(raw))
+
+    # Night 1: the first version serves.
+    first = _night(config, tmp_path / "night1")
+    assert first["status"] == "succeeded" and first["retrain"]["train"] is True
+    assert (first["push"]["version"], first["push"]["current"]) == (1, True)
+
+    # Night 2: nothing changed: skipped after the fingerprint, the trainer never started, the registry untouched.
+    capsys.readouterr()
+    quiet = _night(config, tmp_path / "night2")
+    assert quiet["status"] == "skipped" and quiet["reason"] == "no new data since version 1 (same files, same config)"
+    assert {name: entry["status"] for name, entry in quiet["components"].items() if entry["status"] != "skipped"} == {
+        "dataset_fingerprint": "succeeded", "retrain_gate": "succeeded",
+    }
+    assert not (tmp_path / "night2" / "trainer").exists() and "metrics" not in quiet and "push" not in quiet
+    assert "status: skipped: no new data since version 1 (same files, same config) (--force trains anyway)" in capsys.readouterr().out
+    assert registry.read_versions(store, "tiny") == [1] and len(registry.alias_history(store, "tiny")) == 1
+
+    # Night 3: new files arrive, but the model trained on them is worse (an untrained one) than
+    # version 1 on the same eval images: not blessed, nothing pushed, version 1 still serves.
+    shutil.copytree(write_demo_dataset(tmp_path / "new", count=6, size=32, seed=1), data, dirs_exist_ok=True, copy_function=_renamed)
+    worse = _night(config, tmp_path / "night3", "stages.0.learning_rate=1.0e-9", "evaluation.change_thresholds.max_mean_iou_drop=0.0")
+    assert worse["retrain"]["reason"] == "new data and a changed config since version 1"
+    assert worse["blessed"] is False and "max_mean_iou_drop" in worse["blessing"]["failed"] and worse["blessing"]["baseline"]["version"] == 1
+    assert "push" not in worse and registry.read_aliases(store, "tiny").current == 1
+
+    # Night 4: the same new files with the usual recipe: blessed against version 1, pushed, current.
+    grown = _night(config, tmp_path / "night4")
+    assert grown["retrain"]["reason"] == "new data since version 1" and grown["blessing"]["baseline"]["version"] == 1
+    assert (grown["push"]["version"], grown["push"]["current"], grown["push"]["previous"]) == (2, True, 1)
+    assert grown["counts"]["examples_written"] == first["counts"]["examples_written"] + 6
+    lineage = registry.read_lineage(store, "tiny", 2)
+    assert lineage is not None and lineage["counts"] == grown["counts"] and lineage["dataset_fingerprint"] != registry.read_lineage(store, "tiny", 1)["dataset_fingerprint"]
+
+    # A person rolls back; the next run compares with what serves again.
+    assert main(["registry", "rollback", "--registry", store, "--name", "tiny"]) == 0
+    capsys.readouterr()
+    assert main(["registry", "list", "--registry", store, "--name", "tiny"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [(row[0], row[2], row[-1]) for row in rows] == [("1", "yes", "current"), ("2", "yes", "previous")]
+
+
+def _renamed(source: str, target: str) -> str:
+    """Copy a new demo file under a name of its own (new-NNN.png), as a new day's captures."""
+    destination = Path(target).with_name(f"new-{Path(target).name}")
+    return str(shutil.copy2(source, destination))
