@@ -40,7 +40,6 @@ from segflow.data.augment import build_policy
 from segflow.train import input_pipeline as trainer
 from segflow.components.transform import core as transform
 from segflow.config.experiment import ExperimentConfig, load_config
-from segflow.data.examples import split_files
 from segflow.data.preprocessing import PixelSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -86,7 +85,7 @@ class CamVidSequence(keras.utils.Sequence):
 
 def train_names(examples: Path) -> list[str]:
     """File names of the train split, as ExampleGen wrote them."""
-    records = tf.data.TFRecordDataset(split_files(examples, "train"), compression_type="GZIP")
+    records = trainer.split_records(examples, "train")
     parse = {"filename": tf.io.FixedLenFeature([], tf.string)}
     return [tf.io.parse_single_example(record, parse)["filename"].numpy().decode() for record in records]
 
@@ -99,8 +98,8 @@ def variants(config: ExperimentConfig, examples: Path, transform_dir: Path, step
     segflow = trainer.make_dataset(config, examples, "train", layer, pixels, epochs=epochs)
     with mock.patch.object(trainer, "build_tf_policy", return_value=None):
         segflow_numpy = trainer.make_dataset(config, examples, "train", layer, pixels, epochs=epochs)
-    decoded = tf.data.TFRecordDataset(split_files(examples, "train"), compression_type="GZIP").repeat()
-    decode_only = decoded.map(lambda record: trainer.decode_example(record, config.shape, pixels)[:2], num_parallel_calls=tf.data.AUTOTUNE).batch(BATCH).prefetch(tf.data.AUTOTUNE)
+    decoded = trainer.split_records(examples, "train").repeat()
+    decode_only = decoded.map(lambda record: trainer.decode_example(record, config, pixels)[:2], num_parallel_calls=tf.data.AUTOTUNE).batch(BATCH).prefetch(tf.data.AUTOTUNE)
     sequence = CamVidSequence(names, config)
 
     def baseline() -> Iterator[object]:
