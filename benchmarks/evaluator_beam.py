@@ -1,13 +1,16 @@
 """The Beam evaluator against the single-process loop it replaced, on one run's examples and model.
 
-    .venv/bin/python benchmarks/evaluator_beam.py RUN_DIR [--config CONFIG.yaml] [--repeats 2] [--mode multi_threading]
+    .venv/bin/python benchmarks/evaluator_beam.py RUN_DIR [--config CONFIG.yaml] [--repeats 2] [--mode multi_threading] [--output result.json]
+    .venv/bin/python benchmarks/evaluator_beam.py RUN_DIR --smoke --output result.json
 
 RUN_DIR holds `examples/` (or `example_gen/examples/`) and `model/` (or `trainer/model/`); the
 evaluation settings and dataset.group_by come from --config, else RUN_DIR/config.yaml (what
 `segflow run` writes), else the defaults. Prints JSON: the eval split's
 size, median seconds of the loop (segflow.evaluate.evaluation.evaluate, what the exporter still uses
 per export) and of the Beam evaluator (all slices, boundary F1, per-image lines), their
-ratio, and whether both give the same confusion matrix. Writes only to a temporary folder.
+ratio, and whether both give the same confusion matrix; --output writes it there too. Otherwise
+writes only to a temporary folder. --smoke is 1 repeat: on a tiny run (the tests' has 5 eval
+images) it checks in seconds that the script runs; its figures mean nothing.
 """
 from __future__ import annotations
 
@@ -48,7 +51,11 @@ def main() -> None:
     parser.add_argument("--config", type=Path)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--mode", default="multi_threading", choices=("in_memory", "multi_threading", "multi_processing"))
+    parser.add_argument("--output", type=Path, help="also write the JSON here")
+    parser.add_argument("--smoke", action="store_true", help="1 repeat: checks that the script runs (give it a tiny run)")
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats = 1
     examples, model = _first(args.run, "examples", "example_gen/examples"), _first(args.run, "model", "trainer/model")
     config = _config(args.config or (args.run / "config.yaml" if (args.run / "config.yaml").exists() else None), args.mode)
     serving = model / SERVING_SUBDIR
@@ -64,26 +71,28 @@ def main() -> None:
             seconds["beam"].append(time.perf_counter() - started)
         slices = evaluator.read_slices(scratch / "metrics-0")
         medians = {name: statistics.median(values) for name, values in seconds.items()}
-        print(
-            json.dumps(
-                {
-                    "benchmark": "evaluator_beam",
-                    "run": str(args.run),
-                    "eval_examples": sum(1 for _ in iter_split(examples, "eval")),
-                    "running_mode": args.mode,
-                    "cores": len(os.sched_getaffinity(0)),
-                    "median_seconds": {name: round(value, 2) for name, value in medians.items()},
-                    "ratio_beam_to_loop": round(medians["beam"] / medians["loop"], 2),
-                    "same_confusion_matrix": loop["confusion_matrix"] == beam["confusion_matrix"],
-                    "mean_iou": {"loop": loop["mean_iou"], "beam": beam["mean_iou"]},
-                    "frequency_weighted_iou": beam["frequency_weighted_iou"],
-                    "boundary_f1": beam["boundary_f1"],
-                    "best_threshold": beam.get("best_threshold"),
-                    "slices": {split: len(entries) for split, entries in slices.items()},
-                },
-                indent=2,
-            )
+        text = json.dumps(
+            {
+                "benchmark": "evaluator_beam",
+                "smoke": args.smoke,
+                "run": str(args.run),
+                "eval_examples": sum(1 for _ in iter_split(examples, "eval")),
+                "running_mode": args.mode,
+                "cores": len(os.sched_getaffinity(0)),
+                "median_seconds": {name: round(value, 2) for name, value in medians.items()},
+                "ratio_beam_to_loop": round(medians["beam"] / medians["loop"], 2),
+                "same_confusion_matrix": loop["confusion_matrix"] == beam["confusion_matrix"],
+                "mean_iou": {"loop": loop["mean_iou"], "beam": beam["mean_iou"]},
+                "frequency_weighted_iou": beam["frequency_weighted_iou"],
+                "boundary_f1": beam["boundary_f1"],
+                "best_threshold": beam.get("best_threshold"),
+                "slices": {split: len(entries) for split, entries in slices.items()},
+            },
+            indent=2,
         )
+        print(text)
+        if args.output is not None:
+            args.output.write_text(text + "\n")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

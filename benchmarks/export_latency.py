@@ -5,6 +5,7 @@ image over tflite_fp32's, measured side by side (interleaved rounds) at 1 and al
     .venv/bin/python benchmarks/export_latency.py --model MODEL_DIR --examples EXAMPLES_DIR [...]
     .venv/bin/python benchmarks/export_latency.py RUN_DIR --existing     # the run's own exports as they are
     .venv/bin/python benchmarks/export_latency.py RUN_DIR --quantizers converter,ai_edge_quantizer --formats tflite_fp32,tflite_dynamic,tflite_int8
+    .venv/bin/python benchmarks/export_latency.py --model MODEL_DIR --examples EXAMPLES_DIR --smoke --output result.json
 
 By default the exports are rebuilt with the current exporter (segflow.export.exporters, calibration
 and parity gate included) from the run's served model (trainer/model) and evaluated on its
@@ -13,7 +14,9 @@ Format-Serving) and `--examples` (an ExampleGen output) name them directly. `--q
 rebuilds once per export.quantizer and times the TFLite files of all in one interleaved table
 (a row per format and quantizer that built it; rows a quantizer does not change appear once,
 so machine load shared by the others falls on every row alike). Prints the JSON table (ratios
-under "vs_tflite_fp32") and then the markdown table. Nothing in the run changes.
+under "vs_tflite_fp32"; --output writes it there too) and then the markdown table. Nothing in
+the run changes. --smoke builds tflite_fp32 and tflite_dynamic only and times 1 run without
+warm-up: on a tiny model it checks in seconds that the script runs; its figures mean nothing.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from segflow.config.experiment import ExperimentConfig, ExportConfig, load_confi
 from segflow.export.serving import SERVING_SUBDIR, ServingSpec
 
 DEFAULT_FORMATS = "saved_model,tflite_fp32,tflite_fp16,tflite_dynamic,tflite_int8,tflite_int16x8,onnx"
+SMOKE_FORMATS = "tflite_fp32,tflite_dynamic"  # the reference and one format to compare with it, neither calibrated
 
 
 def _config(run_dir: Path | None, spec: ServingSpec, formats: list[str], quantizer: str | None) -> ExperimentConfig:
@@ -78,7 +82,11 @@ def main() -> None:
     parser.add_argument("--quantizers", help="comma-separated export.quantizer values to rebuild with and compare (default: the config's)")
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--output", type=Path, help="also write the JSON table here")
+    parser.add_argument("--smoke", action="store_true", help=f"formats {SMOKE_FORMATS}, 1 run, no warm-up: checks that the script runs (give it a tiny model)")
     args = parser.parse_args()
+    if args.smoke:
+        args.formats, args.runs, args.warmup = SMOKE_FORMATS, 1, 0
     if (args.run_dir is None) == (args.model is None) or (args.model is not None) != (args.examples is not None):
         parser.error("give RUN_DIR, or --model and --examples")
     settings = BenchmarkSettings(runs=args.runs, warmup=args.warmup)
@@ -101,8 +109,11 @@ def main() -> None:
             table = _compare(builds, spec, settings) if len(builds) > 1 else benchmark(out, settings, spec=spec)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
-    table["source"] = os.fspath(args.run_dir or args.model)
-    print(json.dumps(table, indent=2))
+    table.update(benchmark="export_latency", smoke=args.smoke, source=os.fspath(args.run_dir or args.model))
+    text = json.dumps(table, indent=2)
+    print(text)
+    if args.output is not None:
+        args.output.write_text(text + "\n")
     print(markdown(table), end="")
 
 

@@ -1,7 +1,8 @@
 """Trainer steps per second fed by the real input pipeline against bare `model.fit` on
 in-memory tensors, measured side by side.
 
-    .venv/bin/python benchmarks/trainer_throughput.py CONFIG.yaml [--set key=value ...] [--rounds 7] [--warmup 1]
+    .venv/bin/python benchmarks/trainer_throughput.py CONFIG.yaml [--set key=value ...] [--rounds 7] [--warmup 1] [--output result.json]
+    .venv/bin/python benchmarks/trainer_throughput.py CONFIG.yaml --smoke [--workdir DIR] --output result.json
 
 The real side is what the trainer runs: `make_dataset` (GZIP TFRecords, decode, resize,
 cache, shuffle, the albumentations policy, batch, TFT normalisation, prefetch) into
@@ -9,8 +10,10 @@ cache, shuffle, the albumentations policy, batch, TFT normalisation, prefetch) i
 held as tensors in memory and given to `model.fit(x, y)`: the pipeline's cost removed. Both train
 the same compiled model (the trainer's loss and metrics), one epoch per round, the two
 alternating (order swapped every round), so a busy machine slows both alike. Prints JSON:
-median steps per second of each and the ratio pipeline / bare (target >= 0.9).
-The data components run once into a temporary folder (or --workdir, reused when present).
+median steps per second of each and the ratio pipeline / bare (target >= 0.9); --output writes
+it there too. The data components run once into a temporary folder (or --workdir, reused when
+present). --smoke is 1 round without warm-up: on a tiny config with its data components already
+in --workdir it checks in seconds that the script runs; its figures mean nothing.
 """
 from __future__ import annotations
 
@@ -103,12 +106,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="timed epochs per side (default 7)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed epochs per side first: tracing, the RAM cache (default 1)")
     parser.add_argument("--workdir", help="keep the data components' outputs here and reuse them (default: a temporary folder)")
+    parser.add_argument("--output", type=Path, help="also write the JSON here")
+    parser.add_argument("--smoke", action="store_true", help="1 round, no warm-up: checks that the script runs (give it a tiny config)")
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.warmup = 1, 0
     config = load_config(args.config, args.set)
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="segflow-throughput-"))
     try:
         examples, transform_dir = prepare(config, root)
-        print(json.dumps(measure(config, examples, transform_dir, args.rounds, args.warmup), indent=2))
+        text = json.dumps({**measure(config, examples, transform_dir, args.rounds, args.warmup), "smoke": args.smoke}, indent=2)
+        print(text)
+        if args.output is not None:
+            args.output.write_text(text + "\n")
     finally:
         if not args.workdir:
             shutil.rmtree(root, ignore_errors=True)
