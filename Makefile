@@ -25,7 +25,7 @@ demo: install
 test: install
 	$(BIN)/pytest
 
-## test-extended: whole-DAG and multi-process runs kept out of the default suite's 15 minutes (about 6 min); CI runs it
+## test-extended: whole-DAG and multi-process runs kept out of the default suite's 15 minutes (about 20 min); CI runs it
 test-extended: install
 	$(BIN)/pytest -m extended
 

@@ -3,7 +3,8 @@ input_pipeline.py crashed for days on a changed decode signature, and nothing ra
 
 Each runs as its own process, as a user runs it: `--smoke` (the same code on the smallest
 settings) and `--output FILE`, on the tests' tiny trained run where it needs data. A new script
-without those flags or without an entry in SMOKES fails here."""
+without those flags or without an entry in SMOKES fails here. In `make test-extended`, which CI
+runs after `make test`."""
 from __future__ import annotations
 
 import json
@@ -64,6 +65,7 @@ def test_every_smoke_names_a_script() -> None:
     assert set(SMOKES) <= {script.stem for script in SCRIPTS}
 
 
+@pytest.mark.extended  # about 4 minutes on 2 cores: beyond the default suite's 15, and CI runs make test-extended
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda script: script.stem)
 def test_benchmark_smoke_mode(script: Path, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     """The script exits 0 in its smoke mode and writes the JSON it promises, with its figures."""
