@@ -59,7 +59,10 @@ OPTIONAL_PARAMETERS = ("eval_images", "eval_masks", "test_images", "test_masks")
 DATASET_PARAMETERS = ("images", "masks", *OPTIONAL_PARAMETERS)
 
 # component -> the pipeline parameters it receives (and lays over its slice).
-COMPONENT_LOCATIONS = {"example_gen": DATASET_PARAMETERS, "retrain_gate": ("registry",), "evaluator": ("registry",), "pusher": ("registry",)}
+# The trainer's: `stages[].initial_weights: current` warm-starts from the registry's current version.
+COMPONENT_LOCATIONS = {"example_gen": DATASET_PARAMETERS, "retrain_gate": ("registry",), "trainer": ("registry",), "evaluator": ("registry",), "pusher": ("registry",)}
+
+WARM_START = "current"  # stages[].initial_weights naming the registry's current version, not a path (segflow.train.warm_start)
 
 # Every config key that names a file, folder or registry (a path or a URI).
 LOCATIONS = (
@@ -141,7 +144,7 @@ def locations(config: ExperimentConfig) -> dict[str, str]:
     if config.model.encoder_weights != "imagenet":
         keys.append("model.encoder_weights")
     found = {key: _get(raw, key) for key in keys}
-    return {key: value for key, value in found.items() if value is not None}
+    return {key: value for key, value in found.items() if value is not None and value != WARM_START}
 
 
 def resolve_locations(config: ExperimentConfig, base: str | os.PathLike[str] | None = None) -> ExperimentConfig:

@@ -298,7 +298,8 @@ class StageConfig(_Strict):
         ),
     )
     initial_weights: str | None = Field(
-        None, min_length=1, description="a .weights.h5 file (of the same network) loaded before the stage, e.g. another run's backup/stage-1.weights.h5"
+        None, min_length=1, description="a .weights.h5 file (of the same network) loaded before the stage, e.g. another run's backup/stage-1.weights.h5, "
+        "or current: the network of the registry's current version (a warm start; none yet: from scratch; another network: an error)"
     )
 
     @field_validator("loss")

@@ -37,6 +37,7 @@ from segflow.config.component_config import (
     COMPONENT_KEYS,
     DATASET_PARAMETERS,
     LOCATION_PARAMETERS,
+    WARM_START,
     config_slice,
     location_arguments,
     locations,
@@ -88,6 +89,12 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
 
         return validation_pipeline
 
+    def train_step(registry: str, examples: dsl.PipelineTask, graph: dsl.PipelineTask, **fold: Any) -> dsl.PipelineTask:
+        model = step(trainer, config_slice=slices["trainer"], registry=registry, examples=examples.outputs["examples"], transform_graph=graph.outputs["transform_graph"], **fold)
+        if any(stage.initial_weights == WARM_START for stage in config.stages):
+            model.set_caching_options(False)  # it starts from the registry's current version as it is now
+        return model
+
     def train_and_push(folders: dict[str, str], fingerprint: dsl.PipelineTask, registry: str) -> None:
         examples, statistics, schema, validation = data_checks(folders, fingerprint)
         page_inputs = {"statistics": statistics.outputs["statistics"], "anomalies": validation.outputs["anomalies"]}  # the evaluator's report page
@@ -95,7 +102,7 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
         if config.dataset.folds is not None:
             # One trainer and evaluator per fold; locally one at a time (2 cores), on a cluster all at once.
             with dsl.ParallelFor(items=config.dataset.trained_folds(), parallelism=None if cluster else 1) as fold:
-                model = step(trainer, config_slice=slices["trainer"], examples=examples.outputs["examples"], transform_graph=graph.outputs["transform_graph"], fold=fold)
+                model = train_step(registry, examples, graph, fold=fold)
                 model.after(validation)
                 evaluation = step(
                     evaluator, config_slice=slices["evaluator"], registry=registry, examples=examples.outputs["examples"], model=model.outputs["model"],
@@ -106,7 +113,7 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
                 models=dsl.Collected(model.outputs["model"]), evaluations=dsl.Collected(evaluation.outputs["evaluation"]),
             )
             return  # a k-fold run measures a config; the model to export and push comes from a run without folds
-        model = step(trainer, config_slice=slices["trainer"], examples=examples.outputs["examples"], transform_graph=graph.outputs["transform_graph"])
+        model = train_step(registry, examples, graph)
         model.after(validation)  # with on_anomaly 'fail', bad data stops the run before training
         evaluation = step(
             evaluator, config_slice=slices["evaluator"], registry=registry, examples=examples.outputs["examples"], model=model.outputs["model"],
@@ -117,7 +124,7 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
             exports = step(exporter, config_slice=slices["exporter"], examples=examples.outputs["examples"], model=model.outputs["model"])
             step(
                 pusher, config_slice=slices["pusher"], registry=registry, config_hash=config_hash, dataset_fingerprint=fingerprint.outputs["Output"],
-                exports=exports.outputs["exports"], blessing=evaluation.outputs["blessing"], examples=examples.outputs["examples"],
+                exports=exports.outputs["exports"], model=model.outputs["model"], blessing=evaluation.outputs["blessing"], examples=examples.outputs["examples"],
                 evaluation=evaluation.outputs["evaluation"],
             )
 

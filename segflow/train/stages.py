@@ -35,6 +35,7 @@ from segflow.train.progress import EpochLine, StepLogger
 from segflow.train.robustness import LAST_GOOD_FILE, Batching, ResetSteps, StopOnNaN, fit_halving_the_batch, save_weights_atomically
 from segflow.train.schedules import LearningRateLogger, ReduceOnPlateau, build_schedule
 from segflow.utils.runtime import log
+from segflow.utils.storage import localized
 
 TENSORBOARD_FOLDER = "logs"  # in model_run/: Keras' scalars, prediction panels, the resolved config
 
@@ -110,7 +111,8 @@ def _start_stage(run: StageRun, number: int, stage: StageConfig) -> None:
     if stage.initial_weights:
         # Through a plain copy: tf_keras cannot load an .h5 file into a model built under MultiWorkerMirroredStrategy.
         loaded = build_network(config)
-        loaded.load_weights(stage.initial_weights)
+        with localized(stage.initial_weights) as weights:  # a registry version may be in gs:// or s3://
+            loaded.load_weights(weights)
         network.set_weights(loaded.get_weights())
         log(f"trainer: stage {number}: initial weights from {stage.initial_weights}")
     if apply_stage_freeze(network, config.model, stage):  # before compiling: trainability is read at compile

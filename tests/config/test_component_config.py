@@ -25,12 +25,13 @@ TRAIN_DIR = Path(__file__).resolve().parents[2] / "segflow" / "train"
 CORE_MODULES = {
     "trainer": tuple(
         TRAIN_DIR / f"{name}.py"
-        for name in ("input_pipeline", "hard_negatives", "network", "stages", "robustness", "progress", "qat_fine_tune", "multiworker", "lr_sweep")
+        for name in ("input_pipeline", "hard_negatives", "network", "stages", "robustness", "progress", "qat_fine_tune", "multiworker", "lr_sweep", "warm_start")
     ),
 }
 # Methods a core may call on the config. `to_json` hands the whole config to a child process
-# that runs functions of the same core.py, whose reads this guard sees too.
-CONFIG_METHODS = {"to_json"}
+# that runs functions of the same core.py, whose reads this guard sees too; `model_copy` makes a
+# changed copy (warm_start: resolved initial_weights) that stays in the same guarded code.
+CONFIG_METHODS = {"to_json", "model_copy"}
 
 
 def rich_raw() -> dict[str, Any]:

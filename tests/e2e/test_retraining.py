@@ -27,17 +27,18 @@ def test_nights_of_retraining_on_one_registry(tmp_path: Path, capsys: pytest.Cap
     data = write_demo_dataset(tmp_path / "data", count=16, size=32)
     store = str(tmp_path / "registry")
     raw = tiny_raw_config(
-        data, push={"registry": store}, export=["saved_model"], stages=[{"epochs": 2, "learning_rate": 0.01}],
+        data, push={"registry": store}, export=["saved_model"], stages=[{"epochs": 2, "learning_rate": 0.01, "initial_weights": "current"}],
         evaluation={"change_thresholds": {"max_mean_iou_drop": 0.5}},
     )
     raw["dataset"]["assignment"] = "stable"  # the data grows: no file changes split
     config = tmp_path / "nightly.yaml"
     config.write_text(yaml.safe_dump(raw))
 
-    # Night 1: the first version serves.
+    # Night 1: nothing to warm-start from: trained from scratch; the first version serves.
     first = _night(config, tmp_path / "night1")
     assert first["status"] == "succeeded" and first["retrain"]["train"] is True
     assert (first["push"]["version"], first["push"]["current"]) == (1, True)
+    assert "no current version of 'tiny'" in (tmp_path / "night1" / "trainer" / "log.txt").read_text()
 
     # Night 2: nothing changed: skipped after the fingerprint, the trainer never started, the registry untouched.
     capsys.readouterr()
@@ -53,25 +54,28 @@ def test_nights_of_retraining_on_one_registry(tmp_path: Path, capsys: pytest.Cap
     # Night 3: new files arrive, but the model trained on them is worse (an untrained one) than
     # version 1 on the same eval images: not blessed, nothing pushed, version 1 still serves.
     shutil.copytree(write_demo_dataset(tmp_path / "new", count=6, size=32, seed=1), data, dirs_exist_ok=True, copy_function=_renamed)
-    worse = _night(config, tmp_path / "night3", "stages.0.learning_rate=1.0e-9", "evaluation.change_thresholds.max_mean_iou_drop=0.0")
+    worse = _night(
+        config, tmp_path / "night3", "stages.0.learning_rate=1.0e-9", "stages.0.initial_weights=null", "evaluation.change_thresholds.max_mean_iou_drop=0.0",
+    )
     assert worse["retrain"]["reason"] == "new data and a changed config since version 1"
     assert worse["blessed"] is False and "max_mean_iou_drop" in worse["blessing"]["failed"] and worse["blessing"]["baseline"]["version"] == 1
     assert "push" not in worse and registry.read_aliases(store, "tiny").current == 1
 
-    # Night 4: the same new files with the usual recipe: blessed against version 1, pushed, current.
+    # Night 4: the same new files with the usual recipe, warm-started from version 1: blessed against it, pushed, current.
     grown = _night(config, tmp_path / "night4")
     assert grown["retrain"]["reason"] == "new data since version 1" and grown["blessing"]["baseline"]["version"] == 1
     assert (grown["push"]["version"], grown["push"]["current"], grown["push"]["previous"]) == (2, True, 1)
     assert grown["counts"]["examples_written"] == first["counts"]["examples_written"] + 6
+    assert "warm start from version 1 of 'tiny'" in (tmp_path / "night4" / "trainer" / "log.txt").read_text()
     lineage = registry.read_lineage(store, "tiny", 2)
-    assert lineage is not None and lineage["counts"] == grown["counts"] and lineage["dataset_fingerprint"] != registry.read_lineage(store, "tiny", 1)["dataset_fingerprint"]
+    assert lineage is not None and lineage["parent"] == 1 and lineage["counts"] == grown["counts"] and lineage["dataset_fingerprint"] != registry.read_lineage(store, "tiny", 1)["dataset_fingerprint"]
 
     # A person rolls back; the next run compares with what serves again.
     assert main(["registry", "rollback", "--registry", store, "--name", "tiny"]) == 0
     capsys.readouterr()
     assert main(["registry", "list", "--registry", store, "--name", "tiny"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
-    assert [(row[0], row[2], row[-1]) for row in rows] == [("1", "yes", "current"), ("2", "yes", "previous")]
+    assert [(row[0], row[2], row[-2], row[-1]) for row in rows] == [("1", "yes", "-", "current"), ("2", "yes", "1", "previous")]
 
 
 def _renamed(source: str, target: str) -> str:

@@ -1,7 +1,8 @@
 """KFP wrapper of Pusher; `registry` (a pipeline parameter) overrides push.registry.
-`examples` and `evaluation` are read for the version's lineage, `config_hash` and
+`model` gives the network (weights and recipe) later runs warm-start from; `examples` and
+`evaluation` are read for the version's lineage, `config_hash` and
 `dataset_fingerprint` recorded in it."""
-from kfp.dsl import Artifact, Dataset, Input, Output
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
 
 from segflow.cluster.kfp_base import component
 
@@ -13,6 +14,7 @@ def pusher(
     config_hash: str,
     dataset_fingerprint: str,
     exports: Input[Artifact],
+    model: Input[Model],
     blessing: Input[Artifact],
     examples: Input[Dataset],
     evaluation: Input[Artifact],
@@ -22,6 +24,6 @@ def pusher(
     from segflow.config.component_config import run_core
 
     run_core(
-        "pusher", config_slice, exports.path, blessing.path, examples.path, evaluation.path, pushed.path,
+        "pusher", config_slice, exports.path, model.path, blessing.path, examples.path, evaluation.path, pushed.path,
         arguments={"config_hash": config_hash, "dataset_fingerprint": dataset_fingerprint}, registry=registry,
     )

@@ -5,7 +5,9 @@ The registry itself (layout, commit markers, aliases, safe concurrent pushes) is
 segflow.export.model_registry.
 
 Only exports that passed the Exporter's parity gate are published; failed and skipped ones
-are listed in push.json under `withheld` with their reasons. Each version carries
+are listed in push.json under `withheld` with their reasons. With them goes the trained
+network (`network/`: weights and recipe) that `stages[].initial_weights: current` starts
+from. Each version carries
 lineage.json: what it was trained on (data fingerprints, example counts per split), with
 which settings (config hash) and code (segflow version, git commit), its metrics and
 blessing, and the run it came from. The pushed version becomes `current` only if `current`
@@ -23,8 +25,9 @@ from typing import Any
 
 from segflow.config.experiment import ExperimentConfig
 from segflow.export.model_registry import ANY_CURRENT, LINEAGE_FILE, AliasMoved, move_current, publish
+from segflow.train.warm_start import NETWORK_FOLDER, NETWORK_RECIPE
 from segflow.utils import storage
-from segflow.utils.io import atomic_dir, write_json
+from segflow.utils.io import atomic_dir, read_json, write_json
 from segflow.utils.runtime import log
 
 PUSH_FILE = "push.json"
@@ -58,9 +61,9 @@ def stage_passed_exports(exports_dir: str | os.PathLike[str], staging: Path) -> 
 
 def lineage(
     config: ExperimentConfig, examples_dir: str | os.PathLike[str], evaluation_dir: str | os.PathLike[str], blessing_dir: str | os.PathLike[str],
-    exports_dir: str | os.PathLike[str], config_hash: str, dataset_fingerprint: str,
+    exports_dir: str | os.PathLike[str], config_hash: str, dataset_fingerprint: str, parent: int | None,
 ) -> dict[str, Any]:
-    """lineage.json of the version about to be published."""
+    """lineage.json of the version about to be published; `parent`: the version it was warm-started from."""
     from segflow.components.evaluator.core import read_metrics
     from segflow.data.examples import read_counts, read_fingerprint
     from segflow.evaluate.evaluation import read_blessing
@@ -72,7 +75,7 @@ def lineage(
         "dataset_fingerprint": dataset_fingerprint,
         "examples_fingerprint": read_fingerprint(examples_dir)["sha256"],
         "counts": read_counts(examples_dir),
-        "parent": None,
+        "parent": parent,
         "metrics": read_metrics(evaluation_dir),
         "blessing": read_blessing(blessing_dir),
         "source": {"segflow": versions()["segflow"], **source_revision()},
@@ -95,6 +98,7 @@ def expected_current(config: ExperimentConfig, blessing_dir: str | os.PathLike[s
 def run(
     config: ExperimentConfig,
     exports_dir: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str],
     blessing_dir: str | os.PathLike[str],
     examples_dir: str | os.PathLike[str],
     evaluation_dir: str | os.PathLike[str],
@@ -117,7 +121,10 @@ def run(
             if not passed:
                 record = {"pushed": False, "reason": "no export passed the parity gate", "withheld": withheld}
             else:
-                write_json(Path(staging) / LINEAGE_FILE, lineage(config, examples_dir, evaluation_dir, blessing_dir, exports_dir, config_hash, dataset_fingerprint))
+                network = Path(staging) / NETWORK_FOLDER
+                shutil.copytree(Path(model_dir) / NETWORK_FOLDER, network)  # what `initial_weights: current` starts from
+                parent = read_json(network / NETWORK_RECIPE)["parent"]
+                write_json(Path(staging) / LINEAGE_FILE, lineage(config, examples_dir, evaluation_dir, blessing_dir, exports_dir, config_hash, dataset_fingerprint, parent))
                 target = publish(staging, config.push.registry, config.name, origin=os.fspath(exports_dir))
                 record = {"pushed": True, "destination": target, "version": int(storage.basename(target)), "exports": passed, "withheld": withheld}
     if record["pushed"]:

@@ -56,11 +56,11 @@ from segflow.train.network import build_network, build_trained_network, compile_
 from segflow.train.qat_fine_tune import fine_tune_qat
 from segflow.train.robustness import Batching
 from segflow.train.stages import TENSORBOARD_FOLDER, StageRun, completed_epochs, last_epoch, train_stages
+from segflow.train.warm_start import NETWORK_FOLDER, resolve_current, write_network
 from segflow.utils.io import atomic_dir, write_json
 from segflow.utils.runtime import log
 from segflow.utils.storage import is_uri, localized
 
-KERAS_FILE = "keras/model.keras"
 TRAINING_FILE = "training.json"  # in model_run/: batch used, halvings, resumed epoch
 BACKUP_FOLDER = "backup"  # beside the trainer's outputs, not inside their temporary folders
 AUGMENTATION_FOLDER = "augmentation"  # in model_run/: preview.png and preview.policy.json (segflow.train.preview)
@@ -97,11 +97,12 @@ def run(
             log(f"trainer: fold {fold}: training on {counts['train_examples']} examples of the other folds, {use}")
             return run(config, view, transform_dir, model_dir, model_run_dir)
     _adopt_backup(Path(model_run_dir).parent / BACKUP_FOLDER)
+    config, parent = resolve_current(config)  # once, before any worker: they all start from the same version
     if config.trainer.workers > 1:
-        return _launch(config, examples_dir, transform_dir, model_dir, model_run_dir)
+        return _launch(config, examples_dir, transform_dir, model_dir, model_run_dir, parent)
     plan = make_plan(config.trainer.distribution)  # before any TensorFlow op (collectives are configured at startup)
     with localized(examples_dir) as local_examples, localized(transform_dir) as local_transform:
-        final, _ = _train(config, plan, local_examples, local_transform, model_dir, model_run_dir, Path(model_run_dir).parent / BACKUP_FOLDER)
+        final, _ = _train(config, plan, local_examples, local_transform, model_dir, model_run_dir, Path(model_run_dir).parent / BACKUP_FOLDER, parent)
     return final
 
 
@@ -122,6 +123,7 @@ def _launch(
     transform_dir: str | os.PathLike[str],
     model_dir: str | os.PathLike[str],
     model_run_dir: str | os.PathLike[str],
+    parent: int | None,
 ) -> dict[str, Any]:
     """Run `train_worker` in `trainer.workers` workers (segflow.cluster.launcher) and check they agree.
     Locally the chief writes the outputs in place; on Kubernetes (`_cluster_launch`) through
@@ -133,14 +135,14 @@ def _launch(
         )
     backend = backend_name(config.trainer.launcher)
     if backend == "local":
-        request = _launch_request(config, examples_dir, transform_dir, model_dir, model_run_dir, Path(model_run_dir).parent)
+        request = _launch_request(config, examples_dir, transform_dir, model_dir, model_run_dir, Path(model_run_dir).parent, parent=parent)
         try:
             results = launch(request, backend)
         except BaseException:
             _remove_partial_outputs(Path(model_dir), Path(model_run_dir))
             raise
     else:
-        results = _cluster_launch(config, backend, examples_dir, transform_dir, model_dir, model_run_dir)
+        results = _cluster_launch(config, backend, examples_dir, transform_dir, model_dir, model_run_dir, parent)
     return agreed_final(results, model_run_dir)
 
 
@@ -152,6 +154,7 @@ def _launch_request(
     model_run_dir: str | os.PathLike[str],
     workdir: Path,
     run_id: str = "",
+    parent: int | None = None,
 ) -> LaunchRequest:
     arguments = {
         "config_json": config.to_json(),
@@ -159,6 +162,7 @@ def _launch_request(
         "transform_dir": str(transform_dir),
         "model_dir": str(model_dir),
         "model_run_dir": str(model_run_dir),
+        "parent": parent,
     }
     return LaunchRequest(
         name="trainer",
@@ -179,6 +183,7 @@ def _cluster_launch(
     transform_dir: str | os.PathLike[str],
     model_dir: str | os.PathLike[str],
     model_run_dir: str | os.PathLike[str],
+    parent: int | None,
 ) -> list[dict[str, Any]]:
     """Worker pods cannot see this step's local folders, so the run goes through a staging
     folder on the PVC (`kubernetes.pvc`, mounted in this step and in every worker): local
@@ -207,7 +212,7 @@ def _cluster_launch(
 
     staged_model, staged_run = staging / "model", staging / "model_run"
     request = _launch_request(
-        config, shared(examples_dir, "examples"), shared(transform_dir, "transform"), staged_model, staged_run, staging / "launch", run_id
+        config, shared(examples_dir, "examples"), shared(transform_dir, "transform"), staged_model, staged_run, staging / "launch", run_id, parent
     )
     results = launch(request, backend)
     for staged, target in ((staged_model, model_dir), (staged_run, model_run_dir)):
@@ -231,9 +236,9 @@ def _remove_partial_outputs(*targets: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def train_worker(config_json: str, examples_dir: str, transform_dir: str, model_dir: str, model_run_dir: str) -> dict[str, Any]:
+def train_worker(config_json: str, examples_dir: str, transform_dir: str, model_dir: str, model_run_dir: str, parent: int | None = None) -> dict[str, Any]:
     """One worker of a multi-worker run (called by `python -m segflow.cluster.workers worker`, with
-    TF_CONFIG set). The chief writes to `model_dir`, `model_run_dir` and the shared `backup/`
+    TF_CONFIG set); `parent`: the registry version its stages start from. The chief writes to `model_dir`, `model_run_dir` and the shared `backup/`
     beside them; another worker writes to its scratch folder and removes what it wrote."""
     config = ExperimentConfig.from_json(config_json)
     plan = make_plan(config.trainer.distribution)  # first: MultiWorkerMirroredStrategy needs a fresh context
@@ -244,7 +249,7 @@ def train_worker(config_json: str, examples_dir: str, transform_dir: str, model_
         model_dir, model_run_dir = str(private / "model"), str(private / "model_run")
     try:
         with localized(examples_dir) as local_examples, localized(transform_dir) as local_transform:
-            final, digest = _train(config, plan, local_examples, local_transform, model_dir, model_run_dir, backup)
+            final, digest = _train(config, plan, local_examples, local_transform, model_dir, model_run_dir, backup, parent)
     finally:
         if private is not None:
             shutil.rmtree(private, ignore_errors=True)
@@ -286,10 +291,11 @@ def _train(
     model_dir: str | os.PathLike[str],
     model_run_dir: str | os.PathLike[str],
     backup: Path,
+    parent: int | None = None,
 ) -> tuple[dict[str, Any], str]:
     """(final metrics, sha256 of the final weights). `backup` is read by every worker and
     written by the chief; another worker keeps its own stage weights and history beside its
-    `model_run_dir` (a scratch folder)."""
+    `model_run_dir` (a scratch folder). `parent`: the registry version the stages start from."""
     from segflow.components.transform.core import transform_layer
 
     keras.utils.set_random_seed(config.seed)
@@ -315,7 +321,7 @@ def _train(
         final = _write_model_run(training, resumed)
     weights = network.get_weights()  # on every worker: reading synced-on-read variables is a collective
     if plan.chief:
-        _write_model(training, weights, model_dir)
+        _write_model(training, weights, model_dir, parent)
         shutil.rmtree(backup)  # the run is complete; nothing left to resume
     else:  # only the chief writes the model; this worker's scratch outputs go
         shutil.rmtree(own_backup, ignore_errors=True)
@@ -343,9 +349,10 @@ def _write_model_run(training: StageRun, resumed: int) -> dict[str, float]:
     return final
 
 
-def _write_model(training: StageRun, weights: list[np.ndarray], model_dir: str | os.PathLike[str]) -> None:
-    """The chief's served model (Keras file and `Format-Serving/` with the TFT graph), plus the
-    quantization-aware one with `qat`; `weights`: the trained network's final weights."""
+def _write_model(training: StageRun, weights: list[np.ndarray], model_dir: str | os.PathLike[str], parent: int | None) -> None:
+    """The chief's served model (`Format-Serving/` with the TFT graph) and its network's weights
+    with their recipe (`network/`, what a later run warm-starts from), plus the
+    quantization-aware model with `qat`; `weights`: the trained network's final weights."""
     config, plan, labels, pixels, tft_layer = training.config, training.plan, training.labels, training.pixels, training.tft_layer
     served = training.network
     if plan.strategy is not tf.distribute.get_strategy() or config.trainer.mixed_precision:
@@ -355,8 +362,7 @@ def _write_model(training: StageRun, weights: list[np.ndarray], model_dir: str |
         served.set_weights(weights)
         compile_network(served, config, labels, keras.optimizers.Adam())
     with atomic_dir(model_dir) as model_out:
-        (model_out / KERAS_FILE).parent.mkdir()
-        served.save(str(model_out / KERAS_FILE))
+        write_network(model_out / NETWORK_FOLDER, config, served.save_weights, parent)
         spec = ServingSpec(
             tuple(config.shape), tuple(config.class_names), config.sigmoid_head, config.ignore_index, pixels.input_dtype, pixels.value_max,
             config.patches.resize, config.patches.interpolation,
