@@ -75,15 +75,15 @@ def pusher_inputs(
     root: Path, blessed: bool = True, baseline_version: int | None = None, mean_iou: float = 0.5, parent: int | None = None
 ) -> dict[str, Any]:
     """What the Pusher reads besides the exports, as the Trainer, Evaluator and ExampleGen write
-    it: the network (warm-started from `parent`), the blessing (compared with
+    it: the network (warm-started from `parent`), the data statistics, the blessing (compared with
     `baseline_version`, None: there was none), metrics and examples' counts and fingerprint;
     keywords for `segflow.components.pusher.core.run`."""
-    from segflow.data.examples import COUNTS_FILE, FINGERPRINT_FILE
+    from segflow.data.examples import COUNTS_FILE, FINGERPRINT_FILE, STATISTICS_FILE
     from segflow.evaluate.evaluation import BLESSED, BLESSING_FILE, METRICS_FILE, NOT_BLESSED
     from segflow.train.warm_start import NETWORK_FOLDER, NETWORK_RECIPE, NETWORK_WEIGHTS
     from segflow.utils.io import write_json
 
-    for name in ("blessing", "examples", "evaluation", f"model/{NETWORK_FOLDER}"):
+    for name in ("blessing", "examples", "evaluation", "statistics", f"model/{NETWORK_FOLDER}"):
         (root / name).mkdir(parents=True)
     (root / "model" / NETWORK_FOLDER / NETWORK_WEIGHTS).write_bytes(b"weights")
     write_json(root / "model" / NETWORK_FOLDER / NETWORK_RECIPE, {"architecture": "unet", "parent": parent})
@@ -91,10 +91,11 @@ def pusher_inputs(
     write_json(root / "blessing" / BLESSING_FILE, {"blessed": blessed, "failed": [] if blessed else ["min_mean_iou"], "thresholds": [], "baseline": baseline})
     (root / "blessing" / (BLESSED if blessed else NOT_BLESSED)).write_text("")
     write_json(root / "examples" / COUNTS_FILE, {"train": 6, "eval": 2})
+    write_json(root / "statistics" / STATISTICS_FILE, {"train": {"class_frequency": [1.0]}})
     write_json(root / "examples" / FINGERPRINT_FILE, {"sha256": "e" * 64, "shards": {}})
     write_json(root / "evaluation" / METRICS_FILE, {"mean_iou": mean_iou, "per_class_iou": {}})
     return {
-        "model_dir": root / "model", "blessing_dir": root / "blessing", "examples_dir": root / "examples", "evaluation_dir": root / "evaluation",
+        "model_dir": root / "model", "statistics_dir": root / "statistics", "blessing_dir": root / "blessing", "examples_dir": root / "examples", "evaluation_dir": root / "evaluation",
         "config_hash": "c" * 64, "dataset_fingerprint": "d" * 64,
     }
 

@@ -29,7 +29,7 @@ COMPONENT_KEYS: dict[str, tuple[str, ...]] = {
     "example_gen": ("dataset.eval_split", "dataset.group_by", "dataset.multipage", "dataset.folds", "dataset.assignment", "classes", "mask_values", "ignore_index", "beam"),
     "statistics_gen": ("classes", "ignore_index", "shape", "beam"),
     "schema_gen": ("classes", "validation.schema"),
-    "example_validator": ("classes", "validation"),
+    "example_validator": ("classes", "validation", "name"),  # name: baseline_statistics current, in the registry
     "transform": ("shape", "normalization", "beam"),
     "trainer": (
         "classes", "ignore_index", "shape", "patches", "architecture", "backbone", "model", "augmentation", "loss", "class_weights", "batch", "stages", "seed", "deterministic",
@@ -59,10 +59,15 @@ OPTIONAL_PARAMETERS = ("eval_images", "eval_masks", "test_images", "test_masks")
 DATASET_PARAMETERS = ("images", "masks", *OPTIONAL_PARAMETERS)
 
 # component -> the pipeline parameters it receives (and lays over its slice).
-# The trainer's: `stages[].initial_weights: current` warm-starts from the registry's current version.
-COMPONENT_LOCATIONS = {"example_gen": DATASET_PARAMETERS, "retrain_gate": ("registry",), "trainer": ("registry",), "evaluator": ("registry",), "pusher": ("registry",)}
+# The validator's and the trainer's: `validation.baseline_statistics: current` and `stages[].initial_weights: current`.
+COMPONENT_LOCATIONS = {
+    "example_gen": DATASET_PARAMETERS, "example_validator": ("registry",), "retrain_gate": ("registry",), "trainer": ("registry",), "evaluator": ("registry",),
+    "pusher": ("registry",),
+}
 
-WARM_START = "current"  # stages[].initial_weights naming the registry's current version, not a path (segflow.train.warm_start)
+# stages[].initial_weights and validation.baseline_statistics naming what the registry's current version
+# holds (segflow.train.warm_start, the ExampleValidator), not a path.
+REGISTRY_CURRENT = "current"
 
 # Every config key that names a file, folder or registry (a path or a URI).
 LOCATIONS = (
@@ -144,7 +149,7 @@ def locations(config: ExperimentConfig) -> dict[str, str]:
     if config.model.encoder_weights != "imagenet":
         keys.append("model.encoder_weights")
     found = {key: _get(raw, key) for key in keys}
-    return {key: value for key, value in found.items() if value is not None and value != WARM_START}
+    return {key: value for key, value in found.items() if value is not None and value != REGISTRY_CURRENT}
 
 
 def resolve_locations(config: ExperimentConfig, base: str | os.PathLike[str] | None = None) -> ExperimentConfig:

@@ -370,7 +370,12 @@ class ValidationConfig(_Strict):
     # `schema` in YAML; named schema_path here because pydantic models own a `schema` attribute.
     schema_path: str | None = Field(None, alias="schema", description="schema.pbtxt (or a SchemaGen output folder) of an earlier run to validate against")
     baseline_statistics: str | None = Field(
-        None, description="statistics.json (or a StatisticsGen output folder) of an earlier run, for drift checks"
+        None, description="statistics.json (or a StatisticsGen output folder) of an earlier run, for drift checks, or current: "
+        "those the registry's current version was trained on (none yet: no drift check)"
+    )
+    on_drift: Literal["warn", "fail"] | None = Field(
+        None, description="what a drift anomaly against baseline_statistics does (CLASS_DRIFT, IMAGE_SIZE_CHANGED, BIT_DEPTH_CHANGED, "
+        "DYNAMIC_RANGE_CHANGED): warn, or fail: stop the run before training; null: as on_anomaly"
     )
 
 

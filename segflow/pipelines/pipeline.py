@@ -37,7 +37,7 @@ from segflow.config.component_config import (
     COMPONENT_KEYS,
     DATASET_PARAMETERS,
     LOCATION_PARAMETERS,
-    WARM_START,
+    REGISTRY_CURRENT,
     config_slice,
     location_arguments,
     locations,
@@ -48,7 +48,7 @@ from segflow.utils.errors import ConfigError
 from segflow.utils.storage import is_uri
 
 # The pipeline parameters of each kind of pipeline.
-PARAMETERS = {"train": (*DATASET_PARAMETERS, "registry"), "validate": DATASET_PARAMETERS}
+PARAMETERS = {"train": (*DATASET_PARAMETERS, "registry"), "validate": (*DATASET_PARAMETERS, "registry")}
 
 
 def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root: str | None = None, cluster: bool = False) -> Callable[..., Any]:
@@ -66,11 +66,15 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
     def step(component: Any, **arguments: Any) -> dsl.PipelineTask:
         return configure_task(component(**arguments), component.name.replace("-", "_"), config, cluster)
 
-    def data_checks(folders: dict[str, str], fingerprint: dsl.PipelineTask) -> tuple[dsl.PipelineTask, ...]:
+    def data_checks(folders: dict[str, str], fingerprint: dsl.PipelineTask, registry: str) -> tuple[dsl.PipelineTask, ...]:
         examples = step(example_gen, config_slice=slices["example_gen"], **folders, dataset_fingerprint=fingerprint.outputs["Output"])
         statistics = step(statistics_gen, config_slice=slices["statistics_gen"], examples=examples.outputs["examples"])
         schema = step(schema_gen, config_slice=slices["schema_gen"], statistics=statistics.outputs["statistics"])
-        validation = step(example_validator, config_slice=slices["example_validator"], statistics=statistics.outputs["statistics"], schema=schema.outputs["schema"])
+        validation = step(
+            example_validator, config_slice=slices["example_validator"], registry=registry, statistics=statistics.outputs["statistics"], schema=schema.outputs["schema"],
+        )
+        if config.validation.baseline_statistics == REGISTRY_CURRENT:
+            validation.set_caching_options(False)  # it compares with the registry's current version as it is now
         return examples, statistics, schema, validation
 
     if kind == "validate":
@@ -83,20 +87,21 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
             eval_masks: str = defaults["eval_masks"],
             test_images: str = defaults["test_images"],
             test_masks: str = defaults["test_masks"],
+            registry: str = defaults["registry"],
         ) -> None:
             folders = dict(images=images, masks=masks, eval_images=eval_images, eval_masks=eval_masks, test_images=test_images, test_masks=test_masks)
-            data_checks(folders, step(dataset_fingerprint, **folders))
+            data_checks(folders, step(dataset_fingerprint, **folders), registry)
 
         return validation_pipeline
 
     def train_step(registry: str, examples: dsl.PipelineTask, graph: dsl.PipelineTask, **fold: Any) -> dsl.PipelineTask:
         model = step(trainer, config_slice=slices["trainer"], registry=registry, examples=examples.outputs["examples"], transform_graph=graph.outputs["transform_graph"], **fold)
-        if any(stage.initial_weights == WARM_START for stage in config.stages):
+        if any(stage.initial_weights == REGISTRY_CURRENT for stage in config.stages):
             model.set_caching_options(False)  # it starts from the registry's current version as it is now
         return model
 
     def train_and_push(folders: dict[str, str], fingerprint: dsl.PipelineTask, registry: str) -> None:
-        examples, statistics, schema, validation = data_checks(folders, fingerprint)
+        examples, statistics, schema, validation = data_checks(folders, fingerprint, registry)
         page_inputs = {"statistics": statistics.outputs["statistics"], "anomalies": validation.outputs["anomalies"]}  # the evaluator's report page
         graph = step(transform, config_slice=slices["transform"], examples=examples.outputs["examples"], schema=schema.outputs["schema"])
         if config.dataset.folds is not None:
@@ -124,7 +129,7 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
             exports = step(exporter, config_slice=slices["exporter"], examples=examples.outputs["examples"], model=model.outputs["model"])
             step(
                 pusher, config_slice=slices["pusher"], registry=registry, config_hash=config_hash, dataset_fingerprint=fingerprint.outputs["Output"],
-                exports=exports.outputs["exports"], model=model.outputs["model"], blessing=evaluation.outputs["blessing"], examples=examples.outputs["examples"],
+                exports=exports.outputs["exports"], model=model.outputs["model"], statistics=statistics.outputs["statistics"], blessing=evaluation.outputs["blessing"], examples=examples.outputs["examples"],
                 evaluation=evaluation.outputs["evaluation"],
             )
 
@@ -160,6 +165,8 @@ def check_locations(config: ExperimentConfig, kind: str) -> None:
     """ConfigError naming every location the compiled pipeline would embed as a relative path:
     it would be resolved in the pods' working directory, not where `segflow compile` ran."""
     unused = {LOCATION_PARAMETERS[name] for name in LOCATION_PARAMETERS if name not in PARAMETERS[kind]}
+    if kind == "validate" and config.validation.baseline_statistics != REGISTRY_CURRENT:
+        unused.add(LOCATION_PARAMETERS["registry"])  # the validate pipeline reads the registry only for that
     relative = {key: value for key, value in locations(config).items() if key not in unused and not _reachable_from_pods(value)}
     if relative:
         named = ", ".join(f"{key} {value!r}" for key, value in relative.items())

@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any
 
+from segflow.config.component_config import REGISTRY_CURRENT
 from segflow.config.experiment import ExperimentConfig
 from segflow.export.model_registry import read_aliases, version_location
 from segflow.utils import storage
@@ -23,7 +24,6 @@ from segflow.utils.errors import ConfigError
 from segflow.utils.io import write_json
 from segflow.utils.runtime import log
 
-CURRENT = "current"  # stages[].initial_weights: the registry's current version
 NETWORK_FOLDER = "network"  # in the trainer's model artifact and in each registry version
 NETWORK_WEIGHTS = "network.weights.h5"
 NETWORK_RECIPE = "network.json"
@@ -73,7 +73,7 @@ def resolve_current(config: ExperimentConfig) -> tuple[ExperimentConfig, int | N
     """`config` with every `initial_weights: current` replaced by the weights file of the
     registry's current version (or removed when there is none), and that version's number.
     ConfigError, before any training, when its network differs from this config's."""
-    if not any(stage.initial_weights == CURRENT for stage in config.stages):
+    if not any(stage.initial_weights == REGISTRY_CURRENT for stage in config.stages):
         return config, None
     registry, name = config.push.registry, config.name
     version = read_aliases(registry, name).current
@@ -92,5 +92,5 @@ def resolve_current(config: ExperimentConfig) -> tuple[ExperimentConfig, int | N
             )
         weights = storage.join(folder, NETWORK_WEIGHTS)
         log(f"trainer: warm start from version {version} of {name!r} ({weights})")
-    stages = [stage.model_copy(update={"initial_weights": weights}) if stage.initial_weights == CURRENT else stage for stage in config.stages]
+    stages = [stage.model_copy(update={"initial_weights": weights}) if stage.initial_weights == REGISTRY_CURRENT else stage for stage in config.stages]
     return config.model_copy(update={"stages": stages}), version

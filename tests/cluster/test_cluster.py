@@ -370,6 +370,10 @@ def test_schedule_creates_a_recurring_run(kubeflow: FakeKubeflow, capsys: pytest
     assert recurring["runtime_config"]["parameters"]["images"] == "gs://segflow-golden/images"
     assert recurring["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "segflow-golden-cluster"
     assert "platform_spec" in recurring["pipeline_spec"]
+    # The compiled pipeline of the golden file: a quiet night stops at the retrain gate; a scheduled run never forces.
+    assert recurring["pipeline_spec"]["pipeline_spec"] == _golden_cluster()[0]
+    assert "retrain-gate" in recurring["pipeline_spec"]["pipeline_spec"]["root"]["dag"]["tasks"]
+    assert "force" not in recurring["runtime_config"]["parameters"]
 
 
 def test_schedule_defaults_and_bad_cron(kubeflow: FakeKubeflow, capsys: pytest.CaptureFixture[str]) -> None:

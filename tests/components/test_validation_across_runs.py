@@ -233,3 +233,42 @@ def test_new_sizes_and_class_balance_are_drift_and_fail_when_asked(first_run: Pa
     found = example_validator.read_anomalies(tmp_path / "second" / "anomalies")
     assert _codes(found) & DRIFT_CODES == {"CLASS_DRIFT", "IMAGE_SIZE_CHANGED"}
     assert any("48x48" in anomaly["message"] for anomaly in found)
+
+
+def test_drift_against_the_registrys_current_version_stops_the_run_with_on_drift_fail(first_run: Path, tiny_data: Path, tmp_path: Path) -> None:
+    """`baseline_statistics: current`: the statistics the current version was trained on (the
+    Pusher publishes them with it). A class that vanished (a 5% share: below max_class_shift) is
+    drift; on_drift: fail stops the run and names each anomaly and the version; on_anomaly stays warn."""
+    from segflow.components.pusher import core as pusher
+    from segflow.export.exporters import EXPORTS_FILE
+    from segflow.utils.io import write_json
+    from tests.conftest import pusher_inputs
+
+    store = str(tmp_path / "registry")
+    current = validate_config(tiny_raw_config(tiny_data, push={"registry": store}, validation={"baseline_statistics": "current", "on_drift": "fail"}))
+    assert example_validator.baseline_statistics(current) == (None, "no current version")  # the first night: nothing to compare with
+    inputs = pusher_inputs(tmp_path / "push_inputs")
+    shutil.copytree(first_run / "statistics", inputs["statistics_dir"], dirs_exist_ok=True)
+    exports = tmp_path / "exports"
+    exports.mkdir()
+    (exports / "model.tflite").write_bytes(b"tflite")
+    write_json(exports / EXPORTS_FILE, {"tflite_fp32": {"file": "model.tflite", "status": "passed"}})
+    assert pusher.run(current, exports, push_dir=tmp_path / "push", **inputs)["current"]
+
+    same = _run(current, tmp_path / "same")  # the data the version was trained on: no drift
+    assert not _codes(same) & DRIFT_CODES
+
+    def no_rectangles(mask: np.ndarray) -> np.ndarray:
+        return np.where(mask == CLASS_NAMES.index("rectangle"), 0, mask).astype(mask.dtype)
+
+    drifted = _rewrite(tiny_data, tmp_path / "drifted", lambda image: image, no_rectangles)
+    config = validate_config(tiny_raw_config(drifted, push={"registry": store}, validation={"baseline_statistics": "current", "on_drift": "fail"}))
+    with pytest.raises(example_validator.DataValidationError) as stopped:
+        _run(config, tmp_path / "second")
+    message = str(stopped.value)
+    assert "(validation.on_drift: fail)" in message and "against version 1, the current one" in message
+    assert "CLASS_DRIFT (train): class 'rectangle' had pixels in the baseline run's train split and has none now" in message
+    assert "CLASS_ABSENT_FROM_TRAIN" not in message  # on_anomaly is warn: recorded, not a reason to stop
+    assert {"CLASS_DRIFT", "CLASS_ABSENT_FROM_TRAIN"} <= _codes(example_validator.read_anomalies(tmp_path / "second" / "anomalies"))
+    warned = validate_config(tiny_raw_config(drifted, push={"registry": store}, validation={"baseline_statistics": "current", "on_drift": "warn"}))
+    assert "CLASS_DRIFT" in _codes(_run(warned, tmp_path / "third"))

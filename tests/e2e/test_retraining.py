@@ -17,8 +17,8 @@ from segflow.export import model_registry as registry
 from tests.conftest import tiny_raw_config
 
 
-def _night(config: Path, run: Path, *overrides: str) -> dict[str, Any]:
-    assert main(["run", str(config), "-o", str(run), *(arg for override in overrides for arg in ("--set", override))]) == 0
+def _night(config: Path, run: Path, *overrides: str, exit_code: int = 0) -> dict[str, Any]:
+    assert main(["run", str(config), "-o", str(run), *(arg for override in overrides for arg in ("--set", override))]) == exit_code
     return dict(json.loads((run / "summary.json").read_text()))
 
 
@@ -31,6 +31,7 @@ def test_nights_of_retraining_on_one_registry(tmp_path: Path, capsys: pytest.Cap
         evaluation={"change_thresholds": {"max_mean_iou_drop": 0.5}},
     )
     raw["dataset"]["assignment"] = "stable"  # the data grows: no file changes split
+    raw["validation"] = {"baseline_statistics": "current", "on_drift": "fail"}  # new data must look like what the current version learned
     config = tmp_path / "nightly.yaml"
     config.write_text(yaml.safe_dump(raw))
 
@@ -53,7 +54,7 @@ def test_nights_of_retraining_on_one_registry(tmp_path: Path, capsys: pytest.Cap
 
     # Night 3: new files arrive, but the model trained on them is worse (an untrained one) than
     # version 1 on the same eval images: not blessed, nothing pushed, version 1 still serves.
-    shutil.copytree(write_demo_dataset(tmp_path / "new", count=6, size=32, seed=1), data, dirs_exist_ok=True, copy_function=_renamed)
+    _arrive(write_demo_dataset(tmp_path / "new", count=6, size=32, seed=1), data, "day3")
     worse = _night(
         config, tmp_path / "night3", "stages.0.learning_rate=1.0e-9", "stages.0.initial_weights=null", "evaluation.change_thresholds.max_mean_iou_drop=0.0",
     )
@@ -70,6 +71,14 @@ def test_nights_of_retraining_on_one_registry(tmp_path: Path, capsys: pytest.Cap
     lineage = registry.read_lineage(store, "tiny", 2)
     assert lineage is not None and lineage["parent"] == 1 and lineage["counts"] == grown["counts"] and lineage["dataset_fingerprint"] != registry.read_lineage(store, "tiny", 1)["dataset_fingerprint"]
 
+    # Night 5: a new scanner's captures at another resolution: drift against version 2's data, stopped before training.
+    _arrive(write_demo_dataset(tmp_path / "scanner", count=4, size=48, seed=2), data, "day5")
+    drifted = _night(config, tmp_path / "night5", exit_code=1)
+    validator = drifted["components"]["example_validator"]
+    assert drifted["status"] == "failed" and validator["status"] == "failed" and drifted["components"]["trainer"]["status"] == "not_run"
+    assert "IMAGE_SIZE_CHANGED (train)" in validator["error"] and "against version 2, the current one" in validator["error"]
+    assert registry.read_versions(store, "tiny") == [1, 2] and registry.read_aliases(store, "tiny").current == 2
+
     # A person rolls back; the next run compares with what serves again.
     assert main(["registry", "rollback", "--registry", store, "--name", "tiny"]) == 0
     capsys.readouterr()
@@ -78,7 +87,8 @@ def test_nights_of_retraining_on_one_registry(tmp_path: Path, capsys: pytest.Cap
     assert [(row[0], row[2], row[-2], row[-1]) for row in rows] == [("1", "yes", "-", "current"), ("2", "yes", "1", "previous")]
 
 
-def _renamed(source: str, target: str) -> str:
-    """Copy a new demo file under a name of its own (new-NNN.png), as a new day's captures."""
-    destination = Path(target).with_name(f"new-{Path(target).name}")
-    return str(shutil.copy2(source, destination))
+def _arrive(batch: Path, data: Path, prefix: str) -> None:
+    """A new day's captures: a dataset's images and masks copied in under names of their own."""
+    for folder in ("images", "masks"):
+        for path in sorted((batch / folder).iterdir()):
+            shutil.copy2(path, data / folder / f"{prefix}-{path.name}")

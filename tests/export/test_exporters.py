@@ -263,7 +263,7 @@ def test_pusher_pushes_only_exports_that_passed(gated_exports: tuple[dict, Path]
     assert set(record["withheld"]) == {"tflite_fp32", "tensorrt_fp16"} - ({"tensorrt_fp16"} if results["tensorrt_fp16"]["status"] == "passed" else set())
     assert record["withheld"]["tflite_fp32"].startswith("failed: ")
     version = tmp_path / "registry" / "tiny" / "1"
-    assert sorted(os.listdir(version)) == ["_COMMITTED", "exports.json", "lineage.json", "network", "saved_model", "saved_model.json"]
+    assert sorted(os.listdir(version)) == ["_COMMITTED", "exports.json", "lineage.json", "network", "saved_model", "saved_model.json", "statistics.json"]
     assert list(read_json(version / "exports.json")) == ["saved_model"]
     assert read_json(version / "_COMMITTED")["source"] == str(out)
     assert read_json(tmp_path / "push" / pusher.PUSH_FILE) == record
@@ -289,7 +289,7 @@ def test_pusher_versions_never_overwrite(all_exports: tuple[dict, Path], trained
     assert sorted(os.listdir(tmp_path / "registry" / "tiny")) == ["1", "2", "_aliases"]
     passed = sorted(name for name, entry in results.items() if entry["status"] == "passed")
     assert sorted(first["exports"]) == passed
-    assert sorted(os.listdir(tmp_path / "registry" / "tiny" / "1")) == sorted(["_COMMITTED", "exports.json", "lineage.json", "network", *(results[name][key] for name in passed for key in ("file", "sidecar"))])
+    assert sorted(os.listdir(tmp_path / "registry" / "tiny" / "1")) == sorted(["_COMMITTED", "exports.json", "lineage.json", "network", "statistics.json", *(results[name][key] for name in passed for key in ("file", "sidecar"))])
     assert pusher.run(config, out, push_dir=tmp_path / "push3", **pusher_inputs(tmp_path / "inputs3", blessed=False))["pushed"] is False
     assert sorted(os.listdir(tmp_path / "registry" / "tiny")) == ["1", "2", "_aliases"]
 

@@ -12,14 +12,15 @@ from segflow.config.experiment import ExperimentConfig, validate_config
 from segflow.export import model_registry as registry
 from segflow.export.exporters import EXPORTS_FILE
 from segflow.train.network import build_network
-from segflow.train.warm_start import CURRENT, NETWORK_FOLDER, NETWORK_WEIGHTS, resolve_current, write_network
+from segflow.config.component_config import REGISTRY_CURRENT
+from segflow.train.warm_start import NETWORK_FOLDER, NETWORK_WEIGHTS, resolve_current, write_network
 from segflow.utils.errors import ConfigError
 from segflow.utils.io import write_json
 from tests.conftest import pusher_inputs, tiny_raw_config
 
 
 def _config(tmp_path: Path, **overrides: object) -> ExperimentConfig:
-    stages = [{"epochs": 1, "learning_rate": 0.01, "initial_weights": CURRENT}]
+    stages = [{"epochs": 1, "learning_rate": 0.01, "initial_weights": REGISTRY_CURRENT}]
     return validate_config(tiny_raw_config(tmp_path, push={"registry": str(tmp_path / "registry")}, stages=stages, **overrides))
 
 

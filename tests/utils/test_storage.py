@@ -218,8 +218,9 @@ def test_pusher_versions_and_uncommitted_folders(where: str, request: pytest.Fix
     published.pop(model_registry.CLAIM_FILE, None)  # object stores: the claim of the version number
     assert published.pop("network/network.weights.h5") == b"weights" and "network/network.json" in published  # what warm starts load
     published.pop("network/network.json")
+    assert json.loads(published.pop("statistics.json")) == {"train": {"class_frequency": [1.0]}}  # what drift checks compare with
     assert published == _tree(exports)
-    assert (commit["name"], commit["version"], commit["files"]) == ("tiny", 2, ["exports.json", "lineage.json", "model_int8.tflite", "model_int8.tflite.json", "network/network.json", "network/network.weights.h5", "saved_model.json", "saved_model/saved_model.pb"])
+    assert (commit["name"], commit["version"], commit["files"]) == ("tiny", 2, ["exports.json", "lineage.json", "model_int8.tflite", "model_int8.tflite.json", "network/network.json", "network/network.weights.h5", "saved_model.json", "saved_model/saved_model.pb", "statistics.json"])
 
     # A push that stopped half-way: part of the payload, no commit marker.
     storage.write_bytes(storage.join(registry, "tiny", "3", "model_int8.tflite"), b"partial")

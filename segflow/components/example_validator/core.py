@@ -9,9 +9,12 @@ the schema (inferred from this run's train split, or an earlier run's: `validati
 OUT_OF_DOMAIN (channels, bit depth, height, width outside the schema's domains) and
 DYNAMIC_RANGE_CHANGED (pixel values above the schema's `pixel_value` maximum). Against an
 earlier run's statistics (`validation.baseline_statistics`), split by split: CLASS_DRIFT (train
-class frequencies, L-infinity > validation.max_class_shift), IMAGE_SIZE_CHANGED (sizes outside
+class frequencies, L-infinity > validation.max_class_shift, or a class that had pixels and has none), IMAGE_SIZE_CHANGED (sizes outside
 the baseline's range), BIT_DEPTH_CHANGED, DYNAMIC_RANGE_CHANGED (maximum pixel value changed by
-more than a factor of 2, or its 2^k-1 range changed).
+more than a factor of 2, or its 2^k-1 range changed). `baseline_statistics: current` compares
+with the statistics the registry's current version was trained on (the Pusher publishes them
+with each version): a nightly run whose new data drifted from what serves stops before
+training with `validation.on_drift: fail`.
 """
 from __future__ import annotations
 
@@ -125,7 +128,10 @@ def drift_anomalies(statistics: dict[str, Any], baseline: dict[str, Any], config
         add("CLASS_DRIFT", "train", f"the baseline run has classes {baseline.get('class_names', len(before))}, this run {config.class_names}")
     else:
         shift = max(abs(a - b) for a, b in zip(now, before))
-        if shift > config.validation.max_class_shift:
+        gone = [name for name, a, b in zip(config.class_names, now, before) if b > 0 and a == 0]
+        if gone:  # however small its share was: the new data cannot teach or test it
+            add("CLASS_DRIFT", "train", f"class {', '.join(map(repr, gone))} had pixels in the baseline run's train split and has none now")
+        elif shift > config.validation.max_class_shift:
             add(
                 "CLASS_DRIFT",
                 "train",
@@ -172,20 +178,51 @@ def run(
     from segflow.components.schema_gen.core import read_schema
     from segflow.data.examples import read_statistics
 
-    baseline = None
-    if config.validation.baseline_statistics:
-        baseline = read_statistics(config.validation.baseline_statistics)
-        log(f"example_validator: comparing with the baseline statistics {config.validation.baseline_statistics}")
-    anomalies = find_anomalies(read_statistics(statistics_dir), read_schema(schema_dir), config, baseline)
+    statistics = read_statistics(statistics_dir)
+    baseline, against = baseline_statistics(config)
+    own = find_anomalies(statistics, read_schema(schema_dir), config)
+    drift = [{**anomaly, "message": f"{anomaly['message']} ({against})"} for anomaly in drift_anomalies(statistics, baseline, config)] if baseline else []
+    anomalies = own + drift
     with atomic_dir(anomalies_dir) as out:
         write_json(out / ANOMALIES_FILE, {"count": len(anomalies), "anomalies": anomalies})
     for anomaly in anomalies:
         log(f"example_validator: {anomaly['code']} ({anomaly['split']}): {anomaly['message']}")
-    if anomalies and config.validation.on_anomaly == "fail":
-        raise DataValidationError(f"{len(anomalies)} data anomalies (validation.on_anomaly is 'fail'): " + "; ".join(a["message"] for a in anomalies))
+    on_drift = config.validation.on_drift or config.validation.on_anomaly
+    stopping = [*(own if config.validation.on_anomaly == "fail" else []), *(drift if on_drift == "fail" else [])]
+    if stopping:
+        settings = " and ".join(
+            setting for setting, found in (("validation.on_anomaly", own and config.validation.on_anomaly == "fail"), ("validation.on_drift", drift and on_drift == "fail")) if found
+        )
+        raise DataValidationError(f"{len(stopping)} data anomalies ({settings}: fail): " + "; ".join(f"{a['code']} ({a['split']}): {a['message']}" for a in stopping))
     if not anomalies:
         log("example_validator: no anomalies")
     return anomalies
+
+
+def baseline_statistics(config: ExperimentConfig) -> tuple[dict[str, Any] | None, str]:
+    """The statistics to check drift against, and words for where they come from: a file or
+    folder, or (`current`) the registry's current version's; (None, reason) when there are none."""
+    from segflow.config.component_config import REGISTRY_CURRENT
+    from segflow.data.examples import STATISTICS_FILE, read_statistics
+    from segflow.export.model_registry import read_aliases, version_location
+    from segflow.utils.storage import join, localized
+
+    location = config.validation.baseline_statistics
+    if not location:
+        return None, "no baseline statistics"
+    if location != REGISTRY_CURRENT:
+        log(f"example_validator: comparing with the baseline statistics {location}")
+        return read_statistics(location), f"against {location}"
+    registry, name = config.push.registry, config.name
+    version = read_aliases(registry, name).current
+    if version is None:
+        log(f"example_validator: baseline_statistics: current: no current version of {name!r} in {registry} yet; no drift check")
+        return None, "no current version"
+    with localized(join(version_location(registry, name, version), STATISTICS_FILE)) as local:
+        if not os.path.exists(local):
+            raise FileNotFoundError(f"validation.baseline_statistics: current: version {version} of {name!r} has no {STATISTICS_FILE} (pushed before they were published)")
+        log(f"example_validator: comparing with the statistics of version {version} of {name!r}, the current one")
+        return read_statistics(local), f"against version {version}, the current one"
 
 
 def read_anomalies(anomalies_dir: str | os.PathLike[str]) -> list[dict[str, str]]:

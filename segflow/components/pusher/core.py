@@ -7,7 +7,8 @@ segflow.export.model_registry.
 Only exports that passed the Exporter's parity gate are published; failed and skipped ones
 are listed in push.json under `withheld` with their reasons. With them goes the trained
 network (`network/`: weights and recipe) that `stages[].initial_weights: current` starts
-from. Each version carries
+from, and the data statistics (statistics.json) that `validation.baseline_statistics: current`
+compares new data with. Each version carries
 lineage.json: what it was trained on (data fingerprints, example counts per split), with
 which settings (config hash) and code (segflow version, git commit), its metrics and
 blessing, and the run it came from. The pushed version becomes `current` only if `current`
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from segflow.config.experiment import ExperimentConfig
+from segflow.data.examples import STATISTICS_FILE
 from segflow.export.model_registry import ANY_CURRENT, LINEAGE_FILE, AliasMoved, move_current, publish
 from segflow.train.warm_start import NETWORK_FOLDER, NETWORK_RECIPE
 from segflow.utils import storage
@@ -99,6 +101,7 @@ def run(
     config: ExperimentConfig,
     exports_dir: str | os.PathLike[str],
     model_dir: str | os.PathLike[str],
+    statistics_dir: str | os.PathLike[str],
     blessing_dir: str | os.PathLike[str],
     examples_dir: str | os.PathLike[str],
     evaluation_dir: str | os.PathLike[str],
@@ -124,6 +127,7 @@ def run(
                 network = Path(staging) / NETWORK_FOLDER
                 shutil.copytree(Path(model_dir) / NETWORK_FOLDER, network)  # what `initial_weights: current` starts from
                 parent = read_json(network / NETWORK_RECIPE)["parent"]
+                shutil.copy2(Path(statistics_dir) / STATISTICS_FILE, Path(staging) / STATISTICS_FILE)  # what `baseline_statistics: current` checks drift against
                 write_json(Path(staging) / LINEAGE_FILE, lineage(config, examples_dir, evaluation_dir, blessing_dir, exports_dir, config_hash, dataset_fingerprint, parent))
                 target = publish(staging, config.push.registry, config.name, origin=os.fspath(exports_dir))
                 record = {"pushed": True, "destination": target, "version": int(storage.basename(target)), "exports": passed, "withheld": withheld}
