@@ -21,9 +21,10 @@ demo: install
 	$(BIN)/segflow demo-data data/demo
 	$(BIN)/segflow run configs/demo.yaml --output runs/demo-$(RUN_ID)
 
-## test: the default suite (unit + Beam DirectRunner + kfp.local integration), minutes on 2 cores
+## test: the default suite (unit + Beam DirectRunner + kfp.local integration) in 2 pytest-xdist workers, each test file
+## in one of them (its module fixtures are built once); a plain `pytest` stays serial
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 ## test-extended: whole-DAG and multi-process runs kept out of the default suite's 15 minutes (about 20 min); CI runs it
 test-extended: install
