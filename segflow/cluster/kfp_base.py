@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from kfp import dsl
 
+from segflow.config.component_config import REGISTRY_CURRENT
 from segflow.config.experiment import ExperimentConfig, KubernetesConfig, NodePool
 from segflow.utils.errors import ConfigError
 
@@ -37,6 +38,17 @@ DEFAULT_ACCELERATOR = "nvidia.com/gpu"
 # the evaluator's blessing at the registry's `current` version as it is now, and a replayed
 # push would publish nothing and move no alias.
 UNCACHED = ("dataset_fingerprint", "retrain_gate", "evaluator", "pusher")
+
+
+def cached(config: ExperimentConfig, name: str) -> bool:
+    """Whether KFP may replay the task from its cache: never for UNCACHED, nor for a task that
+    reads the registry's current version through the config (a warm-starting trainer, a
+    validator comparing with current's statistics); otherwise kubernetes.caching."""
+    reads_current = {
+        "trainer": any(stage.initial_weights == REGISTRY_CURRENT for stage in config.stages),
+        "example_validator": config.validation.baseline_statistics == REGISTRY_CURRENT,
+    }
+    return config.kubernetes.caching and name not in UNCACHED and not reads_current.get(name, False)
 
 
 def pool(kubernetes: KubernetesConfig, task: str) -> tuple[str, NodePool]:
@@ -85,13 +97,13 @@ def placement(config: ExperimentConfig, task: str) -> str:
 
 def configure_task(task: dsl.PipelineTask, name: str, config: ExperimentConfig, cluster: bool) -> dsl.PipelineTask:
     """Lay the config's task settings over a pipeline task. Always: the image and caching
-    (the fingerprint never cached). With `cluster`: node pool (node selector, tolerations,
+    (`cached`). With `cluster`: node pool (node selector, tolerations,
     accelerator type and limit), requests and limits, retries, Secret env vars, the PVC."""
     from kfp import kubernetes as k8s
 
     settings = config.kubernetes
     task.set_container_image(image(settings, placement(config, name)))
-    task.set_caching_options(False if name in UNCACHED else settings.caching)
+    task.set_caching_options(cached(config, name))
     if not cluster:
         return task
     key, node_pool = pool(settings, placement(config, name))

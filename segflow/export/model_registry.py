@@ -162,20 +162,24 @@ def _alias_records(registry: str, name: str) -> dict[int, str]:
     return {int(entry.name.removesuffix(".json")): entry.location for entry in entries if entry.name.removesuffix(".json").isdigit()}
 
 
+def _read_move(location: str) -> Aliases:
+    record = json.loads(storage.read_bytes(location))
+    return Aliases(**{key: record.get(key) for key in Aliases.__dataclass_fields__})
+
+
 def read_aliases(registry: str, name: str) -> Aliases:
     """The aliases of model `name` now."""
     records = _alias_records(registry, name)
     if not records:
         from_before = [version for version in read_versions(registry, name) if not read_commit(registry, name, version).get("aliased")]
         return Aliases(move=0, current=from_before[-1] if from_before else None, previous=None)
-    record = json.loads(storage.read_bytes(records[max(records)]))
-    return Aliases(**{key: record.get(key) for key in Aliases.__dataclass_fields__})
+    return _read_move(records[max(records)])
 
 
 def alias_history(registry: str, name: str) -> list[Aliases]:
     """Every alias move, oldest first."""
     records = _alias_records(registry, name)
-    return [Aliases(**{key: json.loads(storage.read_bytes(records[move])).get(key) for key in Aliases.__dataclass_fields__}) for move in sorted(records)]
+    return [_read_move(records[move]) for move in sorted(records)]
 
 
 ANY_CURRENT = -1  # move_current's `expected` when the move is unconditional

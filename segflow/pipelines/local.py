@@ -42,7 +42,7 @@ from segflow.evaluate.tracking import log_to_mlflow, track_run
 from segflow.export.exporters import EXPORTS_FILE
 from segflow.utils import storage
 from segflow.utils.io import atomic_write_text, read_json, write_json
-from segflow.utils.runtime import log, read_record
+from segflow.utils.runtime import environment_variable, log, read_record
 
 RESUME_FOLDER = ".resume-backup"  # an interrupted run's trainer backup, kept until a resumed trainer takes it
 
@@ -194,7 +194,7 @@ def resume_local(output: str | os.PathLike[str], verbose: bool = False) -> dict[
     for stale in (output / ".kfp", *(output / name for name in COMPONENTS["train"])):
         shutil.rmtree(stale, ignore_errors=True)
     (output / SUMMARY_FILE).unlink(missing_ok=True)
-    with _environment(RESUME_BACKUP_ENV, str(kept)):  # the trainer's subprocess inherits it
+    with environment_variable(RESUME_BACKUP_ENV, str(kept)):  # the trainer's subprocess inherits it
         # forced: the interrupted run had passed RetrainGate (or was itself forced)
         summary = _execute(config, output, "train", verbose, shown=str(output), force=True)
     write_json(output / SUMMARY_FILE, summary)
@@ -238,7 +238,7 @@ def _execute(config: ExperimentConfig, output: Path, kind: str, verbose: bool, s
         from segflow.cluster.containers import docker_runner
 
         runner = docker_runner(config, image)
-    with _components_stop_with_run(), _environment(RUN_FOLDER_ENV, shown), runner as chosen:
+    with _components_stop_with_run(), environment_variable(RUN_FOLDER_ENV, shown), runner as chosen:
         local.init(runner=chosen, pipeline_root=str(kfp_root), raise_on_error=False)
         with warnings.catch_warnings(), _console(verbose, output / LOG_FILE):
             # The SubprocessRunner warns that it ignores base_image: intended, it runs this environment.
@@ -250,20 +250,6 @@ def _execute(config: ExperimentConfig, output: Path, kind: str, verbose: bool, s
     if config.tracking.mlflow_uri:
         summary["tracking"]["mlflow"] = log_to_mlflow(output, config, summary, name=PurePosixPath(shown).name)
     return summary
-
-
-@contextlib.contextmanager
-def _environment(name: str, value: str) -> Iterator[None]:
-    """`name=value` in the environment the components' processes inherit, for this block."""
-    previous = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
 
 
 def _split_metrics(evaluation: Path) -> dict[str, Any]:

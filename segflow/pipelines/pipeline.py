@@ -73,8 +73,6 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
         validation = step(
             example_validator, config_slice=slices["example_validator"], registry=registry, statistics=statistics.outputs["statistics"], schema=schema.outputs["schema"],
         )
-        if config.validation.baseline_statistics == REGISTRY_CURRENT:
-            validation.set_caching_options(False)  # it compares with the registry's current version as it is now
         return examples, statistics, schema, validation
 
     if kind == "validate":
@@ -94,12 +92,6 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
 
         return validation_pipeline
 
-    def train_step(registry: str, examples: dsl.PipelineTask, graph: dsl.PipelineTask, **fold: Any) -> dsl.PipelineTask:
-        model = step(trainer, config_slice=slices["trainer"], registry=registry, examples=examples.outputs["examples"], transform_graph=graph.outputs["transform_graph"], **fold)
-        if any(stage.initial_weights == REGISTRY_CURRENT for stage in config.stages):
-            model.set_caching_options(False)  # it starts from the registry's current version as it is now
-        return model
-
     def train_and_push(folders: dict[str, str], fingerprint: dsl.PipelineTask, registry: str) -> None:
         examples, statistics, schema, validation = data_checks(folders, fingerprint, registry)
         page_inputs = {"statistics": statistics.outputs["statistics"], "anomalies": validation.outputs["anomalies"]}  # the evaluator's report page
@@ -107,7 +99,9 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
         if config.dataset.folds is not None:
             # One trainer and evaluator per fold; locally one at a time (2 cores), on a cluster all at once.
             with dsl.ParallelFor(items=config.dataset.trained_folds(), parallelism=None if cluster else 1) as fold:
-                model = train_step(registry, examples, graph, fold=fold)
+                model = step(
+                    trainer, config_slice=slices["trainer"], registry=registry, examples=examples.outputs["examples"], transform_graph=graph.outputs["transform_graph"], fold=fold,
+                )
                 model.after(validation)
                 evaluation = step(
                     evaluator, config_slice=slices["evaluator"], registry=registry, examples=examples.outputs["examples"], model=model.outputs["model"],
@@ -118,7 +112,7 @@ def build_pipeline(config: ExperimentConfig, kind: str = "train", pipeline_root:
                 models=dsl.Collected(model.outputs["model"]), evaluations=dsl.Collected(evaluation.outputs["evaluation"]),
             )
             return  # a k-fold run measures a config; the model to export and push comes from a run without folds
-        model = train_step(registry, examples, graph)
+        model = step(trainer, config_slice=slices["trainer"], registry=registry, examples=examples.outputs["examples"], transform_graph=graph.outputs["transform_graph"])
         model.after(validation)  # with on_anomaly 'fail', bad data stops the run before training
         evaluation = step(
             evaluator, config_slice=slices["evaluator"], registry=registry, examples=examples.outputs["examples"], model=model.outputs["model"],

@@ -60,21 +60,29 @@ def _output_to_log(path: Path) -> Iterator[None]:
             os.close(saved_out)
 
 
+@contextlib.contextmanager
+def environment_variable(name: str, value: str) -> Iterator[None]:
+    """`name=value` in this process's environment (and so in every process it starts) for the
+    block; the previous value, or its absence, afterwards."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
 def execute(name: str, record_dir: str | os.PathLike[str], fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run one component's core with start/end/duration lines, its whole output in `log.txt`
     and a `component.json` record (status, seconds, error) that the local runner turns into
     summary.json."""
-    previous = os.environ.get(RELAY_ENV)
-    os.environ[RELAY_ENV] = "1"  # progress as records for the console; Beam workers inherit it
     Path(record_dir).mkdir(parents=True, exist_ok=True)
-    try:
-        with _output_to_log(Path(record_dir) / LOG_FILE):
-            return _execute(name, record_dir, fn, *args, **kwargs)
-    finally:
-        if previous is None:
-            os.environ.pop(RELAY_ENV)
-        else:
-            os.environ[RELAY_ENV] = previous
+    # progress as records for the console; Beam workers inherit it
+    with environment_variable(RELAY_ENV, "1"), _output_to_log(Path(record_dir) / LOG_FILE):
+        return _execute(name, record_dir, fn, *args, **kwargs)
 
 
 def _execute(name: str, record_dir: str | os.PathLike[str], fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -315,3 +315,13 @@ def test_summary_component_list_matches_the_dag(kind: str, tmp_path: Path) -> No
     path = compile_pipeline(load_config(HERE / "fixtures" / "golden.yaml"), tmp_path / "p.yaml", kind=kind)
     tasks = _dag_tasks(yaml.safe_load(path.read_text()))
     assert sorted(COMPONENTS[kind]) == sorted(task.replace("-", "_") for task in tasks)
+
+
+def test_tasks_that_read_the_registrys_current_version_are_never_cached(tmp_path: Path) -> None:
+    """A warm-starting trainer and a validator comparing with current's statistics depend on
+    the registry as it is now, which is no input of theirs: KFP must not replay them."""
+    plain = _dag_tasks(_compiled(tmp_path))
+    assert plain["trainer"]["cachingOptions"] == plain["example-validator"]["cachingOptions"] == {"enableCache": True}
+    current = _dag_tasks(_compiled(tmp_path, "stages.0.initial_weights=current", "validation.baseline_statistics=current"))
+    assert current["trainer"]["cachingOptions"] == current["example-validator"]["cachingOptions"] == {}
+    assert current["transform"]["cachingOptions"] == {"enableCache": True}
